@@ -1,0 +1,78 @@
+"""Data preparation: page images and page text from PDFs, PDFs from text, and retrieval eval sets.
+
+    python -m data_prep pages --input my_pdfs/ --output checkpoints/km/pages --lang km
+    python -m data_prep render --input samples/udhr/km.md --output checkpoints/km/rendered --lang km
+    python -m data_prep evalset --pages checkpoints/km/pages --output checkpoints/km/evalset --lang km
+
+`--lang` selects recipes/<lang>.yaml (its `data_prep` section) unless `--config` names another recipe.
+The commands themselves are issue #3; they already parse and validate everything.
+"""
+
+import sys
+from dataclasses import dataclass, field
+
+from stages.artifacts import check_input_paths, check_output_dir
+from stages.errors import UsageError, exit_not_built, run_cli
+from stages.recipe import parse_stage_arguments
+
+from .settings import DataPrepSettings
+
+
+@dataclass
+class PagesArguments:
+    input: list[str] = field(default_factory=list, metadata={"help": "PDF files or folders of them (recursive)."})
+    output: str | None = field(default=None, metadata={"help": "Folder for the pages dataset and manifest.json."})
+    resume: bool = field(default=False, metadata={"help": "Skip documents already done in --output."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing --output."})
+
+    def validate(self) -> None:
+        _check_io(self.input, self.output, resume=self.resume, overwrite=self.overwrite)
+
+
+@dataclass
+class RenderArguments:
+    input: list[str] = field(default_factory=list, metadata={"help": "Text files or folders of them."})
+    output: str | None = field(default=None, metadata={"help": "Folder for the rendered PDFs."})
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        _check_io(self.input, self.output, overwrite=self.overwrite)
+
+
+@dataclass
+class EvalsetArguments:
+    pages: list[str] = field(default_factory=list, metadata={"help": "Pages datasets to draw pages from."})
+    output: str | None = field(default=None, metadata={"help": "Folder for corpus.jsonl, queries.jsonl, qrels.tsv."})
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        _check_io(self.pages, self.output, overwrite=self.overwrite, input_flag="--pages")
+
+
+COMMANDS = {"pages": PagesArguments, "render": RenderArguments, "evalset": EvalsetArguments}
+
+
+def _check_io(inputs: list[str], output: str | None, *, resume=False, overwrite=False, input_flag="--input") -> None:
+    if not inputs:
+        raise UsageError(f"{input_flag} is empty; give at least one path.")
+    check_input_paths(inputs, input_flag)
+    if output is None:
+        raise UsageError("--output is not set; give the folder to write to.")
+    check_output_dir(output, resume=resume, overwrite=overwrite, flag="--output")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        raise UsageError(f"give a command first: python -m data_prep {{{','.join(COMMANDS)}}} ... (--help after it).")
+    command, rest = argv[0], argv[1:]
+    _, settings, _ = parse_stage_arguments(
+        "data_prep", (DataPrepSettings,), rest, cli_only_types=(COMMANDS[command],), prog=f"python -m data_prep {command}"
+    )
+    if command == "pages":
+        settings.check_tesseract()
+    exit_not_built(f"data_prep {command}", issue=3)
+
+
+if __name__ == "__main__":
+    run_cli(main)

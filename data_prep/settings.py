@@ -1,0 +1,58 @@
+"""Per-language data preparation settings (the `data_prep` section of a recipe) and their checks."""
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from stages.errors import UsageError
+
+SCRIPT_RANGE = re.compile(r"^[0-9A-Fa-f]{4,6}-[0-9A-Fa-f]{4,6}$")
+
+
+@dataclass
+class DataPrepSettings:
+    tesseract_langs: str = field(default="eng", metadata={"help": "Tesseract languages for OCR, e.g. khm+eng."})
+    script_ranges: list[str] = field(
+        default_factory=lambda: ["0000-024F"],
+        metadata={"help": "Unicode ranges (hex, e.g. 1780-17FF) of the language's script, for the garble check."},
+    )
+    fonts: list[str] = field(default_factory=lambda: ["Noto Sans"], metadata={"help": "Fonts for rendering."})
+    dpi: int = field(default=144, metadata={"help": "Render resolution; higher = sharper pages, more pixels."})
+    max_pixels: int = field(default=1003520, metadata={"help": "Pixel cap per page image (aspect ratio kept)."})
+    ocr: Literal["auto", "always", "never"] = field(
+        default="auto", metadata={"help": "auto: OCR pages whose text layer is missing or garbled."}
+    )
+    workers: int = field(default=2, metadata={"help": "Processes, one document each at a time."})
+    max_skip_fraction: float = field(
+        default=0.1, metadata={"help": "Fail (exit 1) when more than this share of inputs is unreadable."}
+    )
+
+    def validate(self) -> None:
+        for value in self.script_ranges:
+            if not SCRIPT_RANGE.match(value):
+                raise UsageError(f"script_ranges: {value!r} is not a hex range like 1780-17FF.")
+        if self.dpi <= 0 or self.max_pixels <= 0 or self.workers <= 0:
+            raise UsageError("dpi, max_pixels and workers must be positive.")
+        if not 0.0 <= self.max_skip_fraction <= 1.0:
+            raise UsageError(f"max_skip_fraction must be in [0, 1], got {self.max_skip_fraction}.")
+
+    def check_tesseract(self) -> None:
+        """Fail before any work if OCR may run and Tesseract or a language pack is missing."""
+        if self.ocr == "never":
+            return
+        import pytesseract
+
+        try:
+            installed = set(pytesseract.get_languages(config=""))
+        except (pytesseract.TesseractNotFoundError, OSError):
+            raise UsageError(
+                "tesseract is not installed; install the Debian package tesseract-ocr (the README's set-up does), "
+                "or pass --ocr never."
+            ) from None
+        missing = [lang for lang in self.tesseract_langs.split("+") if lang not in installed]
+        if missing:
+            packages = " ".join(f"tesseract-ocr-{lang}" for lang in missing)
+            raise UsageError(
+                f"Tesseract language data missing for {', '.join(missing)} (tesseract_langs={self.tesseract_langs}); "
+                f"install the Debian package(s) {packages}, or pass --ocr never."
+            )

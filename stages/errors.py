@@ -1,0 +1,22 @@
+import sys
+from collections.abc import Callable
+
+
+class UsageError(Exception):
+    """Bad input from the user (a recipe, a flag, a path): reported as one line, exit code 2."""
+
+
+def run_cli(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
+    """Run a stage's `main`, turning a `UsageError` into a one-line message and exit code 2."""
+    try:
+        main(argv)
+    except UsageError as error:
+        prog = sys.argv[0].rsplit("/", 1)[-1] if sys.argv else "lco"
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def exit_not_built(what: str, issue: int) -> None:
+    """Stop a stage whose arguments validated but whose work is not written yet: say so, exit 1."""
+    print(f"{what} is not built yet (issue #{issue}); the recipe and arguments are valid.", file=sys.stderr)
+    sys.exit(1)

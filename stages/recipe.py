@@ -1,0 +1,210 @@
+"""Recipes: one YAML file per language, one section per stage, parsed into typed dataclasses.
+
+The YAML sets the defaults of a stage's argument dataclasses and command-line flags override them
+(TRL's `TrlParser` idiom). Unlike `TrlParser`, a key the dataclasses do not know and a value of the
+wrong type are errors that name the file and the key: a typo in a recipe must stop the run.
+"""
+
+import argparse
+import dataclasses
+import difflib
+import importlib
+import types
+import typing
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from .errors import UsageError
+from .languages import normalize_lang
+
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+# section -> the dataclass its keys fill (imported on demand: some stages import heavy libraries)
+SECTIONS = {
+    "base_model": "stages.base_model:BaseModelArguments",
+    "data_prep": "data_prep.settings:DataPrepSettings",
+    "pretrain": "stages.pretrain:PretrainArguments",
+    "contrast": "stages.contrast:ContrastArguments",
+    "evaluate": "stages.evaluate:EvaluateArguments",
+}
+
+
+@dataclass
+class RecipeArguments:
+    """Arguments every stage shares: the recipe file and the recipe's top-level keys."""
+
+    config: str | None = field(
+        default=None, metadata={"help": "Recipe YAML. Default: recipes/<lang>.yaml when --lang is given."}
+    )
+    lang: str | None = field(default=None, metadata={"help": "Language code (ISO 639-1, or 639-3 alias)."})
+    seed: int = field(default=42, metadata={"help": "Seed for everything random in the stage."})
+
+    def validate(self) -> None:
+        if self.lang is None:
+            raise UsageError("no language: give --lang CODE or a recipe with a top-level `lang:` key.")
+        self.lang = normalize_lang(self.lang)
+
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    """Load a recipe safely and check its top-level keys; sections are checked by the stage that reads them."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"recipe {path} does not exist; pass --config recipes/<lang>.yaml (see {RECIPES_DIR}).")
+    try:
+        recipe = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        reason = " ".join(str(error).split())
+        raise UsageError(f"recipe {path} is not valid YAML: {reason}") from None
+    if recipe is None:
+        recipe = {}
+    if not isinstance(recipe, dict):
+        raise UsageError(f"recipe {path} must be a mapping of keys to values, got {type(recipe).__name__}.")
+    allowed = {f.name for f in dataclasses.fields(RecipeArguments)} - {"config"} | set(SECTIONS)
+    for key, value in recipe.items():
+        if key not in allowed:
+            raise UsageError(_unknown_key_message(path, str(key), allowed))
+        if key in SECTIONS and not isinstance(value, dict | None):
+            raise UsageError(f"recipe {path}: section `{key}` must be a mapping, got {value!r}.")
+    return recipe
+
+
+def check_recipe(path: str | Path) -> dict[str, Any]:
+    """Check every key and value type of a recipe, all sections included; return the recipe."""
+    recipe = load_recipe(path)
+    _check_values(Path(path), None, {k: v for k, v in recipe.items() if k not in SECTIONS}, (RecipeArguments,))
+    for section, target in SECTIONS.items():
+        module, name = target.split(":")
+        _check_values(Path(path), section, recipe.get(section) or {}, (getattr(importlib.import_module(module), name),))
+    normalize_lang(recipe.get("lang", ""))
+    return recipe
+
+
+def parse_stage_arguments(
+    stage: str,
+    dataclass_types: tuple[type, ...],
+    argv: list[str] | None = None,
+    cli_only_types: tuple[type, ...] = (),
+    **parser_kwargs,
+):
+    """Parse a stage's arguments: recipe section as defaults, CLI flags on top, then `validate()` each.
+
+    The recipe's `stage` section may set the fields of `dataclass_types`; `cli_only_types` are flags
+    only (the inputs and outputs of one command). Returns one instance per type in
+    `(RecipeArguments, *dataclass_types, *cli_only_types)`.
+    """
+    from transformers import HfArgumentParser
+
+    all_types = (RecipeArguments, *dataclass_types, *cli_only_types)
+    recipe_path = _find_recipe(argv)
+    defaults: dict[str, Any] = {}
+    if recipe_path is not None:
+        recipe = load_recipe(recipe_path)
+        top_level = {k: v for k, v in recipe.items() if k not in SECTIONS}
+        section = recipe.get(stage) or {}
+        _check_values(recipe_path, None, top_level, (RecipeArguments,))
+        _check_values(recipe_path, stage, section, dataclass_types)
+        defaults = {**top_level, **section, "config": str(recipe_path)}
+
+    parser = HfArgumentParser(all_types, **parser_kwargs)
+    parser.set_defaults(**defaults)
+    try:
+        parsed = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as error:  # HfArgumentParser's way of reporting unknown flags
+        raise UsageError(f"{error}; run with --help to list the flags.") from None
+    for args in parsed:
+        if hasattr(args, "validate"):
+            args.validate()
+    return parsed
+
+
+def _find_recipe(argv: list[str] | None) -> Path | None:
+    """`--config` if given, else `recipes/<lang>.yaml` if `--lang` is given (and the file exists)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    pre.add_argument("--lang")
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        return Path(known.config)
+    if known.lang:
+        candidate = RECIPES_DIR / f"{normalize_lang(known.lang)}.yaml"
+        return candidate if candidate.is_file() else None
+    return None
+
+
+def _check_values(path: Path, section: str | None, values: dict, dataclass_types: tuple[type, ...]) -> None:
+    hints = {}
+    for cls in dataclass_types:
+        type_hints = typing.get_type_hints(cls)
+        hints.update({f.name: type_hints[f.name] for f in dataclasses.fields(cls) if f.init})
+    where = f"`{section}.{{key}}`" if section else "`{key}`"
+    for key, value in values.items():
+        if key not in hints:
+            raise UsageError(_unknown_key_message(path, str(key), set(hints), section))
+        if not _matches(value, hints[key]):
+            hint = ""
+            if isinstance(value, str) and _is_float_literal(value):
+                hint = " (PyYAML reads 1e-5 as a string: write floats with a dot, e.g. 1.0e-5)"
+            raise UsageError(
+                f"recipe {path}: {where.format(key=key)} must be {_describe(hints[key])}, got {value!r}{hint}."
+            )
+
+
+def _unknown_key_message(path: Path, key: str, allowed: set[str], section: str | None = None) -> str:
+    name = f"{section}.{key}" if section else key
+    close = difflib.get_close_matches(key, sorted(allowed), n=1)
+    suggestion = f" Did you mean `{close[0]}`?" if close else f" Known keys: {', '.join(sorted(allowed))}."
+    return f"recipe {path}: unknown key `{name}`.{suggestion}"
+
+
+def _matches(value: Any, annotation: Any) -> bool:
+    """Whether a YAML value fits a dataclass field type; types we cannot judge are left to the parser."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is Any:
+        return True
+    if annotation is type(None):
+        return value is None
+    if origin in (Union, types.UnionType):
+        return any(_matches(value, arg) for arg in args)
+    if origin is Literal:
+        return value in args
+    if origin in (list, tuple):
+        return isinstance(value, list) and (not args or all(_matches(v, args[0]) for v in value))
+    if origin is dict or annotation is dict:
+        return isinstance(value, dict)
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if isinstance(annotation, type) and issubclass(annotation, Enum):
+        return value in {member.value for member in annotation} or value in annotation.__members__
+    return True
+
+
+def _describe(annotation: Any) -> str:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(arg) for arg in args)
+    if origin in (list, tuple):
+        return f"a list of {_describe(args[0])}" if args else "a list"
+    if annotation is type(None):
+        return "null"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+        annotation, getattr(annotation, "__name__", str(annotation))
+    )
+
+
+def _is_float_literal(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
