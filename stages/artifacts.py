@@ -22,6 +22,8 @@ def check_output_dir(path: str | Path, *, resume: bool = False, overwrite: bool 
             f"--overwrite to replace it, or choose another {flag}."
         )
     existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"{flag} {path}: {existing} is a file, not a folder; choose another {flag}.")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"{flag} {path}: cannot write to {existing} (permission denied); choose another {flag}.")
 

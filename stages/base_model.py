@@ -10,6 +10,7 @@ folder it writes is a normal HF model folder: `AutoModelForImageTextToText.from_
 `AutoProcessor.from_pretrained` load it with no other files.
 """
 
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -92,7 +93,9 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     from transformers import Qwen2Tokenizer
 
     template = Qwen2Tokenizer()  # empty vocabulary: used only for its normaliser/pre-tokeniser/decoder
-    tokenizer = template.train_new_from_iterator(texts, vocab_size=vocab_size, new_special_tokens=list(QWEN_SPECIAL_TOKENS))
+    tokenizer = template.train_new_from_iterator(
+        texts, vocab_size=vocab_size, new_special_tokens=list(QWEN_SPECIAL_TOKENS), show_progress=False
+    )
     # as in Qwen2.5-VL-*-Instruct: a turn ends with <|im_end|>, padding uses <|endoftext|>
     tokenizer.eos_token = "<|im_end|>"
     tokenizer.pad_token = "<|endoftext|>"
@@ -102,9 +105,9 @@ def train_tokenizer(texts: list[str], vocab_size: int):
 
 def qwen_vl_chat_template() -> str:
     """Qwen2.5-VL's chat template, byte for byte as TRL stores it (TRL recognises the model by it)."""
-    import trl
-
-    return (Path(trl.__file__).parent / "chat_templates" / "qwen2_5_vl.jinja").read_text(encoding="utf-8")
+    # found without importing trl, which would import deepspeed and probe for accelerators
+    trl_folder = Path(importlib.util.find_spec("trl").origin).parent
+    return (trl_folder / "chat_templates" / "qwen2_5_vl.jinja").read_text(encoding="utf-8")
 
 
 def build_processor(tokenizer, args: BaseModelArguments):

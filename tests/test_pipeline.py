@@ -1,0 +1,41 @@
+import shutil
+import unicodedata
+
+import pytest
+
+from stages.pipeline import main as run_pipeline
+from stages.run_record import read_run_record
+
+from .conftest import REPO
+
+LANGUAGES = {"en", "th", "lo", "km", "my", "vi", "id", "ms", "tl"}
+
+
+def test_embedded_default_runs_what_exists_and_reuses_it(tmp_path, monkeypatch, capsys):
+    shutil.copytree(REPO / "recipes", tmp_path / "recipes")
+    shutil.copytree(REPO / "samples", tmp_path / "samples")
+    monkeypatch.chdir(tmp_path)
+
+    run_pipeline(["--config", "recipes/tiny.yaml"])
+    first = capsys.readouterr().out
+    assert "wrote a tiny qwen2_5_vl model" in first
+    assert "stages.pretrain: not built yet (issue #4)" in first
+    created = read_run_record("checkpoints/tiny/base", expected_stage="base_model")["created"]
+
+    run_pipeline(["--config", "recipes/tiny.yaml"])
+    assert "up to date" in capsys.readouterr().out
+    assert read_run_record("checkpoints/tiny/base")["created"] == created
+
+    # a changed corpus makes the base model stale
+    with open("samples/udhr/en.md", "a", encoding="utf-8") as handle:
+        handle.write("\nOne more paragraph.\n")
+    run_pipeline(["--config", "recipes/tiny.yaml"])
+    assert "wrote a tiny" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("lang", sorted(LANGUAGES))
+def test_samples_are_parallel_nfc_text(lang):
+    text = (REPO / "samples" / "udhr" / f"{lang}.md").read_text(encoding="utf-8")
+    assert unicodedata.is_normalized("NFC", text)
+    assert text.startswith("# ")
+    assert text.count("\n## ") == 31  # the preamble and the 30 articles, in the same order in every language
