@@ -5,9 +5,10 @@
     python -m data_prep evalset --pages checkpoints/km/pages --output checkpoints/km/evalset --lang km
 
 `--lang` selects recipes/<lang>.yaml (its `data_prep` section) unless `--config` names another recipe.
-The commands themselves are issue #3; they already parse and validate everything.
+`pages` is built; `render` and `evalset` parse and validate their arguments and say they are not built yet.
 """
 
+import logging
 import sys
 from dataclasses import dataclass, field
 
@@ -15,6 +16,7 @@ from stages.artifacts import check_input_paths, check_output_dir
 from stages.errors import UsageError, exit_not_built, run_cli
 from stages.recipe import parse_stage_arguments
 
+from .pages import PageSettings, SkipThresholdExceeded, build_pages_dataset
 from .settings import DataPrepSettings
 
 
@@ -66,12 +68,34 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] not in COMMANDS:
         raise UsageError(f"give a command first: python -m data_prep {{{','.join(COMMANDS)}}} ... (--help after it).")
     command, rest = argv[0], argv[1:]
-    _, settings, _ = parse_stage_arguments(
+    recipe_args, settings, args = parse_stage_arguments(
         "data_prep", (DataPrepSettings,), rest, cli_only_types=(COMMANDS[command],), prog=f"python -m data_prep {command}"
     )
-    if command == "pages":
-        settings.check_tesseract()
-    exit_not_built(f"data_prep {command}", issue=3)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if command != "pages":
+        exit_not_built(f"data_prep {command}", issue=3)
+    settings.check_tesseract()
+    try:
+        manifest = build_pages_dataset(
+            args.input, args.output, _page_settings(recipe_args.lang, settings),
+            workers=settings.workers, resume=args.resume, max_skip_fraction=settings.max_skip_fraction,
+        )
+    except SkipThresholdExceeded as error:
+        print(f"data_prep pages: {error}", file=sys.stderr)
+        sys.exit(1)
+    counts = manifest["counts"]
+    print(
+        f"data_prep pages: {counts['pages']} pages from {counts['documents']} documents "
+        f"({counts['pages_layer']} text layer, {counts['pages_ocr']} OCR), {counts['skipped']} inputs skipped, "
+        f"{manifest['elapsed_s']}s -> {args.output}"
+    )
+
+
+def _page_settings(lang: str, settings: DataPrepSettings) -> PageSettings:
+    return PageSettings(
+        lang=lang, dpi=settings.dpi, max_pixels=settings.max_pixels, ocr=settings.ocr,
+        tesseract_langs=settings.tesseract_langs, script_ranges=tuple(settings.script_ranges),
+    )
 
 
 if __name__ == "__main__":

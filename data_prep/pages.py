@@ -1,0 +1,294 @@
+"""PDFs to a pages dataset: one row per page with its image and its text (text layer, or OCR).
+
+Each document is processed in a worker and its rows are kept in a work folder beside the output
+(`.<output>.work/`), so `--resume` skips the documents already done. The dataset and its manifest
+are assembled from the work folder under a temporary name and renamed into place at the end: a
+killed run never leaves a dataset that looks complete.
+"""
+
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import time
+import unicodedata
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from stages.artifacts import atomic_directory, write_text_atomic
+from stages.errors import UsageError
+from stages.run_record import sha256_file
+
+from .text_quality import parse_ranges, text_layer_problem
+
+logger = logging.getLogger(__name__)
+
+ROW_SCHEMA = pa.schema(
+    [
+        ("doc_id", pa.string()),
+        ("page", pa.int32()),
+        ("image", pa.binary()),  # PNG
+        ("text", pa.string()),
+        ("text_source", pa.string()),
+        ("lang", pa.string()),
+        ("source", pa.string()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class PageSettings:
+    lang: str
+    dpi: int
+    max_pixels: int
+    ocr: str
+    tesseract_langs: str
+    script_ranges: tuple[str, ...]
+
+
+def find_pdfs(inputs: list[str]) -> list[Path]:
+    """Files as given, and every *.pdf under the given folders (recursively), in a stable order."""
+    found: dict[Path, None] = {}
+    for entry in map(Path, inputs):
+        if entry.is_dir():
+            for path in sorted(p for p in entry.rglob("*") if p.is_file() and p.suffix.lower() == ".pdf"):
+                found[path] = None
+        else:
+            found[entry] = None
+    return list(found)
+
+
+def render_page(page, dpi: int, max_pixels: int):
+    """The page as an RGB PIL image at `dpi`, scaled down (aspect kept) to at most `max_pixels` pixels."""
+    import pymupdf
+    from PIL import Image
+
+    zoom = dpi / 72
+    width, height = page.rect.width * zoom, page.rect.height * zoom
+    if width * height > max_pixels:
+        # 0.999: pixmap sizes round up, so aim just under the budget
+        zoom *= math.sqrt(max_pixels / (width * height)) * 0.999
+    pixmap = page.get_pixmap(matrix=pymupdf.Matrix(zoom, zoom), colorspace=pymupdf.csRGB, alpha=False)
+    return Image.frombytes("RGB", (pixmap.width, pixmap.height), pixmap.samples)
+
+
+def clean_text(text: str) -> str:
+    """NFC, no trailing spaces, at most one blank line; line breaks (reading order) are kept."""
+    lines = [" ".join(line.split()) for line in unicodedata.normalize("NFC", text).splitlines()]
+    cleaned, blank = [], False
+    for line in lines:
+        if line or not blank:
+            cleaned.append(line)
+        blank = not line
+    return "\n".join(cleaned).strip()
+
+
+def ocr_image(image, tesseract_langs: str) -> str:
+    import pytesseract
+
+    return pytesseract.image_to_string(image, lang=tesseract_langs)
+
+
+def process_document(path: Path, settings: PageSettings) -> tuple[list[dict], dict]:
+    """Rows for every page of one PDF, and its manifest entry (with `reason` when it was skipped)."""
+    import pymupdf
+
+    entry = {"path": str(path), "sha256": sha256_file(path)}
+    entry["doc_id"] = f"{path.stem}-{entry['sha256'][:12]}"
+    try:
+        document = pymupdf.open(path, filetype="pdf")
+    except pymupdf.EmptyFileError:
+        return [], entry | {"reason": "empty file (0 bytes)"}
+    except (pymupdf.FileDataError, RuntimeError, ValueError) as error:
+        return [], entry | {"reason": f"not a readable PDF ({error})"}
+    with document:
+        if document.needs_pass:
+            return [], entry | {"reason": "password-protected (encrypted); decrypt it first"}
+        if document.page_count == 0:
+            return [], entry | {"reason": "the PDF has no pages"}
+        ranges = parse_ranges(list(settings.script_ranges))
+        rows = []
+        try:
+            for number, page in enumerate(document, start=1):
+                image = render_page(page, settings.dpi, settings.max_pixels)
+                text, source = clean_text(page.get_text()), "layer"
+                problem = None if settings.ocr == "always" else text_layer_problem(text, ranges)
+                if settings.ocr == "always" or (settings.ocr == "auto" and problem):
+                    text, source = clean_text(ocr_image(image, settings.tesseract_langs)), "ocr"
+                buffer = io.BytesIO()
+                image.save(buffer, format="PNG")
+                rows.append(
+                    dict(doc_id=entry["doc_id"], page=number, image=buffer.getvalue(), text=text,
+                         text_source=source, lang=settings.lang, source=str(path))
+                )
+        except Exception as error:  # a broken page object: the document is skipped, the run goes on
+            return [], entry | {"reason": f"page {len(rows) + 1} failed: {type(error).__name__}: {error}"}
+    sources = [row["text_source"] for row in rows]
+    return rows, entry | {"pages": len(rows), "ocr_pages": sources.count("ocr")}
+
+
+def _init_worker() -> None:
+    # one Tesseract thread per worker: the pool already uses every core
+    os.environ["OMP_THREAD_LIMIT"] = "1"
+
+
+def build_pages_dataset(
+    inputs: list[str], output: str, settings: PageSettings, *, workers: int, resume: bool, max_skip_fraction: float
+) -> dict:
+    """Process every PDF and write the dataset + manifest.json to `output`. Returns the manifest."""
+    started = time.monotonic()
+    output_dir = Path(output)
+    paths = find_pdfs(inputs)
+    if not paths:
+        raise UsageError(f"--input {' '.join(inputs)}: no PDF files found (folders are searched for *.pdf).")
+    work = output_dir.with_name(f".{output_dir.name}.work")
+    _prepare_work_folder(work, settings, resume)
+
+    done = {}
+    for path in paths:
+        marker = work / f"{_key(path)}.json"
+        if marker.is_file():
+            done[path] = json.loads(marker.read_text(encoding="utf-8"))
+    todo = [path for path in paths if path not in done]
+    if done:
+        logger.info("resuming: %d of %d documents already done", len(done), len(paths))
+
+    page_counts = {path: _page_count(path) for path in todo}
+    with tqdm(total=sum(page_counts.values()), unit="page", desc="pages") as bar:
+        for path, rows, entry in _run(todo, settings, workers):
+            if rows:
+                pq.write_table(pa.Table.from_pylist(rows, schema=ROW_SCHEMA), work / f"{_key(path)}.parquet")
+            write_text_atomic(work / f"{_key(path)}.json", json.dumps(entry, ensure_ascii=False))
+            done[path] = entry
+            bar.update(page_counts[path])
+
+    entries = [done[path] for path in paths]
+    manifest = _assemble(work, output_dir, paths, entries, settings, max_skip_fraction, time.monotonic() - started)
+    shutil.rmtree(work)
+    return manifest
+
+
+def _run(paths: list[Path], settings: PageSettings, workers: int):
+    if workers == 1:
+        _init_worker()
+        for path in paths:
+            yield path, *process_document(path, settings)
+        return
+    with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) as pool:
+        futures = {pool.submit(process_document, path, settings): path for path in paths}
+        for future in as_completed(futures):
+            yield futures[future], *future.result()
+
+
+def _assemble(work, output_dir, paths, entries, settings, max_skip_fraction, elapsed) -> dict:
+    import datasets
+
+    seen: dict[str, str] = {}
+    for entry in entries:
+        if "reason" not in entry and entry["doc_id"] in seen:
+            entry["reason"] = f"duplicate of {seen[entry['doc_id']]} (same content)"
+        seen.setdefault(entry["doc_id"], entry["path"])
+    skipped = [{"path": e["path"], "reason": e["reason"]} for e in entries if "reason" in e]
+    if len(skipped) > max_skip_fraction * len(entries):
+        raise SkipThresholdExceeded(len(skipped), len(entries), skipped, max_skip_fraction)
+
+    kept = [(path, entry) for path, entry in zip(paths, entries) if "reason" not in entry]
+    tables = [pq.read_table(work / f"{_key(path)}.parquet") for path, _ in kept]
+    table = pa.concat_tables(tables) if tables else ROW_SCHEMA.empty_table()
+    features = datasets.Features(
+        doc_id=datasets.Value("string"), page=datasets.Value("int32"), image=datasets.Image(),
+        text=datasets.Value("string"), text_source=datasets.Value("string"), lang=datasets.Value("string"),
+        source=datasets.Value("string"),
+    )
+    images = pa.StructArray.from_arrays(
+        [table.column("image").combine_chunks(), pa.nulls(len(table), pa.string())], names=["bytes", "path"]
+    )
+    table = table.set_column(table.schema.get_field_index("image"), "image", images)
+    fingerprint = _fingerprint(table, settings)
+    dataset = datasets.Dataset(table.cast(features.arrow_schema), info=datasets.DatasetInfo(features=features), fingerprint=fingerprint)
+
+    sources = table.column("text_source").to_pylist()
+    manifest = {
+        "lang": settings.lang,
+        "settings": asdict(settings),
+        "tools": _tool_versions(),
+        "fingerprint": fingerprint,
+        "inputs": [entry for _, entry in kept],
+        "skipped": skipped,
+        "counts": {
+            "inputs": len(entries), "documents": len(kept), "skipped": len(skipped), "pages": len(table),
+            "pages_layer": sources.count("layer"), "pages_ocr": sources.count("ocr"),
+        },
+        "elapsed_s": round(elapsed, 1),
+    }
+    with atomic_directory(output_dir) as tmp:
+        dataset.save_to_disk(str(tmp))
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return manifest
+
+
+class SkipThresholdExceeded(Exception):
+    def __init__(self, n_skipped, n_inputs, skipped, max_skip_fraction):
+        self.skipped = skipped
+        super().__init__(
+            f"{n_skipped} of {n_inputs} inputs could not be read (more than max_skip_fraction={max_skip_fraction}); "
+            "no dataset written. First reasons: " + "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:3])
+        )
+
+
+def _fingerprint(table: pa.Table, settings: PageSettings) -> str:
+    """Content hash: the same inputs and settings give the same fingerprint, whatever the worker count."""
+    digest = hashlib.sha256(json.dumps(asdict(settings), sort_keys=True).encode())
+    for row in table.select(["doc_id", "page", "text", "text_source"]).to_pylist():
+        digest.update(json.dumps(row, ensure_ascii=False).encode())
+    for image in table.column("image").combine_chunks().field("bytes").to_pylist():
+        digest.update(hashlib.sha256(image).digest())
+    return digest.hexdigest()[:16]
+
+
+def _prepare_work_folder(work: Path, settings: PageSettings, resume: bool) -> None:
+    settings_file = work / "settings.json"
+    wanted = json.dumps(asdict(settings), sort_keys=True)
+    if resume and settings_file.is_file():
+        if settings_file.read_text(encoding="utf-8") != wanted:
+            raise UsageError(
+                f"--resume: the interrupted run in {work} used other settings ({settings_file}); "
+                "run again with the same settings, or without --resume to start over."
+            )
+        return
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    write_text_atomic(settings_file, wanted)
+
+
+def _key(path: Path) -> str:
+    return hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+
+
+def _page_count(path: Path) -> int:
+    import pymupdf
+
+    try:
+        with pymupdf.open(path, filetype="pdf") as document:
+            return 0 if document.needs_pass else document.page_count
+    except Exception:
+        return 0
+
+
+def _tool_versions() -> dict:
+    import pymupdf
+    import pytesseract
+
+    try:
+        tesseract = str(pytesseract.get_tesseract_version())
+    except pytesseract.TesseractNotFoundError:
+        tesseract = None
+    return {"pymupdf": pymupdf.VersionBind, "tesseract": tesseract, "pytesseract": pytesseract.__version__}
