@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 # stage -> the issue that builds it; until then the pipeline says so instead of pretending
 NOT_BUILT = {
-    "data_prep (pages, render, evalset)": 3,
+    "data_prep (`pages` is built; `render`, which turns the text samples into PDFs, and `evalset` are not)": 3,
     "stages.pretrain": 4,
     "stages.contrast": 5,
     "stages.evaluate": 6,
