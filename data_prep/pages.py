@@ -43,6 +43,15 @@ ROW_SCHEMA = pa.schema(
 )
 
 
+class SkipThresholdExceeded(Exception):
+    def __init__(self, n_skipped, n_inputs, skipped, max_skip_fraction):
+        self.skipped = skipped
+        super().__init__(
+            f"{n_skipped} of {n_inputs} inputs could not be read (more than max_skip_fraction={max_skip_fraction}); "
+            "no dataset written. First reasons: " + "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:3])
+        )
+
+
 @dataclass(frozen=True)
 class PageSettings:
     lang: str
@@ -231,15 +240,6 @@ def _assemble(work, output_dir, paths, entries, settings, max_skip_fraction, ela
         dataset.save_to_disk(str(tmp))
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return manifest
-
-
-class SkipThresholdExceeded(Exception):
-    def __init__(self, n_skipped, n_inputs, skipped, max_skip_fraction):
-        self.skipped = skipped
-        super().__init__(
-            f"{n_skipped} of {n_inputs} inputs could not be read (more than max_skip_fraction={max_skip_fraction}); "
-            "no dataset written. First reasons: " + "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:3])
-        )
 
 
 def _fingerprint(table: pa.Table, settings: PageSettings) -> str:

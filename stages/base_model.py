@@ -191,6 +191,7 @@ def build_tiny_base_model(args: BaseModelArguments, seed: int):
 def main(argv: list[str] | None = None) -> None:
     recipe_args, args = parse_stage_arguments("base_model", (BaseModelArguments,), argv)
     model, processor = build_tiny_base_model(args, recipe_args.seed)
+    n_parameters = sum(p.numel() for p in model.parameters())
     with atomic_directory(args.output_dir) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
@@ -200,10 +201,9 @@ def main(argv: list[str] | None = None) -> None:
             config={"recipe": vars(recipe_args), "base_model": vars(args)},
             seed=recipe_args.seed,
             inputs=args.corpus_files(),
-            results={"parameters": sum(p.numel() for p in model.parameters())},
+            results={"parameters": n_parameters},
         )
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"wrote a tiny {args.family} model ({n_params:,} parameters, vocabulary {len(processor.tokenizer)}) to {args.output_dir}")
+    print(f"wrote a tiny {args.family} model ({n_parameters:,} parameters, vocabulary {len(processor.tokenizer)}) to {args.output_dir}")
 
 
 if __name__ == "__main__":
