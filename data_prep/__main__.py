@@ -2,10 +2,11 @@
 
     python -m data_prep pages --input my_pdfs/ --output checkpoints/km/pages --lang km
     python -m data_prep render --input samples/udhr/km.md --output checkpoints/km/rendered --lang km
-    python -m data_prep evalset --pages checkpoints/km/pages --output checkpoints/km/evalset --lang km
+    python -m data_prep evalset --lang km --pages checkpoints/km/pages --output checkpoints/km/evalset [--parallel_source samples/udhr/en.md]
+    python -m data_prep evalset --lang lo --parquet seadoc_lo/ --output checkpoints/lo/seadoc
 
 `--lang` selects recipes/<lang>.yaml (its `data_prep` section) unless `--config` names another recipe.
-`pages` is built; `render` and `evalset` parse and validate their arguments and say they are not built yet.
+`pages` and `evalset` are built; `render` parses and validates its arguments and says it is not built yet.
 """
 
 import logging
@@ -14,8 +15,10 @@ from dataclasses import dataclass, field
 
 from stages.artifacts import check_input_paths, check_output_dir
 from stages.errors import UsageError, exit_not_built, run_cli
+from stages.languages import normalize_lang
 from stages.recipe import parse_stage_arguments
 
+from .evalset import build_evalset, convert_parquet_evalset
 from .pages import PageSettings, SkipThresholdExceeded, build_pages_dataset
 from .settings import DataPrepSettings
 
@@ -43,12 +46,24 @@ class RenderArguments:
 
 @dataclass
 class EvalsetArguments:
-    pages: list[str] = field(default_factory=list, metadata={"help": "Pages datasets to draw pages from."})
+    pages: list[str] = field(default_factory=list, metadata={"help": "Pages datasets: every page joins the corpus."})
+    parquet: str | None = field(default=None, metadata={"help": "Or: a local SeaDoc/ViDoRe parquet folder to convert."})
     output: str | None = field(default=None, metadata={"help": "Folder for corpus.jsonl, queries.jsonl, qrels.tsv."})
+    parallel_source: str | None = field(
+        default=None,
+        metadata={"help": "Markdown whose `## ` sections parallel the documents' bookmarks (e.g. samples/udhr/en.md)."},
+    )
+    parallel_lang: str = field(default="en", metadata={"help": "Language of --parallel_source."})
+    outline_level: int = field(default=2, metadata={"help": "Bookmark level that --parallel_source's sections match."})
     overwrite: bool = False
 
     def validate(self) -> None:
-        _check_io(self.pages, self.output, overwrite=self.overwrite, input_flag="--pages")
+        if bool(self.pages) == bool(self.parquet):
+            raise UsageError("give either --pages DIR [DIR ...] or --parquet DIR.")
+        _check_io(self.pages or [self.parquet], self.output, overwrite=self.overwrite, input_flag="--pages/--parquet")
+        if self.parallel_source:
+            check_input_paths([self.parallel_source], "--parallel_source")
+            self.parallel_lang = normalize_lang(self.parallel_lang)
 
 
 COMMANDS = {"pages": PagesArguments, "render": RenderArguments, "evalset": EvalsetArguments}
@@ -72,8 +87,11 @@ def main(argv: list[str] | None = None) -> None:
         "data_prep", (DataPrepSettings,), rest, cli_only_types=(COMMANDS[command],), prog=f"python -m data_prep {command}"
     )
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if command != "pages":
-        exit_not_built(f"data_prep {command}", issue=3)
+    if command == "render":
+        exit_not_built("data_prep render", issue=3)
+    if command == "evalset":
+        make_evalset(args)
+        return
     settings.check_tesseract()
     try:
         manifest = build_pages_dataset(
@@ -88,6 +106,22 @@ def main(argv: list[str] | None = None) -> None:
         f"data_prep pages: {counts['pages']} pages from {counts['documents']} documents "
         f"({counts['pages_layer']} text layer, {counts['pages_ocr']} OCR), {counts['skipped']} inputs skipped, "
         f"{manifest['elapsed_s']}s -> {args.output}"
+    )
+
+
+def make_evalset(args: EvalsetArguments) -> None:
+    if args.parquet:
+        summary = convert_parquet_evalset(args.parquet, args.output)
+    else:
+        summary = build_evalset(
+            args.pages, args.output, parallel_source=args.parallel_source,
+            parallel_lang=args.parallel_lang, outline_level=args.outline_level,
+        )
+    unmatched = len(summary.get("unmatched_documents", []))
+    print(
+        f"data_prep evalset: {summary['queries']} queries, {summary['qrels']} relevance judgements, "
+        f"{summary['pages']} pages" + (f", {unmatched} documents whose outline did not match" if unmatched else "")
+        + f" -> {args.output}"
     )
 
 

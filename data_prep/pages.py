@@ -138,8 +138,14 @@ def process_document(path: Path, settings: PageSettings) -> tuple[list[dict], di
                 )
         except Exception as error:  # a broken page object: the document is skipped, the run goes on
             return [], entry | {"reason": f"page {len(rows) + 1} failed: {type(error).__name__}: {error}"}
+        # the outline (bookmarks: level, title, page) carries structure that eval-set queries come from
+        try:
+            toc = document.get_toc(simple=True)
+        except Exception:  # a damaged outline costs the queries it would give, not the pages
+            toc = []
+        outline = [[level, clean_text(title), page] for level, title, page in toc]
     sources = [row["text_source"] for row in rows]
-    return rows, entry | {"pages": len(rows), "ocr_pages": sources.count("ocr")}
+    return rows, entry | {"pages": len(rows), "ocr_pages": sources.count("ocr"), "outline": outline}
 
 
 def limit_ocr_threads() -> None:

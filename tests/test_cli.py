@@ -109,3 +109,10 @@ def test_output_under_a_file_is_reported(capsys, tmp_path):
     (tmp_path / "file.txt").write_text("not a folder")
     code, err = run(base_model.main, ["--config", TINY, "--output_dir", str(tmp_path / "file.txt" / "base")], capsys)
     assert code == 2 and "file.txt is a file, not a folder" in err
+
+
+def test_evalset_needs_exactly_one_source(capsys, tmp_path):
+    code, err = run(data_prep_cli.main, ["evalset", "--lang", "km", "--output", str(tmp_path / "e")], capsys)
+    assert code == 2 and "give either --pages DIR [DIR ...] or --parquet DIR" in err
+    code, err = run(data_prep_cli.main, ["evalset", "--lang", "km", "--pages", str(tmp_path), "--output", str(tmp_path / "e")], capsys)
+    assert code == 2 and "has no manifest.json" in err
