@@ -49,7 +49,9 @@ def render_png_only(path: Path, settings: PageSettings) -> int:
 
 
 def ocr_only(path: Path, settings: PageSettings) -> int:
-    for pixmap in render_only(path, settings):
+    with pymupdf.open(path) as document:
+        pixmaps = [render_page(page, settings.ocr_dpi, None) for page in document]
+    for pixmap in pixmaps:
         ocr_pixmap(pixmap, settings.tesseract_langs)
     return 0
 
@@ -84,7 +86,7 @@ def main() -> None:
             ("never", layer_pdfs, "render + PNG alone", render_png_only),
             ("always", ocr_pdfs, "render + tesseract alone", ocr_only),
         ):
-            settings = PageSettings("km", args.dpi, 1_003_520, mode, "khm+eng", ("1780-17FF", "19E0-19FF"))
+            settings = PageSettings("km", args.dpi, 1_003_520, mode, args.dpi, "khm+eng", ("1780-17FF", "19E0-19FF"))
             n_pages = len(pdfs) * PAGES_PER_DOCUMENT
             for workers in (1, 2):
                 if workers == 1:

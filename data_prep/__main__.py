@@ -6,7 +6,6 @@
     python -m data_prep evalset --lang lo --parquet seadoc_lo/ --output checkpoints/lo/seadoc
 
 `--lang` selects recipes/<lang>.yaml (its `data_prep` section) unless `--config` names another recipe.
-`pages` and `evalset` are built; `render` parses and validates its arguments and says it is not built yet.
 """
 
 import logging
@@ -14,11 +13,12 @@ import sys
 from dataclasses import dataclass, field
 
 from stages.artifacts import check_input_paths, check_output_dir
-from stages.errors import UsageError, exit_not_built, run_cli
+from stages.errors import UsageError, run_cli
 from stages.languages import normalize_lang
 from stages.recipe import parse_stage_arguments
 
 from .evalset import build_evalset, convert_parquet_evalset
+from .render import render_documents
 from .pages import PageSettings, SkipThresholdExceeded, build_pages_dataset
 from .settings import DataPrepSettings
 
@@ -88,7 +88,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if command == "render":
-        exit_not_built("data_prep render", issue=3)
+        manifest = render_documents(
+            args.input, args.output, lang=recipe_args.lang, fonts=settings.fonts, seed=recipe_args.seed,
+            workers=settings.workers,
+        )
+        print(
+            f"data_prep render: {len(manifest['documents'])} PDFs, {len(manifest['skipped'])} inputs skipped -> {args.output}"
+        )
+        return
     if command == "evalset":
         make_evalset(args)
         return
@@ -127,7 +134,7 @@ def make_evalset(args: EvalsetArguments) -> None:
 
 def _page_settings(lang: str, settings: DataPrepSettings) -> PageSettings:
     return PageSettings(
-        lang=lang, dpi=settings.dpi, max_pixels=settings.max_pixels, ocr=settings.ocr,
+        lang=lang, dpi=settings.dpi, max_pixels=settings.max_pixels, ocr=settings.ocr, ocr_dpi=settings.ocr_dpi,
         tesseract_langs=settings.tesseract_langs, script_ranges=tuple(settings.script_ranges),
     )
 

@@ -58,6 +58,7 @@ class PageSettings:
     dpi: int
     max_pixels: int
     ocr: str
+    ocr_dpi: int
     tesseract_langs: str
     script_ranges: tuple[str, ...]
 
@@ -74,13 +75,13 @@ def find_pdfs(inputs: list[str]) -> list[Path]:
     return list(found)
 
 
-def render_page(page, dpi: int, max_pixels: int):
+def render_page(page, dpi: int, max_pixels: int | None):
     """The page as an RGB pixmap at `dpi`, scaled down (aspect kept) to at most `max_pixels` pixels."""
     import pymupdf
 
     zoom = dpi / 72
     width, height = page.rect.width * zoom, page.rect.height * zoom
-    if width * height > max_pixels:
+    if max_pixels is not None and width * height > max_pixels:
         # 0.999: pixmap sizes round up, so aim just under the budget
         zoom *= math.sqrt(max_pixels / (width * height)) * 0.999
     return page.get_pixmap(matrix=pymupdf.Matrix(zoom, zoom), colorspace=pymupdf.csRGB, alpha=False)
@@ -130,7 +131,10 @@ def process_document(path: Path, settings: PageSettings) -> tuple[list[dict], di
                 text, source = clean_text(page.get_text()), "layer"
                 problem = None if settings.ocr == "always" else text_layer_problem(text, ranges)
                 if settings.ocr == "always" or (settings.ocr == "auto" and problem):
-                    text, source = clean_text(ocr_pixmap(pixmap, settings.tesseract_langs)), "ocr"
+                    # Tesseract reads its own rendering, uncapped: each script's model reads best at
+                    # its own glyph size (recipe `ocr_dpi`), unrelated to the model's pixel budget
+                    full = render_page(page, settings.ocr_dpi, None)
+                    text, source = clean_text(ocr_pixmap(full, settings.tesseract_langs)), "ocr"
                 # MuPDF's PNG encoder: ~30% faster than PIL's default, and the largest cost of this path
                 rows.append(
                     dict(doc_id=entry["doc_id"], page=number, image=pixmap.tobytes("png"), text=text,

@@ -19,6 +19,9 @@ class DataPrepSettings:
     fonts: list[str] = field(default_factory=lambda: ["Noto Sans"], metadata={"help": "Fonts for rendering."})
     dpi: int = field(default=144, metadata={"help": "Render resolution; higher = sharper pages, more pixels."})
     max_pixels: int = field(default=1003520, metadata={"help": "Pixel cap per page image (aspect ratio kept)."})
+    ocr_dpi: int = field(
+        default=144, metadata={"help": "Resolution Tesseract reads pages at; its models prefer their glyph size."}
+    )
     ocr: Literal["auto", "always", "never"] = field(
         default="auto", metadata={"help": "auto: OCR pages whose text layer is missing or garbled."}
     )
@@ -31,8 +34,8 @@ class DataPrepSettings:
         for value in self.script_ranges:
             if not SCRIPT_RANGE.match(value):
                 raise UsageError(f"script_ranges: {value!r} is not a hex range like 1780-17FF.")
-        if self.dpi <= 0 or self.max_pixels <= 0 or self.workers <= 0:
-            raise UsageError("dpi, max_pixels and workers must be positive.")
+        if min(self.dpi, self.ocr_dpi, self.max_pixels, self.workers) <= 0:
+            raise UsageError("dpi, ocr_dpi, max_pixels and workers must be positive.")
         if not 0.0 <= self.max_skip_fraction <= 1.0:
             raise UsageError(f"max_skip_fraction must be in [0, 1], got {self.max_skip_fraction}.")
 

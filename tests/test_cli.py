@@ -93,11 +93,6 @@ def test_data_prep_missing_tesseract_language_names_the_debian_package(capsys, t
     assert not (tmp_path / "out").exists()
 
 
-def test_data_prep_render_and_evalset_say_they_are_not_built_yet(capsys, tmp_path):
-    code, err = run(data_prep_cli.main, ["render", "--lang", "km", "--input", str(REPO / "samples/udhr/km.md"), "--output", str(tmp_path / "r")], capsys)
-    assert code == 1 and "data_prep render is not built yet (issue #3)" in err
-
-
 def test_data_prep_recipe_cannot_set_command_inputs(capsys, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("lang: km\ndata_prep:\n  input: [x]\n")

@@ -47,7 +47,7 @@ def pages(tmp_path_factory):
         outlined_pdf(folder / "b.pdf", KHMER_ARTICLES[::-1], "សេចក្ដីប្រកាស ខ"),
         outlined_pdf(folder / "short.pdf", KHMER_ARTICLES[:2], "ឯកសារខ្លី"),
     ]
-    settings = PageSettings("km", 72, 100_000, "never", "khm+eng", ("1780-17FF",))
+    settings = PageSettings("km", 72, 100_000, "never", 144, "khm+eng", ("1780-17FF",))
     build_pages_dataset([str(p) for p in pdfs], str(folder / "pages"), settings, workers=1, resume=False, max_skip_fraction=0.0)
     return folder / "pages"
 
@@ -96,7 +96,7 @@ def test_pages_without_outline_give_a_clear_error(tmp_path):
     document = pymupdf.open()
     document.new_page().insert_text((50, 50), "No bookmarks in this document, only some text on a page.")
     document.save(tmp_path / "plain.pdf")
-    settings = PageSettings("en", 72, 100_000, "never", "eng", ("0041-005A", "0061-007A"))
+    settings = PageSettings("en", 72, 100_000, "never", 144, "eng", ("0041-005A", "0061-007A"))
     build_pages_dataset([str(tmp_path / "plain.pdf")], str(tmp_path / "pages"), settings, workers=1, resume=False, max_skip_fraction=0.0)
     with pytest.raises(UsageError, match="no queries: the documents have no usable outline"):
         build_evalset([str(tmp_path / "pages")], str(tmp_path / "eval"), parallel_source=None, parallel_lang="en", outline_level=2)

@@ -42,7 +42,7 @@ def scanned_pdf(path, source_pdf):
 def settings(lang="km", ocr="auto", dpi=144, max_pixels=1_003_520):
     recipe = {"km": ("khm+eng", ("1780-17FF", "19E0-19FF")), "vi": ("vie+eng", ("0041-005A", "0061-007A", "00C0-024F", "0300-036F", "1E00-1EFF")), "th": ("tha+eng", ("0E00-0E7F",))}
     langs, ranges = recipe[lang]
-    return PageSettings(lang=lang, dpi=dpi, max_pixels=max_pixels, ocr=ocr, tesseract_langs=langs, script_ranges=ranges)
+    return PageSettings(lang=lang, dpi=dpi, max_pixels=max_pixels, ocr=ocr, ocr_dpi=144, tesseract_langs=langs, script_ranges=ranges)
 
 
 def build(inputs, output, page_settings, workers=1, resume=False, max_skip_fraction=1.0):
