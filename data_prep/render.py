@@ -126,13 +126,21 @@ ul {{ margin: 0 0 0.5em 0; padding-left: 1.4em; }}
 
 
 def print_pdf(chromium: str, html_text: str, pdf_path: Path) -> None:
+    """Lay `html_text` out with Chromium into `pdf_path`, byte for byte the same on every run."""
+    import pymupdf
+
     with tempfile.TemporaryDirectory(prefix="render-") as tmp:
-        page = Path(tmp) / "document.html"
+        page, printed = Path(tmp) / "document.html", Path(tmp) / "printed.pdf"
         page.write_text(html_text, encoding="utf-8")
-        command = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp}/profile", f"--print-to-pdf={pdf_path}", page.as_uri()]
+        # a profile folder of its own: parallel Chromiums sharing one refuse to start
+        command = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp}/profile", f"--print-to-pdf={printed}", page.as_uri()]
         result = subprocess.run(command, capture_output=True, text=True, timeout=CHROMIUM_TIMEOUT_S)
-    if result.returncode != 0 or not pdf_path.is_file():
-        raise RuntimeError(f"chromium exited with {result.returncode}: {result.stderr.strip()[-300:]}")
+        if result.returncode != 0 or not printed.is_file():
+            raise RuntimeError(f"chromium exited with {result.returncode}: {result.stderr.strip()[-300:]}")
+        # Chromium stamps the time into the PDF: drop it, so the same text gives the same document id downstream
+        with pymupdf.open(printed) as document:
+            document.set_metadata({**document.metadata, "creationDate": "", "modDate": ""})
+            document.save(pdf_path, garbage=3, deflate=True, no_new_id=True)
 
 
 def render_documents(inputs: list[str], output: str, *, lang: str, fonts: list[str], seed: int, workers: int) -> dict:

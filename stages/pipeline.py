@@ -1,14 +1,19 @@
 """The whole pipeline on one recipe, stage after stage; on `recipes/tiny.yaml` it is the embedded default.
 
-    python -m stages.pipeline --config recipes/tiny.yaml
+    python -m stages.pipeline --config recipes/tiny.yaml [--languages th km] [--rebuild]
 
-Each step that is already done (its artifact exists with a run record written from the same
-settings) is reused, so running it again costs only the steps that changed.
+Sample texts are rendered to PDFs, read back into pages datasets (each language with its own recipe,
+recipes/<lang>.yaml) and turned into a cross-lingual eval set; then the model stages follow. A step
+whose output is already complete is reused (the base model only if its run record shows the same
+settings and corpus); `--rebuild` redoes everything.
 """
 
 import logging
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from data_prep.__main__ import main as data_prep_main
 
 from .base_model import BaseModelArguments
 from .base_model import main as build_base_model
@@ -19,21 +24,25 @@ from .run_record import read_run_record, sha256_file
 logger = logging.getLogger(__name__)
 
 # stage -> the issue that builds it; until then the pipeline says so instead of pretending
-NOT_BUILT = {
-    "data_prep (`pages` is built; `render`, which turns the text samples into PDFs, and `evalset` are not)": 3,
-    "stages.pretrain": 4,
-    "stages.contrast": 5,
-    "stages.evaluate": 6,
-}
+NOT_BUILT = {"stages.pretrain": 4, "stages.contrast": 5, "stages.evaluate": 6}
 
 
 @dataclass
 class PipelineArguments:
+    languages: list[str] = field(
+        default_factory=lambda: ["th", "lo", "km", "my", "vi", "id"],
+        metadata={"help": "Sample languages to prepare, each with recipes/<lang>.yaml."},
+    )
+    samples: str = field(default="samples/udhr", metadata={"help": "Folder of <lang>.md sample texts."})
+    parallel_source: str = field(
+        default="samples/udhr/en.md", metadata={"help": "Text whose sections query the samples' pages."}
+    )
+    data_dir: str = field(default="checkpoints/tiny", metadata={"help": "Where the prepared data goes."})
     rebuild: bool = field(default=False, metadata={"help": "Rebuild every step, even those already done."})
 
 
 def main(argv: list[str] | None = None) -> None:
-    recipe_args, pipeline_args = parse_stage_arguments("pipeline", (), argv, cli_only_types=(PipelineArguments,))
+    recipe_args, pipeline_args = parse_stage_arguments("pipeline", (PipelineArguments,), argv)
     if recipe_args.config is None:
         raise UsageError("give a recipe: python -m stages.pipeline --config recipes/tiny.yaml")
     started = time.monotonic()
@@ -47,10 +56,33 @@ def main(argv: list[str] | None = None) -> None:
     else:
         build_base_model([*recipe, "--overwrite"])
 
-    for step, (stage, issue) in enumerate(NOT_BUILT.items(), start=2):
+    print(f"[2/5] data_prep: render, pages and evalset for {', '.join(pipeline_args.languages)} -> {pipeline_args.data_dir}")
+    prepare_data(recipe_args.seed, pipeline_args)
+
+    for step, (stage, issue) in enumerate(NOT_BUILT.items(), start=3):
         print(f"[{step}/5] {stage}: not built yet (issue #{issue}); skipped")
 
-    print(f"pipeline: ran 1 of 5 steps in {time.monotonic() - started:.0f}s; {len(NOT_BUILT)} stages are not built yet.")
+    print(f"pipeline: ran 2 of 5 steps in {time.monotonic() - started:.0f}s; {len(NOT_BUILT)} stages are not built yet.")
+
+
+def prepare_data(seed: int, args: PipelineArguments) -> None:
+    root = Path(args.data_dir)
+
+    def step(argv: list[str], output: Path, done_file: str) -> None:
+        if not args.rebuild and (output / done_file).is_file():
+            print(f"      {output}: complete; reusing it")
+        else:
+            data_prep_main([*argv, "--output", str(output), "--overwrite", "--seed", str(seed)])
+
+    for lang in args.languages:
+        text = Path(args.samples) / f"{lang}.md"
+        step(["render", "--lang", lang, "--input", str(text)], root / "pdfs" / lang, "render_manifest.json")
+        step(["pages", "--lang", lang, "--input", str(root / "pdfs" / lang)], root / "pages" / lang, "manifest.json")
+    pages = [str(root / "pages" / lang) for lang in args.languages]
+    step(
+        ["evalset", "--lang", "en", "--pages", *pages, "--parallel_source", args.parallel_source],
+        root / "evalset", "evalset.json",
+    )
 
 
 def _is_up_to_date(args: BaseModelArguments) -> bool:

@@ -29,6 +29,7 @@ SECTIONS = {
     "pretrain": "stages.pretrain:PretrainArguments",
     "contrast": "stages.contrast:ContrastArguments",
     "evaluate": "stages.evaluate:EvaluateArguments",
+    "pipeline": "stages.pipeline:PipelineArguments",
 }
 
 

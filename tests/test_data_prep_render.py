@@ -72,7 +72,7 @@ def read_back(lang, tmp_path, ocr):
     return jiwer.cer(reference, no_space(page["text"].strip().removesuffix("1"))), page["text_source"]
 
 
-@pytest.mark.parametrize("lang", ["th", "km", "my"])
+@pytest.mark.parametrize("lang", ["th", "lo", "km", "my"])
 def test_rendered_page_read_back_by_ocr(lang, tmp_path):
     cer, source = read_back(lang, tmp_path, ocr="always")
     assert source == "ocr" and cer < 0.10
@@ -85,3 +85,10 @@ def test_rendered_page_read_back_in_auto_mode(lang, tmp_path):
     cer, source = read_back(lang, tmp_path, ocr="auto")
     assert source == ("ocr" if lang == "my" else "layer")
     assert cer < (0.02 if lang in ("th", "lo", "vi", "id") else 0.10)
+
+
+def test_the_same_text_renders_to_the_same_bytes(tmp_path):
+    (tmp_path / "doc.md").write_text("# Title\n\nSome text that is rendered twice.\n")
+    for name in ("a", "b"):
+        render_documents([str(tmp_path / "doc.md")], str(tmp_path / name), lang="en", fonts=["Noto Serif"], seed=1, workers=1)
+    assert (tmp_path / "a" / "doc.pdf").read_bytes() == (tmp_path / "b" / "doc.pdf").read_bytes()

@@ -16,21 +16,26 @@ def test_embedded_default_runs_what_exists_and_reuses_it(tmp_path, monkeypatch, 
     shutil.copytree(REPO / "samples", tmp_path / "samples")
     monkeypatch.chdir(tmp_path)
 
-    run_pipeline(["--config", "recipes/tiny.yaml"])
+    argv = ["--config", "recipes/tiny.yaml", "--languages", "km", "vi"]
+    run_pipeline(argv)
     first = capsys.readouterr().out
     assert "wrote a tiny qwen2_5_vl model" in first
+    assert "data_prep evalset: 31 queries, 62 relevance judgements" in first
     assert "stages.pretrain: not built yet (issue #4)" in first
     created = read_run_record("checkpoints/tiny/base", expected_stage="base_model")["created"]
+    qrels = (tmp_path / "checkpoints/tiny/evalset/qrels.tsv").read_text()
 
-    run_pipeline(["--config", "recipes/tiny.yaml"])
-    assert "up to date" in capsys.readouterr().out
+    run_pipeline(argv)
+    second = capsys.readouterr().out
+    assert "up to date" in second and second.count("complete; reusing it") == 5
     assert read_run_record("checkpoints/tiny/base")["created"] == created
 
-    # a changed corpus makes the base model stale
+    # a changed corpus makes the base model stale; --rebuild redoes the data, with the same result
     with open("samples/udhr/en.md", "a", encoding="utf-8") as handle:
         handle.write("\nOne more paragraph.\n")
-    run_pipeline(["--config", "recipes/tiny.yaml"])
+    run_pipeline([*argv, "--rebuild"])
     assert "wrote a tiny" in capsys.readouterr().out
+    assert (tmp_path / "checkpoints/tiny/evalset/qrels.tsv").read_text() == qrels
 
 
 @pytest.mark.parametrize("lang", sorted(LANGUAGES))
