@@ -111,3 +111,13 @@ def test_evalset_needs_exactly_one_source(capsys, tmp_path):
     assert code == 2 and "give either --pages DIR [DIR ...] or --parquet DIR" in err
     code, err = run(data_prep_cli.main, ["evalset", "--lang", "km", "--pages", str(tmp_path), "--output", str(tmp_path / "e")], capsys)
     assert code == 2 and "has no manifest.json" in err
+
+
+def test_unwritable_output_folder_is_reported_before_any_work(capsys, tmp_path, monkeypatch):
+    # CI runs as root, for whom permission bits do not apply: simulate what os.access says to a user
+    monkeypatch.setattr("stages.artifacts.os.access", lambda path, mode: False)
+    (tmp_path / "doc.pdf").write_bytes(b"")
+    argv = ["pages", "--lang", "km", "--input", str(tmp_path / "doc.pdf"), "--output", str(tmp_path / "out")]
+    code, err = run(data_prep_cli.main, argv, capsys)
+    assert code == 2 and f"cannot write to {tmp_path} (permission denied)" in err
+    assert not (tmp_path / "out").exists()
