@@ -30,11 +30,12 @@ from .text_quality import parse_ranges, text_layer_problem
 
 logger = logging.getLogger(__name__)
 
+# one parquet file per document in the work folder; `image` is laid out as a `datasets.Image` column
 ROW_SCHEMA = pa.schema(
     [
         ("doc_id", pa.string()),
         ("page", pa.int32()),
-        ("image", pa.binary()),  # PNG
+        ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),  # PNG bytes
         ("text", pa.string()),
         ("text_source", pa.string()),
         ("lang", pa.string()),
@@ -137,7 +138,7 @@ def process_document(path: Path, settings: PageSettings) -> tuple[list[dict], di
                     text, source = clean_text(ocr_pixmap(full, settings.tesseract_langs)), "ocr"
                 # MuPDF's PNG encoder: ~30% faster than PIL's default, and the largest cost of this path
                 rows.append(
-                    dict(doc_id=entry["doc_id"], page=number, image=pixmap.tobytes("png"), text=text,
+                    dict(doc_id=entry["doc_id"], page=number, image={"bytes": pixmap.tobytes("png"), "path": None}, text=text,
                          text_source=source, lang=settings.lang, source=str(path))
                 )
         except Exception as error:  # a broken page object: the document is skipped, the run goes on
@@ -153,7 +154,7 @@ def process_document(path: Path, settings: PageSettings) -> tuple[list[dict], di
 
 
 def limit_ocr_threads() -> None:
-    # one Tesseract thread per worker: the pool already uses every core
+    # one Tesseract thread per pool worker: the workers already use the cores
     os.environ["OMP_THREAD_LIMIT"] = "1"
 
 
@@ -195,7 +196,6 @@ def build_pages_dataset(
 
 def _run(paths: list[Path], settings: PageSettings, workers: int):
     if workers == 1:
-        limit_ocr_threads()
         for path in paths:
             yield path, *process_document(path, settings)
         return
@@ -218,21 +218,21 @@ def _assemble(work, output_dir, paths, entries, settings, max_skip_fraction, ela
         raise SkipThresholdExceeded(len(skipped), len(entries), skipped, max_skip_fraction)
 
     kept = [(path, entry) for path, entry in zip(paths, entries) if "reason" not in entry]
-    tables = [pq.read_table(work / f"{_key(path)}.parquet") for path, _ in kept]
-    table = pa.concat_tables(tables) if tables else ROW_SCHEMA.empty_table()
+    files = [work / f"{_key(path)}.parquet" for path, _ in kept]
     features = datasets.Features(
         doc_id=datasets.Value("string"), page=datasets.Value("int32"), image=datasets.Image(),
         text=datasets.Value("string"), text_source=datasets.Value("string"), lang=datasets.Value("string"),
         source=datasets.Value("string"),
     )
-    images = pa.StructArray.from_arrays(
-        [table.column("image").combine_chunks(), pa.nulls(len(table), pa.string())], names=["bytes", "path"]
-    )
-    table = table.set_column(table.schema.get_field_index("image"), "image", images)
-    fingerprint = _fingerprint(table, settings)
-    dataset = datasets.Dataset(table.cast(features.arrow_schema), info=datasets.DatasetInfo(features=features), fingerprint=fingerprint)
+    # streamed from the per-document files into a memory-mapped table: corpora larger than memory work
+    if files:
+        loaded = datasets.Dataset.from_parquet([str(f) for f in files], features=features, cache_dir=str(work / "cache"))
+    else:
+        loaded = datasets.Dataset.from_list([], features=features)
+    fingerprint = _fingerprint(files, settings)
+    dataset = datasets.Dataset(loaded.data, info=datasets.DatasetInfo(features=features), fingerprint=fingerprint)
+    sources = dataset.data.column("text_source").to_pylist()
 
-    sources = table.column("text_source").to_pylist()
     manifest = {
         "lang": settings.lang,
         "settings": asdict(settings),
@@ -241,7 +241,7 @@ def _assemble(work, output_dir, paths, entries, settings, max_skip_fraction, ela
         "inputs": [entry for _, entry in kept],
         "skipped": skipped,
         "counts": {
-            "inputs": len(entries), "documents": len(kept), "skipped": len(skipped), "pages": len(table),
+            "inputs": len(entries), "documents": len(kept), "skipped": len(skipped), "pages": len(dataset),
             "pages_layer": sources.count("layer"), "pages_ocr": sources.count("ocr"),
         },
         "elapsed_s": round(elapsed, 1),
@@ -252,13 +252,15 @@ def _assemble(work, output_dir, paths, entries, settings, max_skip_fraction, ela
     return manifest
 
 
-def _fingerprint(table: pa.Table, settings: PageSettings) -> str:
+def _fingerprint(files: list[Path], settings: PageSettings) -> str:
     """Content hash: the same inputs and settings give the same fingerprint, whatever the worker count."""
     digest = hashlib.sha256(json.dumps(asdict(settings), sort_keys=True).encode())
-    for row in table.select(["doc_id", "page", "text", "text_source"]).to_pylist():
-        digest.update(json.dumps(row, ensure_ascii=False).encode())
-    for image in table.column("image").combine_chunks().field("bytes").to_pylist():
-        digest.update(hashlib.sha256(image).digest())
+    for path in files:
+        table = pq.read_table(path)
+        for row in table.select(["doc_id", "page", "text", "text_source"]).to_pylist():
+            digest.update(json.dumps(row, ensure_ascii=False).encode())
+        for image in table.column("image").combine_chunks().field("bytes").to_pylist():
+            digest.update(hashlib.sha256(image).digest())
     return digest.hexdigest()[:16]
 
 
