@@ -11,7 +11,8 @@ def run_cli(main: Callable[[list[str] | None], None], argv: list[str] | None = N
     try:
         main(argv)
     except UsageError as error:
-        prog = sys.argv[0].rsplit("/", 1)[-1] if sys.argv else "lco"
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        prog = f"python -m {spec.name.removesuffix('.__main__')}" if spec else "error"
         print(f"{prog}: error: {error}", file=sys.stderr)
         sys.exit(2)
 

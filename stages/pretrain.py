@@ -2,18 +2,30 @@
 
     python -m stages.pretrain --config recipes/km.yaml
     python -m stages.pretrain --config recipes/tiny.yaml --output_dir checkpoints/tiny/pretrain --max_steps 20
+    accelerate launch --config_file recipes/accelerate/zero2.yaml -m stages.pretrain --config recipes/km.yaml
+    torchrun --nproc_per_node 8 -m stages.pretrain --config recipes/km.yaml --deepspeed recipes/deepspeed/zero3.json
 
-Reads pages datasets written by `python -m data_prep pages` and writes `<output_dir>/final/` with a
-run record. Training itself is issue #4; this entry point already parses and validates everything.
+Reads pages datasets written by `python -m data_prep pages`; every field of TRL's `SFTConfig` can be set
+in the recipe's `pretrain` section or as a flag. Writes `<output_dir>/checkpoint-*`, `<output_dir>/final/`
+(a complete model folder; LoRA merged, the adapter kept in `<output_dir>/adapter/`) and a run record
+with the held-out transcription CER and eval loss at the start, at each evaluation and at the end.
 """
 
-from dataclasses import dataclass, field
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .artifacts import check_input_paths, check_model_source, check_output_dir
-from .errors import UsageError, exit_not_built, run_cli
+from .artifacts import atomic_directory, check_input_paths, check_model_source, check_output_dir
+from .errors import UsageError, run_cli
 from .recipe import parse_stage_arguments
+from .run_record import RUN_RECORD, write_run_record
+
+logger = logging.getLogger(__name__)
+LORA_TARGETS = r".*language_model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj"  # the LM's linear layers only
 
 
 @dataclass
@@ -24,18 +36,15 @@ class PretrainArguments:
     datasets: list[str] = field(
         default_factory=list, metadata={"help": "Pages datasets written by `python -m data_prep pages`."}
     )
-    output_dir: str | None = field(default=None, metadata={"help": "Run folder: checkpoint-*/ and final/."})
     tuning: Literal["full", "lora"] = field(default="full", metadata={"help": "Full fine-tuning or LoRA."})
     freeze_vision: bool = field(default=True, metadata={"help": "Freeze the vision tower and merger."})
-    learning_rate: float = 1.0e-5
-    max_steps: int = field(default=-1, metadata={"help": "Stop after this many steps (-1: num_train_epochs)."})
-    num_train_epochs: float = 1.0
-    per_device_train_batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    max_length: int = field(default=4096, metadata={"help": "Tokens per example, image tokens included."})
+    lora_r: int = 64
+    lora_alpha: int = 128
+    lora_dropout: float = 0.05
     max_pixels: int = field(default=1003520, metadata={"help": "Image pixel budget per page (1280*28*28)."})
     text_only_fraction: float = field(default=0.0, metadata={"help": "Share of text-only continuation examples."})
     eval_fraction: float = field(default=0.05, metadata={"help": "Share of documents held out (never trained on)."})
+    cer_pages: int = field(default=16, metadata={"help": "Held-out pages transcribed greedily for the CER."})
     resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint in --output_dir."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing --output_dir."})
 
@@ -50,17 +59,170 @@ class PretrainArguments:
                     f"--datasets {dataset} has no manifest.json: it is not a finished pages dataset; "
                     "write one with `python -m data_prep pages`."
                 )
-        for name in ("text_only_fraction", "eval_fraction"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise UsageError(f"--{name} must be in [0, 1), got {getattr(self, name)}.")
-        if self.output_dir is None:
-            raise UsageError("--output_dir is not set (recipe `pretrain.output_dir` or the flag).")
-        check_output_dir(self.output_dir, resume=self.resume, overwrite=self.overwrite)
+        if self.text_only_fraction != 0.0:
+            raise UsageError("--text_only_fraction > 0 (text-only continuation examples) is not built yet; set it to 0.")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise UsageError(f"--eval_fraction must be in [0, 1), got {self.eval_fraction}.")
+
+
+def validate_run(args: PretrainArguments, training, lang: str) -> None:
+    """Checks that need the recipe's language and the trainer settings too."""
+    for dataset in map(Path, args.datasets):
+        dataset_lang = json.loads((dataset / "manifest.json").read_text(encoding="utf-8")).get("lang")
+        if lang != "multi" and dataset_lang != lang:
+            raise UsageError(f"--datasets {dataset} holds `{dataset_lang}` pages but the recipe's language is `{lang}`.")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if training.per_device_train_batch_size < 1 or training.gradient_accumulation_steps < 1:
+        raise UsageError("per_device_train_batch_size and gradient_accumulation_steps must be at least 1.")
+    logger.info(
+        "global batch: %d per device x %d accumulation x %d processes = %d pages per step",
+        training.per_device_train_batch_size, training.gradient_accumulation_steps, world_size,
+        training.per_device_train_batch_size * training.gradient_accumulation_steps * world_size,
+    )
+    if training.output_dir is None or training.output_dir == "trainer_output":
+        raise UsageError("--output_dir is not set (recipe `pretrain.output_dir` or the flag).")
+    check_output_dir(training.output_dir, resume=args.resume, overwrite=args.overwrite)
+
+
+def load_examples(args: PretrainArguments, processor, max_length: int, seed: int):
+    """(train, held_out) datasets of prompt/completion examples; held-out pages are whole documents."""
+    import datasets
+
+    from .pretrain_data import held_out_documents, page_example
+
+    pages = datasets.concatenate_datasets([datasets.load_from_disk(path) for path in args.datasets])
+    held_out = held_out_documents(pages["doc_id"], args.eval_fraction, seed)
+    examples = pages.map(
+        lambda row: page_example(row, processor, max_length=max_length, max_pixels=args.max_pixels, seed=seed),
+        remove_columns=pages.column_names,
+        features=datasets.Features(
+            images=datasets.Sequence(datasets.Image()),
+            prompt=[{"role": datasets.Value("string"), "content": [{"type": datasets.Value("string"), "text": datasets.Value("string")}]}],
+            completion=[{"role": datasets.Value("string"), "content": [{"type": datasets.Value("string"), "text": datasets.Value("string")}]}],
+            doc_id=datasets.Value("string"), page=datasets.Value("int32"),
+            image_tokens=datasets.Value("int32"), truncated=datasets.Value("bool"),
+        ),
+        desc="pages to examples",
+    )
+    is_held_out = [doc_id in held_out for doc_id in examples["doc_id"]]
+    train = examples.select([i for i, out in enumerate(is_held_out) if not out])
+    evaluation = examples.select([i for i, out in enumerate(is_held_out) if out])
+    logger.info(
+        "%d training pages, %d held-out pages from %d documents; %d pages truncated to fit max_length=%d",
+        len(train), len(evaluation), len(held_out), sum(examples["truncated"]), max_length,
+    )
+    return train, evaluation
+
+
+def load_model(args: PretrainArguments, training, checkpoint: str | None):
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    dtype = torch.bfloat16 if training.bf16 else torch.float32
+    # Resuming full fine-tuning: the weights come from the checkpoint through from_pretrained, which maps
+    # the checkpoint's saved key names; the Trainer's own resume loads them with strict=False under the
+    # in-memory names, matches none for Qwen2.5-VL in transformers 5.24, and silently keeps the base weights
+    weights = checkpoint if checkpoint and args.tuning == "full" else args.model_name_or_path
+    model = AutoModelForImageTextToText.from_pretrained(weights, dtype=dtype)
+    processor = AutoProcessor.from_pretrained(args.model_name_or_path)
+    if args.freeze_vision:
+        model.model.visual.requires_grad_(False)
+    peft_config = None
+    if args.tuning == "lora":
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=LORA_TARGETS,
+            task_type="CAUSAL_LM",
+        )
+    return model, processor, peft_config
+
+
+def save_final(trainer, args: PretrainArguments, processor, output_dir: Path, record: dict) -> Path:
+    """`final/`: a complete model folder (LoRA merged into the base weights; the adapter kept beside it)."""
+    final = output_dir / "final"
+    if args.tuning == "lora":
+        trainer.save_model(str(output_dir / "adapter"))
+    else:
+        trainer.save_model(str(output_dir / ".final-weights"))
+    trainer.accelerator.wait_for_everyone()
+    if trainer.accelerator.is_main_process:
+        with atomic_directory(final) as tmp:
+            if args.tuning == "lora":
+                # merged from the saved adapter onto freshly loaded base weights: works whatever the ZeRO stage
+                from peft import PeftModel
+                from transformers import AutoModelForImageTextToText
+
+                base = AutoModelForImageTextToText.from_pretrained(args.model_name_or_path, dtype="auto")
+                PeftModel.from_pretrained(base, output_dir / "adapter").merge_and_unload().save_pretrained(tmp)
+            else:
+                for path in (output_dir / ".final-weights").iterdir():
+                    path.rename(tmp / path.name)
+                (output_dir / ".final-weights").rmdir()
+            processor.save_pretrained(tmp)
+            parent = args.model_name_or_path if (Path(args.model_name_or_path) / RUN_RECORD).is_file() else None
+            write_run_record(tmp, parent=parent, **record)
+    trainer.accelerator.wait_for_everyone()
+    return final
 
 
 def main(argv: list[str] | None = None) -> None:
-    parse_stage_arguments("pretrain", (PretrainArguments,), argv)
-    exit_not_built("stages.pretrain (continual generative pretraining)", issue=4)
+    import torch
+    from trl import SFTConfig, SFTTrainer
+
+    # on the CPU: no bf16, and without use_cpu several processes may silently not synchronise
+    cpu = {} if torch.cuda.is_available() else {"use_cpu": True, "bf16": False}
+    recipe_args, args, training = parse_stage_arguments(
+        "pretrain", (PretrainArguments, SFTConfig), argv, machine_defaults=cpu
+    )
+    validate_run(args, training, recipe_args.lang)
+
+    from .generation_eval import TranscriptionCER
+
+    logging.basicConfig(level=logging.INFO if training.process_index == 0 else logging.WARNING, format="%(message)s")
+    training.remove_unused_columns = False  # the collator needs `images`, `prompt`, `completion`
+    checkpoint = None
+    if args.resume:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        checkpoint = get_last_checkpoint(training.output_dir) if Path(training.output_dir).is_dir() else None
+        if checkpoint is None:
+            raise UsageError(f"--resume: {training.output_dir} holds no checkpoint-* folder to continue from.")
+    model, processor, peft_config = load_model(args, training, checkpoint)
+    train, held_out = load_examples(args, processor, training.max_length, recipe_args.seed)
+    cer = TranscriptionCER(processor, held_out.select(range(min(args.cer_pages, len(held_out)))))
+    trainer = SFTTrainer(
+        model=model, args=training, train_dataset=train, eval_dataset=held_out if len(held_out) else None,
+        processing_class=processor, peft_config=peft_config, callbacks=[cer],
+    )
+
+    started = time.monotonic()
+    if len(held_out):
+        trainer.evaluate()  # the starting point of the CER curve
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    if len(held_out):
+        trainer.evaluate()
+    record = dict(
+        stage="pretrain",
+        config={"recipe": vars(recipe_args), "pretrain": asdict(args), "sft": training.to_dict()},
+        seed=recipe_args.seed,
+        inputs=[Path(path) / "manifest.json" for path in args.datasets],
+        results={
+            "train_loss": result.training_loss,
+            "steps": result.global_step,
+            "wall_time_s": round(time.monotonic() - started, 1),
+            "generation_quality": cer.history,
+            "loss_history": [entry for entry in trainer.state.log_history if "loss" in entry],
+        },
+    )
+    final = save_final(trainer, args, processor, Path(training.output_dir), record)
+    if trainer.accelerator.is_main_process and cer.history:
+        first, last = cer.history[0], cer.history[-1]
+        print(
+            f"pretrain: {result.global_step} steps in {record['results']['wall_time_s']}s; held-out CER "
+            f"{first['cer']:.3f} -> {last['cer']:.3f}, eval loss {first['eval_loss']:.3f} -> {last['eval_loss']:.3f}; "
+            f"model in {final}"
+        )
 
 
 if __name__ == "__main__":

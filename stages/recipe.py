@@ -24,12 +24,12 @@ from .languages import normalize_lang
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 # section -> the dataclass its keys fill (imported on demand: some stages import heavy libraries)
 SECTIONS = {
-    "base_model": "stages.base_model:BaseModelArguments",
-    "data_prep": "data_prep.settings:DataPrepSettings",
-    "pretrain": "stages.pretrain:PretrainArguments",
-    "contrast": "stages.contrast:ContrastArguments",
-    "evaluate": "stages.evaluate:EvaluateArguments",
-    "pipeline": "stages.pipeline:PipelineArguments",
+    "base_model": ("stages.base_model:BaseModelArguments",),
+    "data_prep": ("data_prep.settings:DataPrepSettings",),
+    "pretrain": ("stages.pretrain:PretrainArguments", "trl:SFTConfig"),
+    "contrast": ("stages.contrast:ContrastArguments",),
+    "evaluate": ("stages.evaluate:EvaluateArguments",),
+    "pipeline": ("stages.pipeline:PipelineArguments",),
 }
 
 
@@ -76,9 +76,9 @@ def check_recipe(path: str | Path) -> dict[str, Any]:
     """Check every key and value type of a recipe, all sections included; return the recipe."""
     recipe = load_recipe(path)
     _check_values(Path(path), None, {k: v for k, v in recipe.items() if k not in SECTIONS}, (RecipeArguments,))
-    for section, target in SECTIONS.items():
-        module, name = target.split(":")
-        _check_values(Path(path), section, recipe.get(section) or {}, (getattr(importlib.import_module(module), name),))
+    for section, targets in SECTIONS.items():
+        types = tuple(getattr(importlib.import_module(t.split(":")[0]), t.split(":")[1]) for t in targets)
+        _check_values(Path(path), section, recipe.get(section) or {}, types)
     normalize_lang(recipe.get("lang", ""))
     return recipe
 
@@ -88,26 +88,39 @@ def parse_stage_arguments(
     dataclass_types: tuple[type, ...],
     argv: list[str] | None = None,
     cli_only_types: tuple[type, ...] = (),
+    machine_defaults: dict[str, Any] | None = None,
     **parser_kwargs,
 ):
     """Parse a stage's arguments: recipe section as defaults, CLI flags on top, then `validate()` each.
 
     The recipe's `stage` section may set the fields of `dataclass_types`; `cli_only_types` are flags
     only (the inputs and outputs of one command). Returns one instance per type in
-    `(RecipeArguments, *dataclass_types, *cli_only_types)`.
+    `(RecipeArguments, *dataclass_types, *cli_only_types)`. `machine_defaults` (e.g. `use_cpu` where
+    there is no GPU) come before the recipe, which comes before the flags.
     """
     from transformers import HfArgumentParser
 
-    all_types = (RecipeArguments, *dataclass_types, *cli_only_types)
+    # a stage dataclass may own a recipe-level field (TRL's SFTConfig has `seed`): it takes the flag and the
+    # recipe value, and RecipeArguments is filled from it after parsing
+    stage_fields = {f.name for cls in (*dataclass_types, *cli_only_types) for f in dataclasses.fields(cls)}
+    shared = [f for f in dataclasses.fields(RecipeArguments) if f.name in stage_fields]
+    recipe_type = dataclasses.make_dataclass(
+        "RecipeArguments",
+        [(f.name, f.type, field(default=f.default, metadata=f.metadata)) for f in dataclasses.fields(RecipeArguments) if f not in shared],
+    )
+    all_types = (recipe_type, *dataclass_types, *cli_only_types)
     recipe_path = _find_recipe(argv)
-    defaults: dict[str, Any] = {}
+    defaults: dict[str, Any] = dict(machine_defaults or {})
     if recipe_path is not None:
         recipe = load_recipe(recipe_path)
         top_level = {k: v for k, v in recipe.items() if k not in SECTIONS}
         section = recipe.get(stage) or {}
         _check_values(recipe_path, None, top_level, (RecipeArguments,))
         _check_values(recipe_path, stage, section, dataclass_types)
-        defaults = {**top_level, **section, "config": str(recipe_path)}
+        shared_in_section = sorted({f.name for f in shared} & set(section))
+        if shared_in_section:
+            raise UsageError(f"recipe {recipe_path}: set `{shared_in_section[0]}` at the top level, not in `{stage}`.")
+        defaults |= {**top_level, **section, "config": str(recipe_path)}
 
     parser = HfArgumentParser(all_types, **parser_kwargs)
     parser.set_defaults(**defaults)
@@ -115,6 +128,10 @@ def parse_stage_arguments(
         parsed = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as error:  # HfArgumentParser's way of reporting unknown flags
         raise UsageError(f"{error}; run with --help to list the flags.") from None
+    recipe_args = RecipeArguments(
+        **vars(parsed[0]), **{f.name: getattr(next(a for a in parsed[1:] if hasattr(a, f.name)), f.name) for f in shared}
+    )
+    parsed = [recipe_args, *parsed[1:]]
     for args in parsed:
         if hasattr(args, "validate"):
             args.validate()

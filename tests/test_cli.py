@@ -21,7 +21,7 @@ def run(main, argv, capsys):
 
 def fake_pages_dataset(folder):
     folder.mkdir(parents=True)
-    (folder / "manifest.json").write_text(json.dumps({"pages": 0}))
+    (folder / "manifest.json").write_text(json.dumps({"lang": "km", "counts": {"pages": 0}}))
     return str(folder)
 
 
@@ -49,11 +49,19 @@ def test_existing_output_needs_resume_or_overwrite_and_is_left_alone(capsys, tin
     assert code == 2 and "contradict" in err
 
 
-def test_valid_pretrain_says_it_is_not_built_yet(capsys, tiny_model, tmp_path):
-    argv = ["--config", TINY, "--model_name_or_path", str(tiny_model[2]), "--datasets", fake_pages_dataset(tmp_path / "pages"), "--output_dir", str(tmp_path / "run")]
+def test_pretrain_dataset_of_another_language_is_refused(capsys, tiny_model, tmp_path):
+    argv = ["--config", TINY, "--lang", "th", "--model_name_or_path", str(tiny_model[2]), "--datasets", fake_pages_dataset(tmp_path / "pages"), "--output_dir", str(tmp_path / "run")]
     code, err = run(pretrain.main, argv, capsys)
-    assert code == 1 and "not built yet (issue #4)" in err
+    assert code == 2 and "holds `km` pages but the recipe's language is `th`" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_pretrain_resume_without_a_checkpoint(capsys, tiny_model, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("x")
+    argv = ["--config", TINY, "--model_name_or_path", str(tiny_model[2]), "--datasets", fake_pages_dataset(tmp_path / "pages"), "--output_dir", str(tmp_path / "run"), "--resume"]
+    code, err = run(pretrain.main, argv, capsys)
+    assert code == 2 and "holds no checkpoint-* folder" in err
 
 
 def test_model_path_that_is_not_a_model(capsys, tmp_path):

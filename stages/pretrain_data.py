@@ -1,0 +1,86 @@
+"""Pages datasets to prompt/completion examples for continual generative pretraining.
+
+Each page becomes: user turn = the page image + an instruction (one of several phrasings, drawn by
+seed), assistant turn = the page text. The image is scaled to the pixel budget, and further down if
+its visual tokens alone would leave too little room for text; the text is then cut on a token
+boundary so that the whole example fits `max_length`. TRL therefore never truncates, and image
+tokens are never cut ("Image features and image tokens do not match").
+"""
+
+import math
+import random
+import zlib
+
+INSTRUCTIONS = (
+    "Transcribe the text of this page.",
+    "Read this document page and write out all of its text.",
+    "What does this page say? Write its full text.",
+    "Extract the text from the page image, in reading order.",
+    "Write down the text shown in this image.",
+)
+MIN_COMPLETION_TOKENS = 32  # a page whose image leaves less room than this is scaled down
+COMPLETION_SUFFIX_TOKENS = 2  # <|im_end|> and the newline the chat template adds after the answer
+
+
+def held_out_documents(doc_ids: list[str], fraction: float, seed: int) -> set[str]:
+    """Documents whose pages are never trained on: a seeded share of distinct documents, at least one."""
+    documents = sorted(set(doc_ids))
+    if fraction <= 0 or len(documents) < 2:
+        return set()
+    random.Random(seed).shuffle(documents)
+    return set(documents[: max(1, round(fraction * len(documents)))])
+
+
+def image_tokens(height: int, width: int, image_processor, max_pixels: int) -> int:
+    """Visual tokens Qwen2(.5)-VL spends on an image: one per merged patch after its own resizing."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    factor = image_processor.patch_size * image_processor.merge_size
+    h, w = smart_resize(height, width, factor=factor, min_pixels=image_processor.size["shortest_edge"], max_pixels=max_pixels)
+    return (h // factor) * (w // factor)
+
+
+def fit_image(image, processor, max_pixels: int, max_image_tokens: int):
+    """`image` as RGB, scaled (aspect kept) to at most `max_pixels` and at most `max_image_tokens` tokens."""
+    image_processor = processor.image_processor
+    budget = min(max_pixels, image_processor.size["longest_edge"])
+    factor = image_processor.patch_size * image_processor.merge_size
+    budget = min(budget, max_image_tokens * factor * factor)
+    image = image.convert("RGB")
+    if image.width * image.height > budget:
+        scale = math.sqrt(budget / (image.width * image.height))
+        image = image.resize((max(factor, int(image.width * scale)), max(factor, int(image.height * scale))))
+    return image, image_tokens(image.height, image.width, image_processor, budget)
+
+
+def prompt_overhead(processor, instruction: str) -> int:
+    """Tokens of the prompt besides the image pads (system turn, user turn, instruction, assistant header)."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def truncate_to_tokens(tokenizer, text: str, max_tokens: int) -> tuple[str, bool]:
+    """`text` cut after `max_tokens` tokens, on a token boundary; and whether it was cut."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) <= max_tokens:
+        return text, False
+    return tokenizer.decode(ids[:max_tokens]), True
+
+
+def page_example(row: dict, processor, *, max_length: int, max_pixels: int, seed: int) -> dict:
+    """One pages-dataset row to a TRL prompt/completion example with its image."""
+    rng = random.Random(zlib.crc32(f"{seed}:{row['doc_id']}:{row['page']}".encode()))
+    instruction = rng.choice(INSTRUCTIONS)
+    overhead = prompt_overhead(processor, instruction) + COMPLETION_SUFFIX_TOKENS
+    image, n_image = fit_image(row["image"], processor, max_pixels, max_length - overhead - MIN_COMPLETION_TOKENS)
+    text, truncated = truncate_to_tokens(processor.tokenizer, row["text"], max_length - overhead - n_image)
+    return {
+        "images": [image],
+        "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}],
+        "completion": [{"role": "assistant", "content": [{"type": "text", "text": text}]}],
+        "doc_id": row["doc_id"],
+        "page": row["page"],
+        "image_tokens": n_image,
+        "truncated": truncated,
+    }

@@ -1,0 +1,143 @@
+import shutil
+import subprocess
+import sys
+
+import pymupdf
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+from data_prep.pages import PageSettings, build_pages_dataset
+from stages.base_model import main as build_base_model
+from stages.pretrain import main as pretrain
+from stages.pretrain_data import held_out_documents, page_example
+from stages.run_record import read_run_record, verify_chain
+
+from .conftest import REPO
+
+THAI = (REPO / "samples/udhr/th.md").read_text(encoding="utf-8").split("\n\n")
+
+
+@pytest.fixture(scope="module")
+def pages(tmp_path_factory):
+    """A small Thai pages dataset: 4 documents of 2 pages each, text layer."""
+    folder = tmp_path_factory.mktemp("pretrain")
+    for doc in range(4):
+        document = pymupdf.open()
+        for page_number in range(2):
+            page = document.new_page(width=300, height=300)
+            text = THAI[2 + doc * 2 + page_number][:160]
+            page.insert_htmlbox(page.rect + (10, 10, -10, -10), f"<p style='font-family: Noto Sans Thai'>{text}</p>")
+        document.save(folder / f"doc{doc}.pdf")
+    settings = PageSettings("th", 72, 50_000, "never", 144, "tha", ("0E00-0E7F",))
+    build_pages_dataset([str(folder)], str(folder / "pages"), settings, workers=1, resume=False, max_skip_fraction=0.0)
+    return folder / "pages"
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """The tiny base model written by its command, so it has a run record to chain to."""
+    folder = tmp_path_factory.mktemp("base") / "base"
+    build_base_model(["--config", str(REPO / "recipes/tiny.yaml"), "--output_dir", str(folder)])
+    return folder
+
+
+def pretrain_argv(base, pages, output, *extra):
+    return [
+        "--config", str(REPO / "recipes/tiny.yaml"), "--lang", "th", "--model_name_or_path", str(base),
+        "--datasets", str(pages), "--output_dir", str(output), "--max_length", "200", "--max_pixels", "40000",
+        "--eval_fraction", "0.25", "--cer_pages", "1", "--eval_strategy", "no", "--logging_steps", "1",
+        "--per_device_train_batch_size", "2", "--learning_rate", "5.0e-3", "--warmup_steps", "0", *extra,
+    ]
+
+
+def test_examples_fit_max_length_keep_every_image_token_and_mask_the_prompt(tiny_model):
+    processor = tiny_model[1]
+    row = {"doc_id": "d", "page": 1, "image": Image.new("RGB", (2000, 2800), "white"), "text": "ก" * 3000}
+    example = page_example(row, processor, max_length=300, max_pixels=1_000_000, seed=0)
+    assert example["truncated"] and 0 < example["image_tokens"] <= 300 - 32  # scaled down to leave room for text
+
+    collator = DataCollatorForVisionLanguageModeling(processor=processor, completion_only_loss=True)
+    batch = collator([dict(example)])
+    image_token = tiny_model[0].config.image_token_id
+    assert int((batch["input_ids"] == image_token).sum()) == example["image_tokens"]
+    assert batch["input_ids"].shape[1] <= 300
+    labels, ids = batch["labels"][0], batch["input_ids"][0]
+    assert (labels[ids == image_token] == -100).all()
+    first_answer = int((labels != -100).nonzero()[0])
+    assert (labels[:first_answer] == -100).all() and (labels[first_answer:] == ids[first_answer:]).all()
+    answer = processor.decode(ids[first_answer:])
+    assert answer.startswith(example["completion"][0]["content"][0]["text"][:20])
+
+
+def test_short_pages_are_not_cut_and_instructions_are_seeded(tiny_model):
+    processor = tiny_model[1]
+    row = {"doc_id": "d", "page": 3, "image": Image.new("RGB", (300, 300), "white"), "text": "สวัสดี"}
+    first = page_example(row, processor, max_length=1024, max_pixels=200_704, seed=1)
+    assert not first["truncated"] and first["completion"][0]["content"][0]["text"] == "สวัสดี"
+    assert first["prompt"] == page_example(row, processor, max_length=1024, max_pixels=200_704, seed=1)["prompt"]
+    prompts = {page_example(row | {"page": p}, processor, max_length=1024, max_pixels=200_704, seed=1)["prompt"][0]["content"][1]["text"] for p in range(20)}
+    assert len(prompts) > 1
+
+
+def test_held_out_split_is_by_document():
+    doc_ids = [f"doc{i // 3}" for i in range(30)]
+    held = held_out_documents(doc_ids, 0.2, seed=0)
+    assert len(held) == 2 and held == held_out_documents(doc_ids, 0.2, seed=0)
+    assert held_out_documents(doc_ids, 0.0, seed=0) == set()
+
+
+def weights(folder):
+    return load_file(folder / "model.safetensors")
+
+
+def test_full_training_lowers_the_loss_moves_trainable_weights_only_and_chains_records(base, pages, tmp_path, capsys):
+    pretrain(pretrain_argv(base, pages, tmp_path / "run", "--max_steps", "12", "--save_steps", "100"))
+    final = tmp_path / "run" / "final"
+    record = read_run_record(final, expected_stage="pretrain")
+    losses = [entry["loss"] for entry in record["results"]["loss_history"]]
+    assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3])
+    assert [e["step"] for e in record["results"]["generation_quality"]] == [0, 12]
+    assert [r["stage"] for r in verify_chain(final)] == ["pretrain", "base_model"]
+
+    before, after = weights(base), weights(final)
+    for name, tensor in before.items():
+        moved = not torch.equal(tensor, after[name])
+        assert moved == ("visual" not in name), name
+    assert "held-out CER" in capsys.readouterr().out
+
+
+def test_lora_final_is_merged_reloads_in_a_fresh_process_and_generates(base, pages, tmp_path):
+    pretrain(pretrain_argv(base, pages, tmp_path / "run", "--max_steps", "3", "--tuning", "lora", "--lora_r", "4", "--lora_alpha", "8"))
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
+    final = tmp_path / "run" / "final"
+    after, before = weights(final), weights(base)
+    assert set(after) == set(before)  # merged: plain weights, no lora_ tensors
+    assert not torch.equal(after["model.layers.0.self_attn.q_proj.weight"], before["model.layers.0.self_attn.q_proj.weight"])
+    script = f"""
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+model = AutoModelForImageTextToText.from_pretrained({str(final)!r}); processor = AutoProcessor.from_pretrained({str(final)!r})
+messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "Transcribe the page."}}]}}]
+text = processor.apply_chat_template(messages, add_generation_prompt=True)
+inputs = processor(text=[text], images=[Image.new("RGB", (200, 200), "white")], return_tensors="pt")
+print(model.generate(**inputs, max_new_tokens=4, do_sample=False).shape[1] > inputs["input_ids"].shape[1])
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.stdout.strip().endswith("True"), result.stderr[-2000:]
+
+
+def test_resume_after_a_kill_gives_the_losses_of_an_uninterrupted_run(base, pages, tmp_path):
+    argv = pretrain_argv(base, pages, tmp_path / "run", "--max_steps", "4", "--save_steps", "2", "--cer_pages", "0")
+    pretrain(argv)
+    straight = read_run_record(tmp_path / "run" / "final")["results"]["loss_history"]
+    # what a kill after the step-2 checkpoint leaves behind
+    for leftover in ("checkpoint-4", "final"):
+        shutil.rmtree(tmp_path / "run" / leftover)
+    pretrain([*argv, "--resume"])
+    resumed = read_run_record(tmp_path / "run" / "final")["results"]["loss_history"]
+    # steps 1-2 come back from the checkpoint's state, steps 3-4 are trained again
+    assert [e["step"] for e in resumed] == [e["step"] for e in straight] == [1, 2, 3, 4]
+    assert [e["loss"] for e in resumed] == pytest.approx([e["loss"] for e in straight], rel=1e-4)
