@@ -18,13 +18,15 @@ from data_prep.__main__ import main as data_prep_main
 from .base_model import BaseModelArguments
 from .base_model import main as build_base_model
 from .errors import UsageError, run_cli
+from .pretrain import CPU_DEFAULTS, PretrainArguments
+from .pretrain import main as pretrain_main
 from .recipe import parse_stage_arguments
-from .run_record import read_run_record, sha256_file
+from .run_record import RUN_RECORD, read_run_record, sha256_file
 
 logger = logging.getLogger(__name__)
 
 # stage -> the issue that builds it; until then the pipeline says so instead of pretending
-NOT_BUILT = {"stages.pretrain": 4, "stages.contrast": 5, "stages.evaluate": 6}
+NOT_BUILT = {"stages.contrast": 5, "stages.evaluate": 6}
 
 
 @dataclass
@@ -42,6 +44,8 @@ class PipelineArguments:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from trl import SFTConfig
+
     recipe_args, pipeline_args = parse_stage_arguments("pipeline", (PipelineArguments,), argv)
     if recipe_args.config is None:
         raise UsageError("give a recipe: python -m stages.pipeline --config recipes/tiny.yaml")
@@ -59,10 +63,20 @@ def main(argv: list[str] | None = None) -> None:
     print(f"[2/5] data_prep: render, pages and evalset for {', '.join(pipeline_args.languages)} -> {pipeline_args.data_dir}")
     prepare_data(recipe_args.seed, pipeline_args)
 
-    for step, (stage, issue) in enumerate(NOT_BUILT.items(), start=3):
+    _, _, training = parse_stage_arguments(
+        "pretrain", (PretrainArguments, SFTConfig), [*recipe, "--overwrite"], machine_defaults=CPU_DEFAULTS
+    )
+    final = Path(training.output_dir) / "final"
+    print(f"[3/5] stages.pretrain -> {final}")
+    if not pipeline_args.rebuild and (final / RUN_RECORD).is_file():
+        print(f"      {final}: complete; reusing it")
+    else:
+        pretrain_main([*recipe, "--overwrite"])
+
+    for step, (stage, issue) in enumerate(NOT_BUILT.items(), start=4):
         print(f"[{step}/5] {stage}: not built yet (issue #{issue}); skipped")
 
-    print(f"pipeline: ran 2 of 5 steps in {time.monotonic() - started:.0f}s; {len(NOT_BUILT)} stages are not built yet.")
+    print(f"pipeline: ran 3 of 5 steps in {time.monotonic() - started:.0f}s; {len(NOT_BUILT)} stages are not built yet.")
 
 
 def prepare_data(seed: int, args: PipelineArguments) -> None:

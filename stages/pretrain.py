@@ -25,6 +25,8 @@ from .recipe import parse_stage_arguments
 from .run_record import RUN_RECORD, write_run_record
 
 logger = logging.getLogger(__name__)
+# on the CPU: no bf16, and without use_cpu several processes may silently not synchronise
+CPU_DEFAULTS = {"use_cpu": True, "bf16": False}
 LORA_TARGETS = r".*language_model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj"  # the LM's linear layers only
 
 
@@ -170,10 +172,8 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from trl import SFTConfig, SFTTrainer
 
-    # on the CPU: no bf16, and without use_cpu several processes may silently not synchronise
-    cpu = {} if torch.cuda.is_available() else {"use_cpu": True, "bf16": False}
     recipe_args, args, training = parse_stage_arguments(
-        "pretrain", (PretrainArguments, SFTConfig), argv, machine_defaults=cpu
+        "pretrain", (PretrainArguments, SFTConfig), argv, machine_defaults=None if torch.cuda.is_available() else CPU_DEFAULTS
     )
     validate_run(args, training, recipe_args.lang)
 
