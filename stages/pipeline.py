@@ -61,17 +61,19 @@ def main(argv: list[str] | None = None) -> None:
         build_base_model([*recipe, "--overwrite"])
 
     print(f"[2/5] data_prep: render, pages and evalset for {', '.join(pipeline_args.languages)} -> {pipeline_args.data_dir}")
-    prepare_data(recipe_args.seed, pipeline_args)
+    prepared = prepare_data(recipe_args.seed, pipeline_args)
 
+    # pretrain on exactly the pages prepared above
+    pretrain_argv = [*recipe, "--datasets", *prepared, "--overwrite"]
     _, _, training = parse_stage_arguments(
-        "pretrain", (PretrainArguments, SFTConfig), [*recipe, "--overwrite"], machine_defaults=CPU_DEFAULTS
+        "pretrain", (PretrainArguments, SFTConfig), pretrain_argv, machine_defaults=CPU_DEFAULTS
     )
     final = Path(training.output_dir) / "final"
     print(f"[3/5] stages.pretrain -> {final}")
     if not pipeline_args.rebuild and (final / RUN_RECORD).is_file():
         print(f"      {final}: complete; reusing it")
     else:
-        pretrain_main([*recipe, "--overwrite"])
+        pretrain_main(pretrain_argv)
 
     for step, (stage, issue) in enumerate(NOT_BUILT.items(), start=4):
         print(f"[{step}/5] {stage}: not built yet (issue #{issue}); skipped")
@@ -79,7 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"pipeline: ran 3 of 5 steps in {time.monotonic() - started:.0f}s; {len(NOT_BUILT)} stages are not built yet.")
 
 
-def prepare_data(seed: int, args: PipelineArguments) -> None:
+def prepare_data(seed: int, args: PipelineArguments) -> list[str]:
+    """Render, read back and build the eval set for the sample languages; return the pages datasets."""
     root = Path(args.data_dir)
 
     def step(argv: list[str], output: Path, done_file: str) -> None:
@@ -97,6 +100,7 @@ def prepare_data(seed: int, args: PipelineArguments) -> None:
         ["evalset", "--lang", "en", "--pages", *pages, "--parallel_source", args.parallel_source],
         root / "evalset", "evalset.json",
     )
+    return pages
 
 
 def _is_up_to_date(args: BaseModelArguments) -> bool:

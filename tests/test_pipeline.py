@@ -2,6 +2,7 @@ import shutil
 import unicodedata
 
 import pytest
+import yaml
 
 from stages.pipeline import main as run_pipeline
 from stages.run_record import read_run_record
@@ -13,6 +14,9 @@ LANGUAGES = {"en", "th", "lo", "km", "my", "vi", "id", "ms", "tl"}
 
 def test_embedded_default_runs_what_exists_and_reuses_it(tmp_path, monkeypatch, capsys):
     shutil.copytree(REPO / "recipes", tmp_path / "recipes")
+    recipe = yaml.safe_load((tmp_path / "recipes/tiny.yaml").read_text())
+    recipe["pretrain"] |= {"max_steps": 4, "eval_steps": 2, "save_steps": 2, "cer_pages": 1, "max_length": 400}
+    (tmp_path / "recipes/tiny.yaml").write_text(yaml.safe_dump(recipe, allow_unicode=True))
     shutil.copytree(REPO / "samples", tmp_path / "samples")
     monkeypatch.chdir(tmp_path)
 
@@ -21,13 +25,13 @@ def test_embedded_default_runs_what_exists_and_reuses_it(tmp_path, monkeypatch, 
     first = capsys.readouterr().out
     assert "wrote a tiny qwen2_5_vl model" in first
     assert "data_prep evalset: 31 queries, 62 relevance judgements" in first
-    assert "stages.pretrain: not built yet (issue #4)" in first
+    assert "held-out CER" in first and "stages.contrast: not built yet (issue #5)" in first
     created = read_run_record("checkpoints/tiny/base", expected_stage="base_model")["created"]
     qrels = (tmp_path / "checkpoints/tiny/evalset/qrels.tsv").read_text()
 
     run_pipeline(argv)
     second = capsys.readouterr().out
-    assert "up to date" in second and second.count("complete; reusing it") == 5
+    assert "up to date" in second and second.count("complete; reusing it") == 6
     assert read_run_record("checkpoints/tiny/base")["created"] == created
 
     # a changed corpus makes the base model stale; --rebuild redoes the data, with the same result
