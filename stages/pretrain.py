@@ -140,13 +140,50 @@ def load_model(args: PretrainArguments, training, checkpoint: str | None):
     return model, processor, peft_config
 
 
+def weight_names(folder: Path) -> set[str]:
+    from safetensors import safe_open
+
+    names = set()
+    for path in folder.glob("*.safetensors"):
+        with safe_open(path, framework="pt") as weights:
+            names.update(weights.keys())
+    return names
+
+
+def check_weight_names(base: Path, final: Path) -> None:
+    """Refuse a `final/` whose weights are saved under other names than the base model's: from_pretrained
+    would skip them silently and start from random weights (seen with ZeRO-3 in transformers 5.24)."""
+    expected = weight_names(base) if base.is_dir() else set()
+    saved = weight_names(final)
+    if expected and saved != expected:
+        odd = sorted(saved - expected)[:3]
+        raise RuntimeError(
+            f"the trained weights were saved under names the model does not load (e.g. {odd}); final/ not written. "
+            "This happens with ZeRO-3 here: train with recipes/deepspeed/zero2.json, or convert a checkpoint-*."
+        )
+
+
 def save_final(trainer, args: PretrainArguments, processor, output_dir: Path, record: dict) -> Path:
     """`final/`: a complete model folder (LoRA merged into the base weights; the adapter kept beside it)."""
+    import contextlib
+
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
     final = output_dir / "final"
     if args.tuning == "lora":
         trainer.save_model(str(output_dir / "adapter"))
     else:
-        trainer.save_model(str(output_dir / ".final-weights"))
+        # the model's own save_pretrained, on whole weights: the Trainer's ZeRO-3 save writes the language
+        # model under doubled key names (model.model.*) that from_pretrained then silently skips
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        gathered = contextlib.nullcontext()
+        if is_deepspeed_zero3_enabled():
+            import deepspeed
+
+            gathered = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+        with gathered:
+            if trainer.accelerator.is_main_process:
+                model.save_pretrained(output_dir / ".final-weights")
     trainer.accelerator.wait_for_everyone()
     if trainer.accelerator.is_main_process:
         with atomic_directory(final) as tmp:
@@ -161,6 +198,7 @@ def save_final(trainer, args: PretrainArguments, processor, output_dir: Path, re
                 for path in (output_dir / ".final-weights").iterdir():
                     path.rename(tmp / path.name)
                 (output_dir / ".final-weights").rmdir()
+            check_weight_names(Path(args.model_name_or_path), tmp)
             processor.save_pretrained(tmp)
             parent = args.model_name_or_path if (Path(args.model_name_or_path) / RUN_RECORD).is_file() else None
             write_run_record(tmp, parent=parent, **record)
@@ -181,6 +219,9 @@ def main(argv: list[str] | None = None) -> None:
 
     logging.basicConfig(level=logging.INFO if training.process_index == 0 else logging.WARNING, format="%(message)s")
     training.remove_unused_columns = False  # the collator needs `images`, `prompt`, `completion`
+    # the starting point of the CER curve; evaluated by the Trainer once DeepSpeed is set up for training
+    # (an evaluate() before train() would ask ZeRO-2 for inference, which only ZeRO-3 supports)
+    training.eval_on_start = training.eval_on_start or args.eval_fraction > 0
     checkpoint = None
     if args.resume:
         from transformers.trainer_utils import get_last_checkpoint
@@ -188,6 +229,12 @@ def main(argv: list[str] | None = None) -> None:
         checkpoint = get_last_checkpoint(training.output_dir) if Path(training.output_dir).is_dir() else None
         if checkpoint is None:
             raise UsageError(f"--resume: {training.output_dir} holds no checkpoint-* folder to continue from.")
+    if training.deepspeed and not torch.cuda.is_available():
+        import deepspeed
+
+        # ZeRO-3 partitions the weights while they load, so DeepSpeed's process group must exist first;
+        # on the CPU the Trainer would not set it up before then
+        deepspeed.init_distributed(dist_backend="gloo")
     model, processor, peft_config = load_model(args, training, checkpoint)
     train, held_out = load_examples(args, processor, training.max_length, recipe_args.seed)
     cer = TranscriptionCER(processor, held_out.select(range(min(args.cer_pages, len(held_out)))))
@@ -197,10 +244,8 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     started = time.monotonic()
-    if len(held_out):
-        trainer.evaluate()  # the starting point of the CER curve
     result = trainer.train(resume_from_checkpoint=checkpoint)
-    if len(held_out):
+    if len(held_out) and (not cer.history or cer.history[-1]["step"] != trainer.state.global_step):
         trainer.evaluate()
     record = dict(
         stage="pretrain",

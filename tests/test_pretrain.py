@@ -141,3 +141,22 @@ def test_resume_after_a_kill_gives_the_losses_of_an_uninterrupted_run(base, page
     # steps 1-2 come back from the checkpoint's state, steps 3-4 are trained again
     assert [e["step"] for e in resumed] == [e["step"] for e in straight] == [1, 2, 3, 4]
     assert [e["loss"] for e in resumed] == pytest.approx([e["loss"] for e in straight], rel=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "stage",
+    [2, pytest.param(3, marks=pytest.mark.xfail(strict=True, reason="ZeRO-3 saves the language model as model.model.*"))],
+)
+def test_two_process_deepspeed_zero_on_the_cpu_trains_and_its_final_reloads(stage, base, pages, tmp_path):
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "stages.pretrain",
+        *pretrain_argv(base, pages, tmp_path / "run", "--max_steps", "2", "--deepspeed", str(REPO / f"recipes/deepspeed/zero{stage}.json")),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = read_run_record(tmp_path / "run" / "final", expected_stage="pretrain")
+    assert record["results"]["steps"] == 2 and record["config"]["sft"]["deepspeed"].endswith(f"zero{stage}.json")
+    after, before = weights(tmp_path / "run" / "final"), weights(base)
+    assert set(after) == set(before) and all(after[k].shape == before[k].shape for k in before)
+    assert not torch.equal(after["model.layers.0.self_attn.q_proj.weight"], before["model.layers.0.self_attn.q_proj.weight"])
