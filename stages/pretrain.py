@@ -81,6 +81,8 @@ def validate_run(args: PretrainArguments, training, lang: str) -> None:
         training.per_device_train_batch_size, training.gradient_accumulation_steps, world_size,
         training.per_device_train_batch_size * training.gradient_accumulation_steps * world_size,
     )
+    if training.max_length is None or training.max_length < 64:
+        raise UsageError(f"--max_length must be set, and at least 64 tokens (image tokens included); got {training.max_length}.")
     if training.output_dir is None or training.output_dir == "trainer_output":
         raise UsageError("--output_dir is not set (recipe `pretrain.output_dir` or the flag).")
     check_output_dir(training.output_dir, resume=args.resume, overwrite=args.overwrite)

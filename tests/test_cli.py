@@ -129,3 +129,9 @@ def test_unwritable_output_folder_is_reported_before_any_work(capsys, tmp_path, 
     code, err = run(data_prep_cli.main, argv, capsys)
     assert code == 2 and f"cannot write to {tmp_path} (permission denied)" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_pretrain_needs_a_max_length(capsys, tiny_model, tmp_path):
+    argv = ["--config", TINY, "--lang", "km", "--model_name_or_path", str(tiny_model[2]), "--datasets", fake_pages_dataset(tmp_path / "pages"), "--output_dir", str(tmp_path / "run"), "--max_length", "16"]
+    code, err = run(pretrain.main, argv, capsys)
+    assert code == 2 and "--max_length must be set, and at least 64 tokens" in err
