@@ -121,6 +121,7 @@ def load_examples(args: PretrainArguments, processor, max_length: int, seed: int
 def load_model(args: PretrainArguments, training, checkpoint: str | None):
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers.integrations import is_deepspeed_zero3_enabled
 
     dtype = torch.bfloat16 if training.bf16 else torch.float32
     # Resuming full fine-tuning: the weights come from the checkpoint through from_pretrained, which maps
@@ -128,6 +129,10 @@ def load_model(args: PretrainArguments, training, checkpoint: str | None):
     # in-memory names, matches none for Qwen2.5-VL in transformers 5.24, and silently keeps the base weights
     weights = checkpoint if checkpoint and args.tuning == "full" else args.model_name_or_path
     model = AutoModelForImageTextToText.from_pretrained(weights, dtype=dtype)
+    if is_deepspeed_zero3_enabled():
+        # transformers 5.24's ZeRO-3 loader keeps every known key conversion, used or not, and saving reverses
+        # them all (model.layers -> model.model.layers); keep the used ones, as its plain loader does
+        model._weight_conversions = [c for c in model._weight_conversions if c.was_used()]
     processor = AutoProcessor.from_pretrained(args.model_name_or_path)
     if args.freeze_vision:
         model.model.visual.requires_grad_(False)
@@ -154,14 +159,14 @@ def weight_names(folder: Path) -> set[str]:
 
 def check_weight_names(base: Path, final: Path) -> None:
     """Refuse a `final/` whose weights are saved under other names than the base model's: from_pretrained
-    would skip them silently and start from random weights (seen with ZeRO-3 in transformers 5.24)."""
+    would skip them silently and start from random weights (seen with ZeRO-3 before `load_model`'s fix)."""
     expected = weight_names(base) if base.is_dir() else set()
     saved = weight_names(final)
     if expected and saved != expected:
         odd = sorted(saved - expected)[:3]
         raise RuntimeError(
             f"the trained weights were saved under names the model does not load (e.g. {odd}); final/ not written. "
-            "This happens with ZeRO-3 here: train with recipes/deepspeed/zero2.json, or convert a checkpoint-*."
+            "Report it with the DeepSpeed config used; the checkpoint-* folders hold the trained state."
         )
 
 
@@ -175,8 +180,7 @@ def save_final(trainer, args: PretrainArguments, processor, output_dir: Path, re
     if args.tuning == "lora":
         trainer.save_model(str(output_dir / "adapter"))
     else:
-        # the model's own save_pretrained, on whole weights: the Trainer's ZeRO-3 save writes the language
-        # model under doubled key names (model.model.*) that from_pretrained then silently skips
+        # the model's own save_pretrained, on whole weights (gathered from the ZeRO-3 shards)
         model = trainer.accelerator.unwrap_model(trainer.model)
         gathered = contextlib.nullcontext()
         if is_deepspeed_zero3_enabled():

@@ -144,10 +144,7 @@ def test_resume_after_a_kill_gives_the_losses_of_an_uninterrupted_run(base, page
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "stage",
-    [2, pytest.param(3, marks=pytest.mark.xfail(strict=True, reason="ZeRO-3 saves the language model as model.model.*"))],
-)
+@pytest.mark.parametrize("stage", [2, 3])
 def test_two_process_deepspeed_zero_on_the_cpu_trains_and_its_final_reloads(stage, base, pages, tmp_path):
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "stages.pretrain",
