@@ -14,6 +14,7 @@ with the held-out transcription CER and eval loss at the start, at each evaluati
 import json
 import logging
 import os
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,7 +45,9 @@ class PretrainArguments:
     lora_alpha: int = 128
     lora_dropout: float = 0.05
     max_pixels: int = field(default=1003520, metadata={"help": "Image pixel budget per page (1280*28*28)."})
-    text_only_fraction: float = field(default=0.0, metadata={"help": "Share of text-only continuation examples."})
+    text_only_fraction: float = field(
+        default=0.0, metadata={"help": "Share of training examples that are text-only continuations of page text."}
+    )
     eval_fraction: float = field(default=0.05, metadata={"help": "Share of documents held out (never trained on)."})
     cer_pages: int = field(default=16, metadata={"help": "Held-out pages transcribed greedily for the CER."})
     resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint in --output_dir."})
@@ -61,10 +64,9 @@ class PretrainArguments:
                     f"--datasets {dataset} has no manifest.json: it is not a finished pages dataset; "
                     "write one with `python -m data_prep pages`."
                 )
-        if self.text_only_fraction != 0.0:
-            raise UsageError("--text_only_fraction > 0 (text-only continuation examples) is not built yet; set it to 0.")
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise UsageError(f"--eval_fraction must be in [0, 1), got {self.eval_fraction}.")
+        for name in ("text_only_fraction", "eval_fraction"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise UsageError(f"--{name} must be in [0, 1), got {getattr(self, name)}.")
 
 
 def validate_run(args: PretrainArguments, training, lang: str) -> None:
@@ -81,6 +83,11 @@ def validate_run(args: PretrainArguments, training, lang: str) -> None:
         training.per_device_train_batch_size, training.gradient_accumulation_steps, world_size,
         training.per_device_train_batch_size * training.gradient_accumulation_steps * world_size,
     )
+    if args.text_only_fraction > 0 and deepspeed_stage(training.deepspeed) == 3:
+        raise UsageError(
+            "--text_only_fraction > 0 with ZeRO-3: ranks whose batch has no image while another's has one hang; "
+            "use recipes/deepspeed/zero2.json, or set text_only_fraction to 0."
+        )
     if training.max_length is None or training.max_length < 64:
         raise UsageError(f"--max_length must be set, and at least 64 tokens (image tokens included); got {training.max_length}.")
     if training.output_dir is None or training.output_dir == "trainer_output":
@@ -88,11 +95,19 @@ def validate_run(args: PretrainArguments, training, lang: str) -> None:
     check_output_dir(training.output_dir, resume=args.resume, overwrite=args.overwrite)
 
 
+def deepspeed_stage(config) -> int | None:
+    if not config:
+        return None
+    if isinstance(config, str):
+        config = json.loads(Path(config).read_text(encoding="utf-8"))
+    return config.get("zero_optimization", {}).get("stage")
+
+
 def load_examples(args: PretrainArguments, processor, max_length: int, seed: int):
     """(train, held_out) datasets of prompt/completion examples; held-out pages are whole documents."""
     import datasets
 
-    from .pretrain_data import held_out_documents, page_example
+    from .pretrain_data import continuation_example, held_out_documents, page_example
 
     pages = datasets.concatenate_datasets([datasets.load_from_disk(path) for path in args.datasets])
     held_out = held_out_documents(pages["doc_id"], args.eval_fraction, seed)
@@ -111,11 +126,25 @@ def load_examples(args: PretrainArguments, processor, max_length: int, seed: int
     is_held_out = [doc_id in held_out for doc_id in examples["doc_id"]]
     train = examples.select([i for i, out in enumerate(is_held_out) if not out])
     evaluation = examples.select([i for i, out in enumerate(is_held_out) if out])
-    logger.info(
-        "%d training pages, %d held-out pages from %d documents; %d pages truncated to fit max_length=%d",
-        len(train), len(evaluation), len(held_out), sum(examples["truncated"]), max_length,
-    )
-    return train, evaluation
+    if args.text_only_fraction > 0:
+        # text-only continuations of training pages, making up `text_only_fraction` of the training examples
+        train_pages = [i for i, out in enumerate(is_held_out) if not out]
+        count = round(args.text_only_fraction / (1 - args.text_only_fraction) * len(train_pages))
+        chosen = sorted(random.Random(seed).choices(train_pages, k=count))
+        continuations = pages.select(chosen).map(
+            lambda row: continuation_example(row, processor, max_length=max_length),
+            remove_columns=pages.column_names, features=examples.features, desc="text-only examples",
+        )
+        train = datasets.concatenate_datasets([train, continuations])
+    counts = {
+        "train_pages": sum(not out for out in is_held_out),
+        "text_only": len(train) - sum(not out for out in is_held_out),
+        "held_out_pages": len(evaluation),
+        "held_out_documents": len(held_out),
+        "truncated_pages": sum(examples["truncated"]),
+    }
+    logger.info("examples: %s (max_length=%d)", counts, max_length)
+    return train, evaluation, counts
 
 
 def load_model(args: PretrainArguments, training, checkpoint: str | None):
@@ -242,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
         # on the CPU the Trainer would not set it up before then
         deepspeed.init_distributed(dist_backend="gloo")
     model, processor, peft_config = load_model(args, training, checkpoint)
-    train, held_out = load_examples(args, processor, training.max_length, recipe_args.seed)
+    train, held_out, example_counts = load_examples(args, processor, training.max_length, recipe_args.seed)
     cer = TranscriptionCER(processor, held_out.select(range(min(args.cer_pages, len(held_out)))))
     trainer = SFTTrainer(
         model=model, args=training, train_dataset=train, eval_dataset=held_out if len(held_out) else None,
@@ -259,6 +288,7 @@ def main(argv: list[str] | None = None) -> None:
         seed=recipe_args.seed,
         inputs=[Path(path) / "manifest.json" for path in args.datasets],
         results={
+            "examples": example_counts,
             "train_loss": result.training_loss,
             "steps": result.global_step,
             "wall_time_s": round(time.monotonic() - started, 1),

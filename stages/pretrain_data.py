@@ -84,3 +84,29 @@ def page_example(row: dict, processor, *, max_length: int, max_pixels: int, seed
         "image_tokens": n_image,
         "truncated": truncated,
     }
+
+
+CONTINUATION_INSTRUCTION = "Continue this text:\n"
+
+
+def continuation_example(row: dict, processor, *, max_length: int) -> dict:
+    """A text-only example from a page's text: its first third in the prompt (at most half the room), the
+    rest, cut to fit `max_length`, to generate."""
+    tokenizer = processor.tokenizer
+    ids = tokenizer(row["text"], add_special_tokens=False)["input_ids"]
+    empty = [{"role": "user", "content": [{"type": "text", "text": CONTINUATION_INSTRUCTION}]}]
+    overhead = len(tokenizer(processor.apply_chat_template(empty, add_generation_prompt=True, tokenize=False), add_special_tokens=False)["input_ids"])
+    # 2 tokens of margin: text decoded at a token boundary may re-encode one token longer on each side
+    room = max_length - overhead - COMPLETION_SUFFIX_TOKENS - 2
+    head = max(1, min(len(ids) // 3, room // 2))
+    prompt = [{"role": "user", "content": [{"type": "text", "text": CONTINUATION_INSTRUCTION + tokenizer.decode(ids[:head])}]}]
+    completion_ids = ids[head : head + room - head]
+    return {
+        "images": [],
+        "prompt": prompt,
+        "completion": [{"role": "assistant", "content": [{"type": "text", "text": tokenizer.decode(completion_ids)}]}],
+        "doc_id": row["doc_id"],
+        "page": row["page"],
+        "image_tokens": 0,
+        "truncated": head + len(completion_ids) < len(ids),
+    }

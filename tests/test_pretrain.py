@@ -12,7 +12,8 @@ from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 from data_prep.pages import PageSettings, build_pages_dataset
 from stages.base_model import main as build_base_model
 from stages.pretrain import main as pretrain
-from stages.pretrain_data import held_out_documents, page_example
+from stages.pretrain_data import CONTINUATION_INSTRUCTION, continuation_example, held_out_documents, page_example
+from stages.errors import run_cli
 from stages.run_record import read_run_record, verify_chain
 
 from .conftest import REPO
@@ -82,6 +83,20 @@ def test_short_pages_are_not_cut_and_instructions_are_seeded(tiny_model):
     assert len(prompts) > 1
 
 
+def test_text_only_continuation_fits_and_continues_the_page(tiny_model):
+    processor = tiny_model[1]
+    text = THAI[5]
+    example = continuation_example({"doc_id": "d", "page": 1, "text": text}, processor, max_length=4096)
+    prompt = example["prompt"][0]["content"][0]["text"]
+    assert example["images"] == [] and prompt.startswith(CONTINUATION_INSTRUCTION)
+    assert prompt.removeprefix(CONTINUATION_INSTRUCTION) + example["completion"][0]["content"][0]["text"] == text
+    assert not example["truncated"]
+
+    short = continuation_example({"doc_id": "d", "page": 1, "text": text * 20}, processor, max_length=128)
+    batch = DataCollatorForVisionLanguageModeling(processor=processor, completion_only_loss=True)([short])
+    assert short["truncated"] and batch["input_ids"].shape[1] <= 128
+
+
 def test_held_out_split_is_by_document():
     doc_ids = [f"doc{i // 3}" for i in range(30)]
     held = held_out_documents(doc_ids, 0.2, seed=0)
@@ -107,6 +122,21 @@ def test_full_training_lowers_the_loss_moves_trainable_weights_only_and_chains_r
         moved = not torch.equal(tensor, after[name])
         assert moved == ("visual" not in name), name
     assert "held-out CER" in capsys.readouterr().out
+
+
+def test_text_only_share_mixes_into_training(base, pages, tmp_path, capsys):
+    pretrain(pretrain_argv(base, pages, tmp_path / "run", "--max_steps", "4", "--text_only_fraction", "0.5"))
+    record = read_run_record(tmp_path / "run" / "final")
+    counts = record["results"]["examples"]
+    assert counts["text_only"] == counts["train_pages"] == 6 and counts["held_out_pages"] == 2
+    assert all(e["loss"] > 0 for e in record["results"]["loss_history"])
+
+
+def test_text_only_share_is_refused_under_zero3(base, pages, tmp_path, capsys):
+    argv = pretrain_argv(base, pages, tmp_path / "run", "--text_only_fraction", "0.2", "--deepspeed", str(REPO / "recipes/deepspeed/zero3.json"))
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(pretrain, argv)
+    assert exit_info.value.code == 2 and "ranks whose batch has no image" in capsys.readouterr().err
 
 
 def test_lora_final_is_merged_reloads_in_a_fresh_process_and_generates(base, pages, tmp_path):
