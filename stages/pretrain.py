@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -93,6 +94,23 @@ def validate_run(args: PretrainArguments, training, lang: str) -> None:
     if training.output_dir is None or training.output_dir == "trainer_output":
         raise UsageError("--output_dir is not set (recipe `pretrain.output_dir` or the flag).")
     check_output_dir(training.output_dir, resume=args.resume, overwrite=args.overwrite)
+
+
+def prepare_output_dir(args: PretrainArguments, training) -> str | None:
+    """The checkpoint to resume from (`--resume`), after clearing an earlier run (`--overwrite`)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    output_dir = Path(training.output_dir)
+    if args.overwrite and output_dir.exists():
+        with training.main_process_first():
+            if training.process_index == 0:
+                shutil.rmtree(output_dir)  # old checkpoint-* folders would otherwise be mixed with the new ones
+    if not args.resume:
+        return None
+    checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    if checkpoint is None:
+        raise UsageError(f"--resume: {output_dir} holds no checkpoint-* folder to continue from.")
+    return checkpoint
 
 
 def deepspeed_stage(config) -> int | None:
@@ -257,13 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     # the starting point of the CER curve; evaluated by the Trainer once DeepSpeed is set up for training
     # (an evaluate() before train() would ask ZeRO-2 for inference, which only ZeRO-3 supports)
     training.eval_on_start = training.eval_on_start or args.eval_fraction > 0
-    checkpoint = None
-    if args.resume:
-        from transformers.trainer_utils import get_last_checkpoint
-
-        checkpoint = get_last_checkpoint(training.output_dir) if Path(training.output_dir).is_dir() else None
-        if checkpoint is None:
-            raise UsageError(f"--resume: {training.output_dir} holds no checkpoint-* folder to continue from.")
+    checkpoint = prepare_output_dir(args, training)
     if training.deepspeed and not torch.cuda.is_available():
         import deepspeed
 

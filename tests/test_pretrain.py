@@ -187,3 +187,10 @@ def test_two_process_deepspeed_zero_on_the_cpu_trains_and_its_final_reloads(stag
     after, before = weights(tmp_path / "run" / "final"), weights(base)
     assert set(after) == set(before) and all(after[k].shape == before[k].shape for k in before)
     assert not torch.equal(after["model.layers.0.self_attn.q_proj.weight"], before["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_overwrite_replaces_an_earlier_run(base, pages, tmp_path):
+    (tmp_path / "run" / "checkpoint-99").mkdir(parents=True)
+    pretrain(pretrain_argv(base, pages, tmp_path / "run", "--max_steps", "1", "--cer_pages", "0", "--overwrite"))
+    assert not (tmp_path / "run" / "checkpoint-99").exists()
+    assert (tmp_path / "run" / "final" / "run_record.json").is_file()
