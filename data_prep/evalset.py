@@ -21,15 +21,10 @@ from pathlib import Path
 from stages.artifacts import atomic_directory
 from stages.errors import UsageError
 
+from .pages import read_pages_manifest
+
 QUERY_MAX_CHARS = 200
 SENTENCE_END = re.compile(r"(?<=[.!?。])\s")
-
-
-def read_pages_manifest(folder: Path) -> dict:
-    manifest = folder / "manifest.json"
-    if not manifest.is_file():
-        raise UsageError(f"--pages {folder} has no manifest.json: write it with `python -m data_prep pages`.")
-    return json.loads(manifest.read_text(encoding="utf-8"))
 
 
 def markdown_sections(text: str) -> list[str]:
@@ -49,7 +44,7 @@ def build_evalset(
     """Write the eval set to `output` (atomically) and return its summary."""
     import datasets
 
-    manifests = {folder: read_pages_manifest(Path(folder)) for folder in pages_folders}
+    manifests = {folder: read_pages_manifest(folder, "--pages") for folder in pages_folders}
     documents = [entry for manifest in manifests.values() for entry in manifest["inputs"]]
     if parallel_source:
         queries, qrels, unmatched = _parallel_queries(documents, Path(parallel_source), parallel_lang, outline_level)

@@ -64,6 +64,17 @@ class PageSettings:
     script_ranges: tuple[str, ...]
 
 
+def read_pages_manifest(folder: str | Path, flag: str) -> dict:
+    """The manifest of a finished pages dataset; a clear error for anything else."""
+    manifest = Path(folder) / "manifest.json"
+    if not manifest.is_file():
+        raise UsageError(
+            f"{flag} {folder} has no manifest.json: it is not a finished pages dataset; "
+            "write one with `python -m data_prep pages`."
+        )
+    return json.loads(manifest.read_text(encoding="utf-8"))
+
+
 def find_pdfs(inputs: list[str]) -> list[Path]:
     """Files as given, and every *.pdf under the given folders (recursively), in a stable order."""
     found: dict[Path, None] = {}

@@ -17,7 +17,7 @@ from typing import Literal
 
 from .artifacts import atomic_directory, check_output_dir
 from .errors import UsageError, run_cli
-from .recipe import RecipeArguments, parse_stage_arguments
+from .recipe import parse_stage_arguments
 from .run_record import write_run_record
 
 QWEN_SPECIAL_TOKENS = (

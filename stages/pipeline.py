@@ -8,7 +8,6 @@ whose output is already complete is reused (the base model only if its run recor
 settings and corpus); `--rebuild` redoes everything.
 """
 
-import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,8 +21,6 @@ from .pretrain import CPU_DEFAULTS, PretrainArguments
 from .pretrain import main as pretrain_main
 from .recipe import parse_stage_arguments
 from .run_record import RUN_RECORD, read_run_record, sha256_file
-
-logger = logging.getLogger(__name__)
 
 # stage -> the issue that builds it; until then the pipeline says so instead of pretending
 NOT_BUILT = {"stages.contrast": 5, "stages.evaluate": 6}

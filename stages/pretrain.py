@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from data_prep.pages import read_pages_manifest
+
 from .artifacts import atomic_directory, check_input_paths, check_model_source, check_output_dir
 from .errors import UsageError, run_cli
 from .recipe import parse_stage_arguments
@@ -59,12 +61,6 @@ class PretrainArguments:
         if not self.datasets:
             raise UsageError("--datasets is empty; give pages datasets written by `python -m data_prep pages`.")
         check_input_paths(self.datasets, "--datasets")
-        for dataset in map(Path, self.datasets):
-            if not (dataset / "manifest.json").is_file():
-                raise UsageError(
-                    f"--datasets {dataset} has no manifest.json: it is not a finished pages dataset; "
-                    "write one with `python -m data_prep pages`."
-                )
         for name in ("text_only_fraction", "eval_fraction"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise UsageError(f"--{name} must be in [0, 1), got {getattr(self, name)}.")
@@ -72,8 +68,8 @@ class PretrainArguments:
 
 def validate_run(args: PretrainArguments, training, lang: str) -> None:
     """Checks that need the recipe's language and the trainer settings too."""
-    for dataset in map(Path, args.datasets):
-        dataset_lang = json.loads((dataset / "manifest.json").read_text(encoding="utf-8")).get("lang")
+    for dataset in args.datasets:
+        dataset_lang = read_pages_manifest(dataset, "--datasets").get("lang")
         if lang != "multi" and dataset_lang != lang:
             raise UsageError(f"--datasets {dataset} holds `{dataset_lang}` pages but the recipe's language is `{lang}`.")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
