@@ -46,6 +46,12 @@ class BaseModelArguments:
     vision_hidden_size: int = 32
     vision_num_heads: int = 2
     vision_intermediate_size: int = 64
+    embedding_rows: int = field(
+        default=0,
+        metadata={"help": "Rows of the embedding matrix, at least the vocabulary (0: the vocabulary). Qwen2.5-VL pads to 151936."},
+    )
+    tie_word_embeddings: bool = field(default=False, metadata={"help": "Share the input and output embeddings (Qwen2.5-VL-3B does)."})
+    dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={"help": "Dtype of the saved weights."})
     min_pixels: int = field(default=56 * 56, metadata={"help": "Smallest image the processor keeps, in pixels."})
     max_pixels: int = field(
         default=448 * 448, metadata={"help": "Image pixel budget: 448*448 px = 256 visual tokens after 2x2 merging."}
@@ -72,6 +78,8 @@ class BaseModelArguments:
             )
         if self.vocab_size < 256 + len(QWEN_SPECIAL_TOKENS):
             raise UsageError(f"vocab_size ({self.vocab_size}) must be at least 270: 256 bytes + 14 special tokens.")
+        if self.embedding_rows and self.embedding_rows < self.vocab_size:
+            raise UsageError(f"embedding_rows ({self.embedding_rows}) must be 0 or at least vocab_size ({self.vocab_size}).")
         if not 0 < self.min_pixels <= self.max_pixels:
             raise UsageError(f"need 0 < min_pixels ({self.min_pixels}) <= max_pixels ({self.max_pixels}).")
         check_output_dir(self.output_dir, overwrite=self.overwrite)
@@ -131,7 +139,7 @@ def build_config(tokenizer, args: BaseModelArguments):
     # temporal / height / width sections of the multimodal rotary embedding; Qwen2.5-VL-3B uses 16/24/24 of 64
     mrope_section = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
     text_config = dict(
-        vocab_size=len(tokenizer),
+        vocab_size=max(len(tokenizer), args.embedding_rows),
         hidden_size=args.hidden_size,
         intermediate_size=args.intermediate_size,
         num_hidden_layers=args.num_hidden_layers,
@@ -142,6 +150,7 @@ def build_config(tokenizer, args: BaseModelArguments):
         bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=args.tie_word_embeddings,
     )
     special_ids = dict(
         image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
@@ -156,9 +165,12 @@ def build_config(tokenizer, args: BaseModelArguments):
             intermediate_size=args.vision_intermediate_size,
             num_heads=args.vision_num_heads,
             out_hidden_size=args.hidden_size,
-            fullatt_block_indexes=[args.vision_depth - 1],
+            # every 8th block attends globally, the rest within windows, as in Qwen2.5-VL ([7, 15, 23, 31] of 32)
+            fullatt_block_indexes=[i for i in range(7, args.vision_depth, 8)] or [args.vision_depth - 1],
         )
-        return Qwen2_5_VLConfig(text_config=text_config, vision_config=vision_config, **special_ids)
+        return Qwen2_5_VLConfig(
+            text_config=text_config, vision_config=vision_config, tie_word_embeddings=args.tie_word_embeddings, **special_ids
+        )
     vision_config = dict(
         depth=args.vision_depth,
         embed_dim=args.vision_hidden_size,
@@ -166,7 +178,9 @@ def build_config(tokenizer, args: BaseModelArguments):
         mlp_ratio=args.vision_intermediate_size // args.vision_hidden_size,
         num_heads=args.vision_num_heads,
     )
-    return Qwen2VLConfig(text_config=text_config, vision_config=vision_config, **special_ids)
+    return Qwen2VLConfig(
+        text_config=text_config, vision_config=vision_config, tie_word_embeddings=args.tie_word_embeddings, **special_ids
+    )
 
 
 def build_tiny_base_model(args: BaseModelArguments, seed: int):
@@ -179,7 +193,7 @@ def build_tiny_base_model(args: BaseModelArguments, seed: int):
     processor = build_processor(tokenizer, args)
     config = build_config(tokenizer, args)
     torch.manual_seed(seed)
-    model = AutoModelForImageTextToText.from_config(config)
+    model = AutoModelForImageTextToText.from_config(config, dtype=getattr(torch, args.dtype))
     model.generation_config = GenerationConfig(
         eos_token_id=[config.text_config.eos_token_id, config.text_config.bos_token_id],
         pad_token_id=tokenizer.pad_token_id,
@@ -203,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
             inputs=args.corpus_files(),
             results={"parameters": n_parameters},
         )
-    print(f"wrote a tiny {args.family} model ({n_parameters:,} parameters, vocabulary {len(processor.tokenizer)}) to {args.output_dir}")
+    print(f"wrote a randomly initialised {args.family} model ({n_parameters:,} parameters, vocabulary {len(processor.tokenizer)}) to {args.output_dir}")
 
 
 if __name__ == "__main__":

@@ -128,6 +128,7 @@ def load_examples(args: PretrainArguments, processor, max_length: int, seed: int
     examples = pages.map(
         lambda row: page_example(row, processor, max_length=max_length, max_pixels=args.max_pixels, seed=seed),
         remove_columns=pages.column_names,
+        keep_in_memory=True,  # no cache files written into the input datasets' folders
         features=datasets.Features(
             images=datasets.Sequence(datasets.Image()),
             prompt=[{"role": datasets.Value("string"), "content": [{"type": datasets.Value("string"), "text": datasets.Value("string")}]}],
@@ -147,7 +148,7 @@ def load_examples(args: PretrainArguments, processor, max_length: int, seed: int
         chosen = sorted(random.Random(seed).choices(train_pages, k=count))
         continuations = pages.select(chosen).map(
             lambda row: continuation_example(row, processor, max_length=max_length),
-            remove_columns=pages.column_names, features=examples.features, desc="text-only examples",
+            remove_columns=pages.column_names, features=examples.features, desc="text-only examples", keep_in_memory=True,
         )
         train = datasets.concatenate_datasets([train, continuations])
     counts = {
@@ -265,9 +266,12 @@ def main(argv: list[str] | None = None) -> None:
     validate_run(args, training, recipe_args.lang)
 
     from .generation_eval import TranscriptionCER
+    from .throughput import Throughput
 
     logging.basicConfig(level=logging.INFO if training.process_index == 0 else logging.WARNING, format="%(message)s")
     training.remove_unused_columns = False  # the collator needs `images`, `prompt`, `completion`
+    if training.include_num_input_tokens_seen == "no":
+        training.include_num_input_tokens_seen = "non_padding"  # for the tokens/s in the run record
     # the starting point of the CER curve; evaluated by the Trainer once DeepSpeed is set up for training
     # (an evaluate() before train() would ask ZeRO-2 for inference, which only ZeRO-3 supports)
     training.eval_on_start = training.eval_on_start or args.eval_fraction > 0
@@ -281,9 +285,10 @@ def main(argv: list[str] | None = None) -> None:
     model, processor, peft_config = load_model(args, training, checkpoint)
     train, held_out, example_counts = load_examples(args, processor, training.max_length, recipe_args.seed)
     cer = TranscriptionCER(processor, held_out.select(range(min(args.cer_pages, len(held_out)))))
+    throughput = Throughput()
     trainer = SFTTrainer(
         model=model, args=training, train_dataset=train, eval_dataset=held_out if len(held_out) else None,
-        processing_class=processor, peft_config=peft_config, callbacks=[cer],
+        processing_class=processor, peft_config=peft_config, callbacks=[cer, throughput],
     )
 
     started = time.monotonic()
@@ -300,6 +305,7 @@ def main(argv: list[str] | None = None) -> None:
             "train_loss": result.training_loss,
             "steps": result.global_step,
             "wall_time_s": round(time.monotonic() - started, 1),
+            "throughput": throughput.summary(),
             "generation_quality": cer.history,
             "loss_history": [entry for entry in trainer.state.log_history if "loss" in entry],
         },
@@ -312,6 +318,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{first['cer']:.3f} -> {last['cer']:.3f}, eval loss {first['eval_loss']:.3f} -> {last['eval_loss']:.3f}; "
             f"model in {final}"
         )
+    if trainer.accelerator.is_main_process:
+        print(f"pretrain: throughput {json.dumps(record['results']['throughput'])}")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ def test_embedded_default_runs_what_exists_and_reuses_it(tmp_path, monkeypatch, 
     argv = ["--config", "recipes/tiny.yaml", "--languages", "km", "vi"]
     run_pipeline(argv)
     first = capsys.readouterr().out
-    assert "wrote a tiny qwen2_5_vl model" in first
+    assert "wrote a randomly initialised qwen2_5_vl model" in first
     assert "data_prep evalset: 31 queries, 62 relevance judgements" in first
     assert "held-out CER" in first and "stages.contrast: not built yet (issue #5)" in first
     created = read_run_record("checkpoints/tiny/base", expected_stage="base_model")["created"]
@@ -38,7 +38,7 @@ def test_embedded_default_runs_what_exists_and_reuses_it(tmp_path, monkeypatch, 
     with open("samples/udhr/en.md", "a", encoding="utf-8") as handle:
         handle.write("\nOne more paragraph.\n")
     run_pipeline([*argv, "--rebuild"])
-    assert "wrote a tiny" in capsys.readouterr().out
+    assert "wrote a randomly initialised" in capsys.readouterr().out
     assert (tmp_path / "checkpoints/tiny/evalset/qrels.tsv").read_text() == qrels
 
 

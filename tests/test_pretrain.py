@@ -109,13 +109,17 @@ def weights(folder):
 
 
 def test_full_training_lowers_the_loss_moves_trainable_weights_only_and_chains_records(base, pages, tmp_path, capsys):
+    inputs_before = {path: path.stat().st_mtime_ns for path in pages.iterdir()}
     pretrain(pretrain_argv(base, pages, tmp_path / "run", "--max_steps", "12", "--save_steps", "100"))
+    assert {path: path.stat().st_mtime_ns for path in pages.iterdir()} == inputs_before  # no cache files added
     final = tmp_path / "run" / "final"
     record = read_run_record(final, expected_stage="pretrain")
     losses = [entry["loss"] for entry in record["results"]["loss_history"]]
     assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3])
     assert [e["step"] for e in record["results"]["generation_quality"]] == [0, 12]
     assert [r["stage"] for r in verify_chain(final)] == ["pretrain", "base_model"]
+    throughput = record["results"]["throughput"]
+    assert throughput["timed_steps"] == 11 and throughput["tokens_per_second"] > 0
 
     before, after = weights(base), weights(final)
     for name, tensor in before.items():

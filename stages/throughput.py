@@ -1,0 +1,58 @@
+"""Training throughput and peak memory, measured over the optimizer steps alone (evaluation and saving excluded)."""
+
+import resource
+import sys
+import time
+
+from transformers import TrainerCallback
+
+
+class Throughput(TrainerCallback):
+    """Tokens per second over this run's steps but its first (which pays for warm-up) and peak memory.
+
+    Needs `include_num_input_tokens_seen` on, so the Trainer counts every process's tokens."""
+
+    def __init__(self):
+        self.step_started = 0.0
+        self.tokens_before = 0
+        self.timed_seconds = 0.0
+        self.timed_tokens = 0
+        self.timed_steps = 0
+        self.warmed_up = False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.tokens_before = state.num_input_tokens_seen  # not 0 when resuming
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.step_started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the step's kernels finish inside its timed span
+        seconds = time.perf_counter() - self.step_started
+        tokens = state.num_input_tokens_seen - self.tokens_before
+        self.tokens_before = state.num_input_tokens_seen
+        if not self.warmed_up:
+            self.warmed_up = True
+        else:
+            self.timed_seconds += seconds
+            self.timed_tokens += tokens
+            self.timed_steps += 1
+
+    def summary(self) -> dict:
+        import torch
+
+        # ru_maxrss is KiB on Linux, bytes on macOS
+        rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        result = {
+            "timed_steps": self.timed_steps,
+            "tokens_per_second": round(self.timed_tokens / self.timed_seconds, 1) if self.timed_seconds else None,
+            "seconds_per_step": round(self.timed_seconds / self.timed_steps, 3) if self.timed_steps else None,
+            "peak_host_memory_gib": round(rss_bytes / 2**30, 2),
+        }
+        if torch.cuda.is_available():
+            result["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            result["gpu"] = torch.cuda.get_device_name()
+        return result
