@@ -1,16 +1,32 @@
 """Language-centric contrastive refinement (LoRA, InfoNCE) that turns a VLM into an embedding model.
 
     python -m stages.contrast --config recipes/km.yaml
-    python -m stages.contrast --config recipes/tiny.yaml --model_name_or_path checkpoints/tiny/pretrain/final
+    python -m stages.contrast --config recipes/tiny.yaml --model_name_or_path checkpoints/tiny/base
+    torchrun --nproc_per_node 8 -m stages.contrast --config recipes/km.yaml --deepspeed recipes/deepspeed/zero2.json
 
-Training is issue #5; this entry point already parses and validates everything.
+Trains LoRA adapters on the language model's linear layers with InfoNCE over in-batch positives (and
+hard negatives) gathered from every process, computed in cached mini-batches: `contrastive_batch_size`
+anchors per step, each scored against every positive (and negative) of the step, whatever the number
+of processes and however small `mini_batch_size` must be to fit memory. Writes `<output_dir>/adapter/`,
+`<output_dir>/final/` (LoRA merged into the base weights; a complete model folder) and a run record
+with the loss history and the in-batch retrieval accuracy on held-out pairs.
 """
 
-from dataclasses import dataclass, field
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
-from .artifacts import check_input_paths, check_model_source, check_output_dir
-from .errors import UsageError, exit_not_built, run_cli
+from .artifacts import atomic_directory, check_input_paths, check_model_source, check_output_dir
+from .errors import UsageError, run_cli
 from .recipe import parse_stage_arguments
+from .run_record import RUN_RECORD, read_run_record, write_run_record
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -36,10 +52,19 @@ class ContrastArguments:
     mini_batch_size: int = field(default=32, metadata={"help": "Examples encoded at once (memory, not the loss)."})
     learning_rate: float = 4.0e-4
     num_train_epochs: float = 2.0
+    max_steps: int = field(default=0, metadata={"help": "Optimizer steps; 0 = num_train_epochs over the pairs."})
     warmup_steps: int = 100
     max_text_tokens: int = 650
     image_max_side: int = field(default=700, metadata={"help": "Images are thumbnailed to fit this square, in pixels."})
-    resume: bool = False
+    passage_chars: int = field(default=400, metadata={"help": "Length of the passages cut from page text for pairs."})
+    eval_fraction: float = field(default=0.05, metadata={"help": "Share of documents whose pairs are held out."})
+    eval_steps: int = field(default=0, metadata={"help": "Held-out accuracy every N steps (0: at start and end only)."})
+    logging_steps: int = 10
+    homogeneous_batches: bool = field(
+        default=False, metadata={"help": "Each step all text or all multimodal (needed under ZeRO-3)."}
+    )
+    deepspeed: str | None = field(default=None, metadata={"help": "DeepSpeed JSON, e.g. recipes/deepspeed/zero2.json."})
+    bf16: bool = field(default=True, metadata={"help": "bf16 weights and compute on a GPU (the CPU always uses fp32)."})
     overwrite: bool = False
 
     def validate(self) -> None:
@@ -53,14 +78,259 @@ class ContrastArguments:
             raise UsageError(f"--temperature must be positive, got {self.temperature}.")
         if self.contrastive_batch_size < 2 or self.mini_batch_size < 1:
             raise UsageError("--contrastive_batch_size must be >= 2 and --mini_batch_size >= 1.")
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if self.contrastive_batch_size % world_size:
+            raise UsageError(
+                f"--contrastive_batch_size {self.contrastive_batch_size} does not split evenly over {world_size} processes."
+            )
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise UsageError(f"--eval_fraction must be in [0, 1), got {self.eval_fraction}.")
+        if self.deepspeed and not Path(self.deepspeed).is_file():
+            raise UsageError(f"--deepspeed {self.deepspeed} not found; see recipes/deepspeed/.")
         if self.output_dir is None:
             raise UsageError("--output_dir is not set (recipe `contrast.output_dir` or the flag).")
-        check_output_dir(self.output_dir, resume=self.resume, overwrite=self.overwrite)
+        check_output_dir(self.output_dir, overwrite=self.overwrite)
+
+
+def announce_base(model: str, lang: str) -> str | None:
+    """The base model's run record, if it has one: checked against the recipe's language and announced."""
+    if not (Path(model) / RUN_RECORD).is_file():
+        print(f"contrast: base {model} has no run record (a plain VLM: the no-CPT baseline)")
+        return None
+    record = read_run_record(model)
+    base_lang = record["config"].get("recipe", {}).get("lang")
+    if lang != "multi" and base_lang not in (lang, "multi", None):
+        raise UsageError(f"--model_name_or_path {model} was trained for `{base_lang}` but this recipe is for `{lang}`.")
+    history = record.get("results", {}).get("generation_quality") or []
+    cer = f", held-out CER {history[0]['cer']} -> {history[-1]['cer']}" if history else ""
+    print(f"contrast: base {model}: a {record['stage']} run of {record['created']} for `{base_lang}`{cer}")
+    return model
+
+
+def load_pairs(args: ContrastArguments, seed: int):
+    """(train pairs, held-out pairs); held-out pairs come from whole documents never trained on."""
+    from .contrast_data import mix, pages_pairs, read_jsonl_pairs
+    from .pretrain_data import held_out_documents
+
+    given = [pair for path in args.train_files for pair in read_jsonl_pairs(path)]
+    text_pairs = [pair for pair in given if pair.kind == "text"]
+    image_pairs = [pair for pair in given if pair.kind == "multimodal"]
+    for folder in args.pages_datasets:
+        built_text, built_images = pages_pairs(folder, args.passage_chars, seed)
+        text_pairs += built_text
+        image_pairs += built_images
+    pairs = mix(text_pairs, image_pairs, args.multimodal_fraction, seed)
+    held_out = held_out_documents([pair.document for pair in pairs], args.eval_fraction, seed)
+    train = [pair for pair in pairs if pair.document not in held_out]
+    evaluation = [pair for pair in pairs if pair.document in held_out]
+    with_negative = sum(pair.negative is not None for pair in train)
+    if 0 < with_negative < len(train):
+        print(f"contrast: only {with_negative} of {len(train)} training pairs have a hard negative; negatives are not used")
+        train = [replace(pair, negative=None) for pair in train]
+    if len(train) < args.contrastive_batch_size:
+        raise UsageError(
+            f"{len(train)} training pairs are fewer than --contrastive_batch_size {args.contrastive_batch_size}; "
+            "lower it or give more data."
+        )
+    counts = {
+        "train_pairs": len(train), "train_text": sum(p.kind == "text" for p in train),
+        "train_multimodal": sum(p.kind == "multimodal" for p in train), "train_with_negative": with_negative if with_negative == len(train) else 0,
+        "held_out_pairs": len(evaluation), "held_out_documents": len(held_out),
+    }
+    logger.info("pairs: %s", counts)
+    return train, evaluation, counts
+
+
+def deepspeed_plugin(path: str, mini_batch_size: int, accumulation: int, bf16: bool):
+    """Accelerate's DeepSpeed plugin with the config's "auto" values filled in (no dataloader to infer them)."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    config = json.loads(Path(path).read_text(encoding="utf-8"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    resolved = {
+        "train_micro_batch_size_per_gpu": mini_batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": mini_batch_size * accumulation * world_size,
+        "gradient_clipping": 1.0,
+    }
+    for key, value in resolved.items():
+        if config.get(key, "auto") == "auto":
+            config[key] = value
+    for key, enabled in (("bf16", bf16), ("fp16", False)):
+        if key in config and config[key].get("enabled") == "auto":
+            config[key]["enabled"] = enabled
+    zero = config.get("zero_optimization", {})
+    if zero.get("reduce_bucket_size") == "auto":
+        zero["reduce_bucket_size"] = 5e8
+    return DeepSpeedPlugin(hf_ds_config=config, gradient_accumulation_steps=accumulation)
+
+
+def held_out_accuracy(model, processor, pairs, args: ContrastArguments) -> float | None:
+    """Share of held-out anchors whose nearest candidate among up to `contrastive_batch_size` held-out
+    positives is their own."""
+    import torch
+
+    from .embedder import model_inputs
+
+    if len(pairs) < 2:
+        return None
+    pairs = pairs[: args.contrastive_batch_size]
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        sides = []
+        for role in ("anchor", "positive"):
+            items = [getattr(pair, role).item() for pair in pairs]
+            sides.append(torch.cat([
+                model(**model_inputs(processor, items[i : i + args.mini_batch_size], args.max_text_tokens, args.image_max_side).to(device))
+                for i in range(0, len(items), args.mini_batch_size)
+            ]))
+    model.train(was_training)
+    anchors, positives = sides
+    hits = (anchors @ positives.T).argmax(dim=1) == torch.arange(len(pairs), device=anchors.device)
+    return round(hits.float().mean().item(), 4)
+
+
+def train(args: ContrastArguments, train_pairs, held_out, seed: int):
+    """The training loop; returns (accelerator, trained model, processor, results)."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from peft import get_peft_model
+    from transformers import AutoModelForImageTextToText, AutoProcessor, get_scheduler
+
+    from .contrast_data import batches
+    from .contrastive_loss import cached_contrastive_step
+    from .embedder import EmbeddingModel, model_inputs
+    from .lora import lora_config
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_batch = args.contrastive_batch_size // world_size
+    roles = ("anchor", "positive", "negative") if train_pairs[0].negative is not None else ("anchor", "positive")
+    accumulation = len(roles) * math.ceil(local_batch / args.mini_batch_size)  # one backward per mini-batch
+    on_gpu = torch.cuda.is_available()
+    bf16 = args.bf16 and on_gpu
+    plugin = deepspeed_plugin(args.deepspeed, args.mini_batch_size, accumulation, bf16) if args.deepspeed else None
+    accelerator = Accelerator(
+        cpu=not on_gpu, gradient_accumulation_steps=accumulation, deepspeed_plugin=plugin,
+        mixed_precision="bf16" if bf16 else "no",
+    )
+    set_seed(seed)
+
+    base = AutoModelForImageTextToText.from_pretrained(args.model_name_or_path, dtype=torch.bfloat16 if bf16 else torch.float32)
+    processor = AutoProcessor.from_pretrained(args.model_name_or_path)
+    model = EmbeddingModel(get_peft_model(base, lora_config(args.lora_r, args.lora_alpha, args.lora_dropout)))
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    steps_per_epoch = len(train_pairs) // args.contrastive_batch_size
+    total_steps = args.max_steps or math.ceil(args.num_train_epochs * steps_per_epoch)
+    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate)
+    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=total_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if accelerator.is_main_process:
+        print(
+            f"contrast: {total_steps} steps of {args.contrastive_batch_size} anchors ({local_batch} per process x "
+            f"{world_size}), mini-batches of {args.mini_batch_size}; "
+            f"{sum(p.numel() for p in trainable):,} trainable (LoRA) parameters"
+        )
+
+    def encode(inputs):
+        return model(**inputs.to(accelerator.device))
+
+    def backward(surrogate):
+        with accelerator.accumulate(model):
+            # both DeepSpeed and Accelerate divide by the accumulation steps; the cached gradients are already whole
+            accelerator.backward(surrogate * accumulation)
+
+    def evaluate(step: int) -> None:
+        if accelerator.is_main_process:
+            accuracy = held_out_accuracy(accelerator.unwrap_model(model), processor, held_out, args)
+            accuracy_history.append({"step": step, "in_batch_accuracy": accuracy})
+            logger.info("held-out in-batch retrieval accuracy at step %d: %s", step, accuracy)
+        accelerator.wait_for_everyone()
+
+    loss_history, accuracy_history = [], []
+    evaluate(0)
+    started, step, epoch = time.monotonic(), 0, 0
+    while step < total_steps:
+        for batch in batches(train_pairs, args.contrastive_batch_size, homogeneous=args.homogeneous_batches, seed=seed + epoch):
+            if step == total_steps:
+                break
+            mine = batch[accelerator.process_index * local_batch : (accelerator.process_index + 1) * local_batch]
+            chunks_by_role = [
+                [
+                    model_inputs(processor, [getattr(pair, role).item() for pair in mine[i : i + args.mini_batch_size]],
+                                 args.max_text_tokens, args.image_max_side)
+                    for i in range(0, len(mine), args.mini_batch_size)
+                ]
+                for role in roles
+            ]
+            loss, candidates = cached_contrastive_step(encode, chunks_by_role, backward, args.temperature)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            step += 1
+            loss = accelerator.reduce(torch.tensor(loss, device=accelerator.device), reduction="mean").item()
+            loss_history.append({"step": step, "loss": round(loss, 4), "candidates": candidates, "lr": scheduler.get_last_lr()[0]})
+            if accelerator.is_main_process and (step % args.logging_steps == 0 or step == 1):
+                logger.info("step %d/%d: loss %.4f, %d candidates per anchor", step, total_steps, loss, candidates)
+            if args.eval_steps and step % args.eval_steps == 0 and step < total_steps:
+                evaluate(step)
+        epoch += 1
+    evaluate(step)
+    results = {
+        "steps": step, "wall_time_s": round(time.monotonic() - started, 1),
+        "candidates_per_anchor": loss_history[-1]["candidates"], "loss_history": loss_history,
+        "held_out_accuracy": accuracy_history,
+    }
+    return accelerator, model, processor, results
+
+
+def save(accelerator, model, processor, args: ContrastArguments, record: dict) -> Path:
+    """`adapter/` and `final/` (LoRA merged into the base weights in their own dtype; complete folder)."""
+    from .lora import save_merged
+
+    output_dir = Path(args.output_dir)
+    final = output_dir / "final"
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_directory(output_dir / "adapter") as tmp:
+            accelerator.unwrap_model(model).model.save_pretrained(tmp)
+        with atomic_directory(final) as tmp:
+            save_merged(args.model_name_or_path, output_dir / "adapter", tmp)
+            processor.save_pretrained(tmp)
+            parent = args.model_name_or_path if (Path(args.model_name_or_path) / RUN_RECORD).is_file() else None
+            write_run_record(tmp, parent=parent, **record)
+    accelerator.wait_for_everyone()
+    return final
 
 
 def main(argv: list[str] | None = None) -> None:
-    parse_stage_arguments("contrast", (ContrastArguments,), argv)
-    exit_not_built("stages.contrast (contrastive refinement)", issue=5)
+    recipe_args, args = parse_stage_arguments("contrast", (ContrastArguments,), argv)
+    logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING, format="%(message)s")
+    announce_base(args.model_name_or_path, recipe_args.lang)
+    if args.overwrite and Path(args.output_dir).exists() and int(os.environ.get("RANK", "0")) == 0:
+        shutil.rmtree(args.output_dir)
+    train_pairs, held_out, counts = load_pairs(args, recipe_args.seed)
+
+    accelerator, model, processor, results = train(args, train_pairs, held_out, recipe_args.seed)
+
+    record = dict(
+        stage="contrast",
+        config={"recipe": vars(recipe_args), "contrast": asdict(args)},
+        seed=recipe_args.seed,
+        inputs=[*([recipe_args.config] if recipe_args.config else []), *args.train_files,
+                *(Path(path) / "manifest.json" for path in args.pages_datasets)],
+        results={"pairs": counts, **results},
+    )
+    final = save(accelerator, model, processor, args, record)
+    if accelerator.is_main_process:
+        losses, accuracy = results["loss_history"], results["held_out_accuracy"]
+        print(
+            f"contrast: {results['steps']} steps in {results['wall_time_s']}s; loss {losses[0]['loss']:.3f} -> "
+            f"{losses[-1]['loss']:.3f}; held-out in-batch accuracy {accuracy[0]['in_batch_accuracy']} -> "
+            f"{accuracy[-1]['in_batch_accuracy']}; model in {final}"
+        )
 
 
 if __name__ == "__main__":

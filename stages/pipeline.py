@@ -3,11 +3,17 @@
     python -m stages.pipeline --config recipes/tiny.yaml [--languages th km] [--rebuild]
 
 Sample texts are rendered to PDFs, read back into pages datasets (each language with its own recipe,
-recipes/<lang>.yaml) and turned into a cross-lingual eval set; then the model stages follow. A step
+recipes/<lang>.yaml) and turned into a cross-lingual eval set. For pretraining, each sample is also cut
+at its sections into several documents, so that the held-out pages (whole documents, never trained
+on) are in languages the model trains on. Then the model stages follow. A step
 whose output is already complete is reused (the base model only if its run record shows the same
 settings and corpus); `--rebuild` redoes everything.
 """
 
+import bisect
+import itertools
+import json
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,11 +22,12 @@ from data_prep.__main__ import main as data_prep_main
 
 from .base_model import BaseModelArguments
 from .base_model import main as build_base_model
+from .artifacts import write_text_atomic
 from .errors import UsageError, run_cli
 from .pretrain import CPU_DEFAULTS, PretrainArguments
 from .pretrain import main as pretrain_main
 from .recipe import parse_stage_arguments
-from .run_record import RUN_RECORD, read_run_record, sha256_file
+from .run_record import read_run_record, sha256_file
 
 # stage -> the issue that builds it; until then the pipeline says so instead of pretending
 NOT_BUILT = {"stages.contrast": 5, "stages.evaluate": 6}
@@ -37,6 +44,9 @@ class PipelineArguments:
         default="samples/udhr/en.md", metadata={"help": "Text whose sections query the samples' pages."}
     )
     data_dir: str = field(default="checkpoints/tiny", metadata={"help": "Where the prepared data goes."})
+    pretrain_documents: int = field(
+        default=4, metadata={"help": "Documents each sample is cut into (at `## ` sections) for pretraining."}
+    )
     rebuild: bool = field(default=False, metadata={"help": "Rebuild every step, even those already done."})
 
 
@@ -58,17 +68,17 @@ def main(argv: list[str] | None = None) -> None:
         build_base_model([*recipe, "--overwrite"])
 
     print(f"[2/5] data_prep: render, pages and evalset for {', '.join(pipeline_args.languages)} -> {pipeline_args.data_dir}")
-    prepared = prepare_data(recipe_args.seed, pipeline_args)
+    pretrain_pages = prepare_data(recipe_args.seed, pipeline_args)
 
     # pretrain on exactly the pages prepared above
-    pretrain_argv = [*recipe, "--datasets", *prepared, "--overwrite"]
-    _, _, training = parse_stage_arguments(
+    pretrain_argv = [*recipe, "--datasets", *pretrain_pages, "--overwrite"]
+    _, pretrain_args, training = parse_stage_arguments(
         "pretrain", (PretrainArguments, SFTConfig), pretrain_argv, machine_defaults=CPU_DEFAULTS
     )
     final = Path(training.output_dir) / "final"
     print(f"[3/5] stages.pretrain -> {final}")
-    if not pipeline_args.rebuild and (final / RUN_RECORD).is_file():
-        print(f"      {final}: complete; reusing it")
+    if not pipeline_args.rebuild and _pretrain_is_up_to_date(final, recipe_args.config, recipe_args.seed, pretrain_args):
+        print(f"      {final}: complete, same settings and data; reusing it")
     else:
         pretrain_main(pretrain_argv)
 
@@ -79,7 +89,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def prepare_data(seed: int, args: PipelineArguments) -> list[str]:
-    """Render, read back and build the eval set for the sample languages; return the pages datasets."""
+    """Render, read back and build the eval set for the sample languages; return the pretraining pages datasets."""
+    if args.pretrain_documents < 1:
+        raise UsageError(f"--pretrain_documents must be at least 1, got {args.pretrain_documents}.")
     root = Path(args.data_dir)
 
     def step(argv: list[str], output: Path, done_file: str) -> None:
@@ -92,12 +104,56 @@ def prepare_data(seed: int, args: PipelineArguments) -> list[str]:
         text = Path(args.samples) / f"{lang}.md"
         step(["render", "--lang", lang, "--input", str(text)], root / "pdfs" / lang, "render_manifest.json")
         step(["pages", "--lang", lang, "--input", str(root / "pdfs" / lang)], root / "pages" / lang, "manifest.json")
+        parts = write_parts(text, root / "pretrain-texts" / lang, args.pretrain_documents)
+        step(["render", "--lang", lang, "--input", *map(str, parts)], root / "pretrain-pdfs" / lang, "render_manifest.json")
+        step(
+            ["pages", "--lang", lang, "--input", str(root / "pretrain-pdfs" / lang)],
+            root / "pretrain-pages" / lang, "manifest.json",
+        )
     pages = [str(root / "pages" / lang) for lang in args.languages]
     step(
         ["evalset", "--lang", "en", "--pages", *pages, "--parallel_source", args.parallel_source],
         root / "evalset", "evalset.json",
     )
-    return pages
+    return [str(root / "pretrain-pages" / lang) for lang in args.languages]
+
+
+def write_parts(text_file: Path, folder: Path, count: int) -> list[Path]:
+    """Cut a Markdown text at its `## ` sections into `count` documents of about equal length (rewritten
+    only when their content changes, so that the renders made from them stay reusable)."""
+    head, *sections = re.split(r"^(?=## )", text_file.read_text(encoding="utf-8"), flags=re.M)
+    if len(sections) < count:
+        raise UsageError(f"{text_file} has {len(sections)} `## ` sections; it cannot be cut into {count} documents.")
+    ends = list(itertools.accumulate(map(len, sections)))
+    cuts = [0]
+    for k in range(1, count):
+        wanted = bisect.bisect_left(ends, k * ends[-1] / count) + 1
+        cuts.append(min(max(wanted, cuts[-1] + 1), len(sections) - (count - k)))  # no document left empty
+    groups = [sections[start:end] for start, end in zip(cuts, [*cuts[1:], len(sections)])]
+    folder.mkdir(parents=True, exist_ok=True)
+    parts = []
+    for number, group in enumerate(groups, start=1):
+        path = folder / f"{text_file.stem}-part{number}.md"
+        content = (head if number == 1 else "") + "".join(group)
+        if not path.is_file() or path.read_text(encoding="utf-8") != content:
+            write_text_atomic(path, content)
+        parts.append(path)
+    return parts
+
+
+def _pretrain_is_up_to_date(final: Path, recipe: str, seed: int, args: PretrainArguments) -> bool:
+    """Same recipe file, seed, pretrain settings and datasets as the finished run's record."""
+    try:
+        record = read_run_record(final, expected_stage="pretrain")
+    except UsageError:
+        return False
+    inputs = [recipe, *(str(Path(path) / "manifest.json") for path in args.datasets)]
+    pretrain_settings = json.loads(json.dumps(asdict(args)))  # as the record stores them: tuples become lists
+    return (
+        record["inputs"] == {path: sha256_file(path) for path in inputs}
+        and record["seed"] == seed
+        and record["config"]["pretrain"] == pretrain_settings
+    )
 
 
 def _is_up_to_date(args: BaseModelArguments) -> bool:

@@ -25,13 +25,13 @@ from data_prep.pages import read_pages_manifest
 
 from .artifacts import atomic_directory, check_input_paths, check_model_source, check_output_dir
 from .errors import UsageError, run_cli
+from .lora import lora_config, save_merged
 from .recipe import parse_stage_arguments
 from .run_record import RUN_RECORD, write_run_record
 
 logger = logging.getLogger(__name__)
 # on the CPU: no bf16, and without use_cpu several processes may silently not synchronise
 CPU_DEFAULTS = {"use_cpu": True, "bf16": False}
-LORA_TARGETS = r".*language_model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj"  # the LM's linear layers only
 
 
 @dataclass
@@ -180,14 +180,7 @@ def load_model(args: PretrainArguments, training, checkpoint: str | None):
     processor = AutoProcessor.from_pretrained(args.model_name_or_path)
     if args.freeze_vision:
         model.model.visual.requires_grad_(False)
-    peft_config = None
-    if args.tuning == "lora":
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(
-            r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=LORA_TARGETS,
-            task_type="CAUSAL_LM",
-        )
+    peft_config = lora_config(args.lora_r, args.lora_alpha, args.lora_dropout) if args.tuning == "lora" else None
     return model, processor, peft_config
 
 
@@ -239,11 +232,7 @@ def save_final(trainer, args: PretrainArguments, processor, output_dir: Path, re
         with atomic_directory(final) as tmp:
             if args.tuning == "lora":
                 # merged from the saved adapter onto freshly loaded base weights: works whatever the ZeRO stage
-                from peft import PeftModel
-                from transformers import AutoModelForImageTextToText
-
-                base = AutoModelForImageTextToText.from_pretrained(args.model_name_or_path, dtype="auto")
-                PeftModel.from_pretrained(base, output_dir / "adapter").merge_and_unload().save_pretrained(tmp)
+                save_merged(args.model_name_or_path, output_dir / "adapter", tmp)
             else:
                 for path in (output_dir / ".final-weights").iterdir():
                     path.rename(tmp / path.name)
@@ -299,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
         stage="pretrain",
         config={"recipe": vars(recipe_args), "pretrain": asdict(args), "sft": training.to_dict()},
         seed=recipe_args.seed,
-        inputs=[Path(path) / "manifest.json" for path in args.datasets],
+        inputs=[*([recipe_args.config] if recipe_args.config else []), *(Path(path) / "manifest.json" for path in args.datasets)],
         results={
             "examples": example_counts,
             "train_loss": result.training_loss,

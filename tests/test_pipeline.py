@@ -5,6 +5,7 @@ import pytest
 import yaml
 
 from stages.pipeline import main as run_pipeline
+from stages.pipeline import write_parts
 from stages.run_record import read_run_record
 
 from .conftest import REPO
@@ -31,8 +32,20 @@ def test_embedded_default_runs_what_exists_and_reuses_it(tmp_path, monkeypatch, 
 
     run_pipeline(argv)
     second = capsys.readouterr().out
-    assert "up to date" in second and second.count("complete; reusing it") == 6
+    assert "up to date" in second and second.count("complete; reusing it") == 9
+    assert "pretrain/final: complete, same settings and data; reusing it" in second
     assert read_run_record("checkpoints/tiny/base")["created"] == created
+
+    # pretraining held out whole documents of the languages it trained on
+    examples = read_run_record("checkpoints/tiny/pretrain/final")["results"]["examples"]
+    assert examples["held_out_documents"] >= 1 and examples["train_pages"] > examples["held_out_pages"] > 0
+
+    # a changed pretrain setting reruns pretraining only
+    recipe["pretrain"]["max_steps"] = 2
+    (tmp_path / "recipes/tiny.yaml").write_text(yaml.safe_dump(recipe, allow_unicode=True))
+    run_pipeline(argv)
+    third = capsys.readouterr().out
+    assert third.count("complete; reusing it") == 9 and "pretrain: 2 steps" in third
 
     # a changed corpus makes the base model stale; --rebuild redoes the data, with the same result
     with open("samples/udhr/en.md", "a", encoding="utf-8") as handle:
@@ -48,3 +61,13 @@ def test_samples_are_parallel_nfc_text(lang):
     assert unicodedata.is_normalized("NFC", text)
     assert text.startswith("# ")
     assert text.count("\n## ") == 31  # the preamble and the 30 articles, in the same order in every language
+
+
+def test_samples_cut_into_documents_at_sections_lose_nothing(tmp_path):
+    source = REPO / "samples/udhr/km.md"
+    parts = write_parts(source, tmp_path, 4)
+    texts = [part.read_text(encoding="utf-8") for part in parts]
+    assert "".join(texts) == source.read_text(encoding="utf-8")
+    assert all(text.startswith("## ") for text in texts[1:]) and texts[0].startswith("# ")
+    assert max(map(len, texts)) < 2 * min(map(len, texts))
+    assert [len(part.read_text()) for part in write_parts(source, tmp_path, 31)].count(0) == 0

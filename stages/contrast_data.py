@@ -1,0 +1,164 @@
+"""Training pairs for the contrastive stage: read from any-to-any JSONL, or built offline from pages datasets.
+
+JSONL (the reference format, one object per line; "" = that modality absent; image paths relative to
+the file):  {"anchor": {"text": "...", "image_path": ""}, "positive": {...}, "negative": {...}}
+
+From a pages dataset (pages cut into passages of about `passage_chars` characters at line breaks):
+- text pairs: consecutive passages of a document, and each bookmark title with the passage it heads;
+- multimodal pairs: a passage of a page's text -> that page's image (the retrieval direction).
+"""
+
+import io
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from .embedder import Item
+from .errors import UsageError
+
+MAX_LISTED = 5
+
+
+@dataclass(frozen=True)
+class Side:
+    text: str = ""
+    image: str | bytes | None = None  # a file path or encoded image bytes, opened when batched
+
+    def item(self) -> Item:
+        if self.image is None:
+            return Item(text=self.text)
+        from PIL import Image
+
+        source = io.BytesIO(self.image) if isinstance(self.image, bytes) else self.image
+        with Image.open(source) as image:
+            return Item(text=self.text, image=image.convert("RGB"))
+
+
+@dataclass(frozen=True)
+class Pair:
+    anchor: Side
+    positive: Side
+    negative: Side | None
+    document: str  # held-out splits are by document
+    kind: str  # "text" (both sides text only) or "multimodal"
+
+
+def _kind(*sides: Side | None) -> str:
+    return "multimodal" if any(side is not None and side.image is not None for side in sides) else "text"
+
+
+def read_jsonl_pairs(path: str) -> list[Pair]:
+    """Pairs of a JSONL file; every bad line is collected and reported at once."""
+    folder = Path(path).parent
+    pairs, problems = [], []
+
+    def side(line_number: int, value, role: str) -> Side | None:
+        if not isinstance(value, dict):
+            problems.append(f"line {line_number}: `{role}` is not an object")
+            return None
+        text, image_path = value.get("text") or "", value.get("image_path") or ""
+        if not isinstance(text, str) or not isinstance(image_path, str):
+            problems.append(f"line {line_number}: `{role}` text and image_path must be strings")
+            return None
+        if not text.strip() and not image_path:
+            problems.append(f"line {line_number}: `{role}` has neither text nor image_path")
+            return None
+        if image_path and not (folder / image_path).is_file():
+            problems.append(f"line {line_number}: `{role}` image {image_path} not found (paths are relative to {folder})")
+            return None
+        return Side(text, str(folder / image_path) if image_path else None)
+
+    with open(path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                problems.append(f"line {line_number}: not JSON ({error.msg})")
+                continue
+            if not isinstance(row, dict) or "anchor" not in row or "positive" not in row:
+                problems.append(f"line {line_number}: needs `anchor` and `positive`")
+                continue
+            anchor, positive = side(line_number, row["anchor"], "anchor"), side(line_number, row["positive"], "positive")
+            negative = side(line_number, row["negative"], "negative") if row.get("negative") else None
+            if anchor and positive:
+                pairs.append(Pair(anchor, positive, negative, f"{path}:{line_number}", _kind(anchor, positive, negative)))
+    if problems:
+        listed = "; ".join(problems[:MAX_LISTED])
+        raise UsageError(f"--train_files {path}: {len(problems)} bad lines ({listed}{'; ...' if len(problems) > MAX_LISTED else ''}); fix or remove them.")
+    if not pairs:
+        raise UsageError(f"--train_files {path} holds no pairs.")
+    return pairs
+
+
+def passages(text: str, passage_chars: int) -> list[str]:
+    """Consecutive lines joined until about `passage_chars` characters; lines that are only a number
+    (page numbers) dropped."""
+    found, current = [], []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.isdigit():
+            continue
+        current.append(line)
+        if sum(map(len, current)) >= passage_chars:
+            found.append(" ".join(current))
+            current = []
+    if current:
+        found.append(" ".join(current))
+    return found
+
+
+def pages_pairs(folder: str, passage_chars: int, seed: int) -> tuple[list[Pair], list[Pair]]:
+    """(text pairs, multimodal pairs) built from one pages dataset."""
+    import datasets
+
+    from data_prep.pages import read_pages_manifest
+
+    outlines = {entry["doc_id"]: entry.get("outline") or [] for entry in read_pages_manifest(folder, "--pages_datasets")["inputs"]}
+    pages = datasets.load_from_disk(folder).cast_column("image", datasets.Image(decode=False))
+    rng = random.Random(seed)
+    text_pairs, image_pairs = [], []
+    previous: dict[str, str] = {}  # doc_id -> its last passage so far, to pair across page breaks
+    for row in pages:
+        doc, page_passages = row["doc_id"], passages(row["text"], passage_chars)
+        if not page_passages:
+            continue
+        for passage in page_passages:
+            if doc in previous:
+                text_pairs.append(Pair(Side(previous[doc]), Side(passage), None, doc, "text"))
+            previous[doc] = passage
+        for _level, title, page in outlines.get(doc, []):
+            if page == row["page"]:
+                heads = [p for p in page_passages if title in p]
+                if heads and heads[0].strip() != title:
+                    text_pairs.append(Pair(Side(title), Side(heads[0]), None, doc, "text"))
+        image_pairs.append(Pair(Side(rng.choice(page_passages)), Side(image=row["image"]["bytes"]), None, doc, "multimodal"))
+    return text_pairs, image_pairs
+
+
+def mix(text_pairs: list[Pair], image_pairs: list[Pair], multimodal_fraction: float, seed: int) -> list[Pair]:
+    """All text pairs plus multimodal pairs making up `multimodal_fraction` of the result (sampled with
+    replacement when there are too few distinct ones; all of them and no text when the fraction is 1)."""
+    if multimodal_fraction >= 1.0 or not text_pairs:
+        return list(image_pairs) if multimodal_fraction > 0 else []
+    wanted = round(multimodal_fraction / (1 - multimodal_fraction) * len(text_pairs))
+    if wanted and not image_pairs:
+        return list(text_pairs)
+    rng = random.Random(seed)
+    chosen = rng.sample(image_pairs, wanted) if wanted <= len(image_pairs) else rng.choices(image_pairs, k=wanted)
+    return list(text_pairs) + chosen
+
+
+def batches(pairs: list[Pair], batch_size: int, *, homogeneous: bool, seed: int) -> list[list[Pair]]:
+    """One epoch of full batches in a seeded order; with `homogeneous`, each batch is text-only or
+    multimodal throughout (ZeRO-3 hangs when ranks disagree about having images)."""
+    rng = random.Random(seed)
+    pools = [[p for p in pairs if p.kind == kind] for kind in ("text", "multimodal")] if homogeneous else [list(pairs)]
+    result = []
+    for pool in pools:
+        rng.shuffle(pool)
+        result.extend(pool[start : start + batch_size] for start in range(0, len(pool) - batch_size + 1, batch_size))
+    rng.shuffle(result)
+    return result

@@ -1,0 +1,98 @@
+"""InfoNCE over in-batch positives and hard negatives gathered from every process, and its cached
+(GradCache-style) computation, which makes the contrastive batch independent of per-device memory.
+
+Cached computation (Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory
+Limited Setup"): encode the whole batch in mini-batches without a graph, compute the loss and its
+gradient with respect to the embeddings, then re-encode each mini-batch with a graph and backpropagate
+that cached gradient through it. Dropout masks are replayed, so values and gradients equal the plain
+computation's.
+"""
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward hands each process the summed gradient of its own slice (gloo has no
+    reduce_scatter, so: all_reduce, then slice)."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        ctx.rank, ctx.size = dist.get_rank(), tensor.shape[0]
+        gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, tensor.contiguous())
+        return torch.cat(gathered)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.size : (ctx.rank + 1) * ctx.size]
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Every process's `tensor` concatenated in rank order; gradients flow back to each process's own rows."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    return _GatherWithGrad.apply(tensor)
+
+
+def info_nce(anchors, positives, negatives=None, temperature: float = 0.03) -> tuple[torch.Tensor, int]:
+    """Mean InfoNCE of this process's anchors against every process's positives (and negatives).
+
+    Anchor i of rank r has its positive at r * local_batch + i in the gathered candidates. Returns the
+    loss and the number of candidates each anchor is scored against."""
+    candidates = [gather_with_grad(positives)]
+    if negatives is not None:
+        candidates.append(gather_with_grad(negatives))
+    candidates = torch.cat(candidates)
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    labels = torch.arange(anchors.shape[0], device=anchors.device) + rank * anchors.shape[0]
+    logits = anchors @ candidates.T / temperature
+    return F.cross_entropy(logits, labels), candidates.shape[0]
+
+
+class _RandomState:
+    """The CPU and CUDA random states at creation, to replay dropout masks exactly."""
+
+    def __init__(self):
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+    def restore(self):
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+
+
+def cached_contrastive_step(encode, chunks_by_role: list[list], backward, temperature: float) -> tuple[float, int]:
+    """One cached InfoNCE step: returns (loss value, candidates per anchor).
+
+    `chunks_by_role` holds, for anchors, positives and optionally negatives, the model inputs of each
+    mini-batch; `encode(inputs)` returns embeddings; `backward(tensor)` backpropagates a scalar (so
+    DeepSpeed or Accelerate can count its accumulation steps)."""
+    states, embeddings = [], []
+    with torch.no_grad():
+        for chunks in chunks_by_role:
+            role = []
+            for inputs in chunks:
+                states.append(_RandomState())
+                role.append(encode(inputs))
+            embeddings.append(torch.cat(role))
+    leaves = [e.detach().requires_grad_() for e in embeddings]
+    loss, candidates = info_nce(*leaves, temperature=temperature)
+    loss.backward()
+
+    step = 0
+    for chunks, leaf in zip(chunks_by_role, leaves):
+        start = 0
+        for inputs in chunks:
+            states[step].restore()
+            step += 1
+            with torch.enable_grad():
+                chunk = encode(inputs)
+            cached = leaf.grad[start : start + chunk.shape[0]]
+            start += chunk.shape[0]
+            backward(torch.dot(chunk.flatten(), cached.flatten()))
+    return loss.item(), candidates

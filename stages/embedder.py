@@ -1,0 +1,110 @@
+"""Embeddings from a VLM the LCO-Emb way, shared by stages.contrast (training) and stages.evaluate.
+
+An input is wrapped in the chat template with its modality's prompt and a generation prompt, padded on
+the LEFT, and its embedding is the final hidden state of the last token, L2-normalised. With right
+padding the last position would be a pad token for every input shorter than the longest.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+TEXT_PROMPT = "\nSummarize the above text in one word:"
+IMAGE_PROMPT = "\nSummarize the above image in one word:"
+IMAGE_TEXT_PROMPT = "\nSummarize the above in one word:"
+
+
+@dataclass(frozen=True)
+class Item:
+    """One side of a pair: a text, a page image (PIL), or both."""
+
+    text: str = ""
+    image: object = None
+
+
+def item_messages(item: Item) -> list[dict]:
+    content = []
+    if item.image is not None:
+        content.append({"type": "image"})
+    prompt = IMAGE_TEXT_PROMPT if item.image is not None and item.text else IMAGE_PROMPT if item.image is not None else TEXT_PROMPT
+    content.append({"type": "text", "text": item.text + prompt})
+    return [{"role": "user", "content": content}]
+
+
+def truncate_text(tokenizer, text: str, max_tokens: int) -> str:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens])
+
+
+def thumbnail(image, max_side: int):
+    image = image.convert("RGB")
+    if max(image.size) > max_side:
+        image = image.copy()
+        image.thumbnail((max_side, max_side))
+    return image
+
+
+def model_inputs(processor, items: list[Item], max_text_tokens: int, image_max_side: int) -> dict:
+    """Processor outputs for `items`, left-padded, texts cut to `max_text_tokens`, images to `image_max_side`."""
+    tokenizer = processor.tokenizer
+    prompts, images = [], []
+    for item in items:
+        item = Item(truncate_text(tokenizer, item.text, max_text_tokens), item.image)
+        prompts.append(processor.apply_chat_template(item_messages(item), add_generation_prompt=True, tokenize=False))
+        if item.image is not None:
+            images.append(thumbnail(item.image, image_max_side))
+    tokenizer.padding_side = "left"
+    return processor(text=prompts, images=images or None, padding=True, return_tensors="pt")
+
+
+def last_token_embeddings(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    if not bool(attention_mask[:, -1].all()):
+        raise ValueError("the last position is padding: inputs must be padded on the left")
+    return F.normalize(hidden_states[:, -1].float(), dim=-1)
+
+
+class EmbeddingModel(torch.nn.Module):
+    """A VLM whose forward returns pooled, normalised embeddings (no vocabulary-sized logits computed).
+
+    A module of its own so that DDP and DeepSpeed wrap the very forward that training calls."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **inputs) -> torch.Tensor:
+        backbone = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        output = backbone.model(**inputs, use_cache=False)
+        return last_token_embeddings(output.last_hidden_state, inputs["attention_mask"])
+
+
+class Embedder:
+    """Load a model folder and encode texts and page images in batches."""
+
+    def __init__(self, model_dir: str, *, device: str | None = None, dtype: str = "auto",
+                 max_text_tokens: int = 650, image_max_side: int = 700):
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype)
+        self.model = EmbeddingModel(model).to(self.device).eval()
+        self.processor = AutoProcessor.from_pretrained(model_dir)
+        self.max_text_tokens = max_text_tokens
+        self.image_max_side = image_max_side
+
+    @torch.no_grad()
+    def encode(self, items: list[Item], batch_size: int = 16, progress: str | None = None) -> torch.Tensor:
+        from tqdm.auto import tqdm
+
+        chunks = []
+        for start in tqdm(range(0, len(items), batch_size), desc=progress, disable=progress is None):
+            inputs = model_inputs(self.processor, items[start : start + batch_size], self.max_text_tokens, self.image_max_side)
+            chunks.append(self.model(**inputs.to(self.device)).cpu())
+        return torch.cat(chunks) if chunks else torch.empty(0, self.model.model.config.text_config.hidden_size)
+
+    def encode_texts(self, texts: list[str], batch_size: int = 16, progress: str | None = None) -> torch.Tensor:
+        return self.encode([Item(text=text) for text in texts], batch_size, progress)
+
+    def encode_images(self, images: list, batch_size: int = 16, progress: str | None = None) -> torch.Tensor:
+        return self.encode([Item(image=image) for image in images], batch_size, progress)

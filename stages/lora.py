@@ -1,0 +1,21 @@
+"""LoRA on the language model's linear layers (vision tower and merger untouched), and its merge."""
+
+from pathlib import Path
+
+LORA_TARGETS = r".*language_model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj"
+
+
+def lora_config(r: int, alpha: int, dropout: float):
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+
+
+def save_merged(base_model: str, adapter: Path, folder: Path) -> None:
+    """Merge the saved `adapter` into freshly loaded base weights in their own dtype (never into
+    dequantised weights that are then thrown away) and save the result to `folder`."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    base = AutoModelForImageTextToText.from_pretrained(base_model, dtype="auto")
+    PeftModel.from_pretrained(base, adapter).merge_and_unload().save_pretrained(folder)

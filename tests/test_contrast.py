@@ -1,0 +1,235 @@
+import json
+import math
+import subprocess
+import sys
+
+import pymupdf
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from peft import get_peft_model
+from transformers import AutoModelForImageTextToText
+
+from data_prep.pages import PageSettings, build_pages_dataset
+from stages.base_model import main as build_base_model
+from stages.contrast import main as contrast
+from stages.contrast_data import passages, read_jsonl_pairs
+from stages.contrastive_loss import cached_contrastive_step, info_nce
+from stages.embedder import Embedder, EmbeddingModel, Item, model_inputs
+from stages.errors import UsageError
+from stages.lora import lora_config
+from stages.run_record import read_run_record, verify_chain
+
+from .conftest import REPO
+
+THAI = (REPO / "samples/udhr/th.md").read_text(encoding="utf-8").split("\n\n")
+TEXTS = ["สวัสดี", "ข้อ 1 มนุษย์ทั้งหลายเกิดมามีอิสระ", "Article 2", "ข้อ 3", "ทุกคนมีสิทธิในการดำรงชีวิต เสรีภาพ", "x"]
+
+
+def test_loss_is_log_b_for_uninformative_embeddings():
+    same = F.normalize(torch.ones(8, 16), dim=-1)
+    loss, candidates = info_nce(same, same, temperature=0.03)
+    assert candidates == 8 and loss.item() == pytest.approx(math.log(8), rel=1e-6)
+    loss, candidates = info_nce(same, same, same, temperature=0.03)
+    assert candidates == 16 and loss.item() == pytest.approx(math.log(16), rel=1e-6)
+
+
+def test_loss_is_zero_for_a_perfect_separation():
+    one_hot = torch.eye(8)
+    assert info_nce(one_hot, one_hot, temperature=0.01)[0].item() < 1e-30
+
+
+def lora_embedding_model(folder, dropout=0.1):
+    torch.manual_seed(0)
+    base = AutoModelForImageTextToText.from_pretrained(folder)
+    model = EmbeddingModel(get_peft_model(base, lora_config(4, 8, dropout)))
+    with torch.no_grad():  # LoRA B starts at zero; move it so the adapters matter
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.1)
+    return model.train()
+
+
+def test_trainable_parameters_are_exactly_the_language_models_lora(tiny_model):
+    model = lora_embedding_model(tiny_model[2])
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    lora = {name for name, _ in model.named_parameters() if "lora_" in name}
+    assert trainable == lora and lora
+    assert all(".language_model.layers." in name for name in lora)
+    assert {name.split(".lora_")[0].rsplit(".", 1)[1] for name in lora} == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
+    }
+
+
+def test_cached_loss_equals_the_plain_loss_in_value_and_gradients(tiny_model):
+    processor = tiny_model[1]
+    model = lora_embedding_model(tiny_model[2], dropout=0.2)
+    chunks = [
+        [model_inputs(processor, [Item(t) for t in TEXTS[i : i + 2]], 64, 448) for i in range(0, 6, 2)],
+        [model_inputs(processor, [Item(t + " .") for t in TEXTS[i : i + 2]], 64, 448) for i in range(0, 6, 2)],
+    ]
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    torch.manual_seed(1)
+    plain = info_nce(*[torch.cat([model(**inputs) for inputs in role]) for role in chunks], temperature=0.05)[0]
+    plain.backward()
+    plain_grads = [p.grad.clone() for p in params]
+    model.zero_grad()
+
+    torch.manual_seed(1)
+    cached, candidates = cached_contrastive_step(lambda inputs: model(**inputs), chunks, lambda t: t.backward(), 0.05)
+    assert candidates == 6 and cached == pytest.approx(plain.item(), rel=1e-5)
+    for plain_grad, param in zip(plain_grads, params):
+        torch.testing.assert_close(param.grad, plain_grad, rtol=1e-4, atol=1e-6)
+    assert any(g.abs().sum() > 0 for g in plain_grads)
+
+
+def _two_process_loss(rank, init_file, anchors, positives, results):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    mine = slice(rank * 3, rank * 3 + 3)
+    local_positives = positives[mine].clone().requires_grad_()
+    loss, candidates = info_nce(anchors[mine], local_positives, temperature=0.1)
+    loss.backward()
+    results[rank] = (loss.item(), candidates, local_positives.grad)
+    dist.destroy_process_group()
+
+
+def test_gathered_candidates_and_rank_offset_labels_for_two_processes(tmp_path):
+    torch.manual_seed(0)
+    anchors, positives = F.normalize(torch.randn(6, 8), dim=-1), F.normalize(torch.randn(6, 8), dim=-1)
+    results = mp.Manager().dict()
+    mp.spawn(_two_process_loss, args=(str(tmp_path / "init"), anchors, positives, results), nprocs=2)
+
+    # single process: rank r's anchors against all six positives, labels 3r..3r+2; the total of both losses
+    everything = positives.clone().requires_grad_()
+    losses = [F.cross_entropy(anchors[r * 3 : r * 3 + 3] @ everything.T / 0.1, torch.arange(3) + 3 * r) for r in (0, 1)]
+    sum(losses).backward()
+    for rank in (0, 1):
+        loss, candidates, grad = results[rank]
+        assert candidates == 6 and loss == pytest.approx(losses[rank].item(), rel=1e-6)
+        torch.testing.assert_close(grad, everything.grad[rank * 3 : rank * 3 + 3])  # the other rank's share came back
+
+
+def test_left_padded_pooling_equals_the_unpadded_embedding(tiny_model):
+    processor, model = tiny_model[1], EmbeddingModel(tiny_model[0]).eval()
+    items = [Item(TEXTS[0]), Item(TEXTS[4]), Item(TEXTS[5])]
+    with torch.no_grad():
+        batched = model(**model_inputs(processor, items, 64, 448))
+        alone = torch.cat([model(**model_inputs(processor, [item], 64, 448)) for item in items])
+    torch.testing.assert_close(batched, alone, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(batched.norm(dim=-1), torch.ones(3))
+
+
+def test_images_and_texts_embed_together(tiny_model, thai_khmer_page):
+    processor, model = tiny_model[1], EmbeddingModel(tiny_model[0]).eval()
+    with torch.no_grad():
+        mixed = model(**model_inputs(processor, [Item(TEXTS[1]), Item(image=thai_khmer_page)], 64, 200))
+        image_alone = model(**model_inputs(processor, [Item(image=thai_khmer_page)], 64, 200))
+    torch.testing.assert_close(mixed[1:], image_alone, rtol=1e-4, atol=1e-5)
+
+
+def test_passages_drop_page_numbers_and_keep_every_line():
+    text = "3\nline one\nline two is longer\n\nthird"
+    assert passages(text, 10) == ["line one line two is longer", "third"]
+
+
+def test_bad_jsonl_lines_are_listed_together(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(
+        '{"anchor": {"text": "a"}, "positive": {"text": "b"}}\n'
+        "not json\n"
+        '{"anchor": {"text": ""}, "positive": {"text": "b"}}\n'
+        '{"anchor": {"text": "a"}, "positive": {"image_path": "missing.png"}}\n',
+        encoding="utf-8",
+    )
+    with pytest.raises(UsageError, match=r"3 bad lines \(line 2: not JSON.*line 3: `anchor` has neither.*line 4: `positive` image missing.png not found"):
+        read_jsonl_pairs(str(path))
+
+
+@pytest.fixture(scope="module")
+def pages(tmp_path_factory):
+    """A Thai pages dataset: 6 documents of 2 pages each, with bookmarks."""
+    folder = tmp_path_factory.mktemp("contrast")
+    for doc in range(6):
+        document = pymupdf.open()
+        for page_number in range(2):
+            page = document.new_page(width=300, height=300)
+            text = THAI[2 + doc * 2 + page_number][:220]
+            page.insert_htmlbox(page.rect + (10, 10, -10, -10), f"<p style='font-family: Noto Sans Thai'>{text}</p>")
+        document.set_toc([[1, THAI[2 + doc * 2][:12], 1]])
+        document.save(folder / f"doc{doc}.pdf")
+    settings = PageSettings("th", 72, 50_000, "never", 144, "tha", ("0E00-0E7F",))
+    build_pages_dataset([str(folder)], str(folder / "pages"), settings, workers=1, resume=False, max_skip_fraction=0.0)
+    return folder / "pages"
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("base") / "base"
+    build_base_model(["--config", str(REPO / "recipes/tiny.yaml"), "--output_dir", str(folder)])
+    return folder
+
+
+def contrast_argv(base, pages, output, *extra):
+    return [
+        "--config", str(REPO / "recipes/tiny.yaml"), "--lang", "th", "--model_name_or_path", str(base),
+        "--pages_datasets", str(pages), "--output_dir", str(output), "--passage_chars", "40",
+        "--contrastive_batch_size", "8", "--mini_batch_size", "4", "--eval_fraction", "0.3", "--eval_steps", "0",
+        "--logging_steps", "1", "--image_max_side", "200", "--max_text_tokens", "48", *extra,
+    ]
+
+
+ENCODE = """
+import json, sys
+from stages.embedder import Embedder
+embedder = Embedder(sys.argv[1])
+print(json.dumps(embedder.encode_texts(json.loads(sys.argv[2]), batch_size=2).tolist()))
+"""
+
+
+def test_contrast_run_trains_lora_and_its_merged_final_embeds_like_the_adapter(base, pages, tmp_path, capsys):
+    contrast(contrast_argv(base, pages, tmp_path / "run", "--max_steps", "3", "--learning_rate", "1.0e-2"))
+    final = tmp_path / "run" / "final"
+    record = read_run_record(final, expected_stage="contrast")
+    assert [r["stage"] for r in verify_chain(final)] == ["contrast", "base_model"]
+    history = record["results"]["loss_history"]
+    assert [e["step"] for e in history] == [1, 2, 3] and all(e["candidates"] == 8 for e in history)
+    assert [e["step"] for e in record["results"]["held_out_accuracy"]] == [0, 3]
+    assert record["results"]["pairs"]["train_multimodal"] > 0 and record["results"]["pairs"]["held_out_pairs"] > 0
+    assert (final / "chat_template.jinja").is_file() or (final / "processor_config.json").is_file()
+
+    # the merged model in a fresh process embeds as the base model plus the saved adapter does here
+    from peft import PeftModel
+
+    adapted = EmbeddingModel(PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base), tmp_path / "run" / "adapter")).eval()
+    processor = Embedder(str(final)).processor
+    with torch.no_grad():
+        expected = torch.cat([adapted(**model_inputs(processor, [Item(t) for t in TEXTS[i : i + 2]], 650, 700)) for i in (0, 2, 4)])
+    plain = Embedder(str(base)).encode_texts(TEXTS)
+    output = subprocess.run([sys.executable, "-c", ENCODE, str(final), json.dumps(TEXTS)], capture_output=True, text=True, cwd=REPO, check=True)
+    merged = torch.tensor(json.loads(output.stdout))
+    torch.testing.assert_close(merged, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(merged, plain, atol=1e-4)  # training changed the embeddings
+
+
+def test_a_batch_larger_than_the_data_is_refused(base, pages, tmp_path, capsys):
+    from stages.errors import run_cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(contrast, contrast_argv(base, pages, tmp_path / "run", "--contrastive_batch_size", "4096"))
+    assert exit_info.value.code == 2 and "fewer than --contrastive_batch_size 4096" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_process_deepspeed_zero2_with_the_cached_loss_finishes(base, pages, tmp_path):
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "stages.contrast",
+        *contrast_argv(base, pages, tmp_path / "run", "--max_steps", "2", "--deepspeed", str(REPO / "recipes/deepspeed/zero2.json")),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = read_run_record(tmp_path / "run" / "final", expected_stage="contrast")
+    assert [e["candidates"] for e in record["results"]["loss_history"]] == [8, 8]  # 4 per process, gathered
+    assert "4 per process x 2" in result.stdout
