@@ -165,31 +165,34 @@ def deepspeed_plugin(path: str, mini_batch_size: int, accumulation: int, bf16: b
     return DeepSpeedPlugin(hf_ds_config=config, gradient_accumulation_steps=accumulation)
 
 
-def held_out_accuracy(model, processor, pairs, args: ContrastArguments) -> float | None:
-    """Share of held-out anchors whose nearest candidate among up to `contrastive_batch_size` held-out
-    positives is their own."""
+def held_out_accuracy(model, processor, pairs, args: ContrastArguments, seed: int) -> float | None:
+    """Share of held-out anchors whose nearest positive, among the positives of their batch of
+    `contrastive_batch_size` held-out pairs (seeded order; a shorter one if there are fewer), is their own."""
     import torch
 
+    from .contrast_data import batches
     from .embedder import model_inputs
 
     if len(pairs) < 2:
         return None
-    pairs = pairs[: args.contrastive_batch_size]
+    groups = batches(pairs, min(args.contrastive_batch_size, len(pairs)), homogeneous=False, seed=seed)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    hits = []
     with torch.no_grad():
-        sides = []
-        for role in ("anchor", "positive"):
-            items = [getattr(pair, role).item() for pair in pairs]
-            sides.append(torch.cat([
-                model(**model_inputs(processor, items[i : i + args.mini_batch_size], args.max_text_tokens, args.image_max_side).to(device))
-                for i in range(0, len(items), args.mini_batch_size)
-            ]))
+        for group in groups:
+            sides = []
+            for role in ("anchor", "positive"):
+                items = [getattr(pair, role).item() for pair in group]
+                sides.append(torch.cat([
+                    model(**model_inputs(processor, items[i : i + args.mini_batch_size], args.max_text_tokens, args.image_max_side).to(device))
+                    for i in range(0, len(items), args.mini_batch_size)
+                ]))
+            anchors, positives = sides
+            hits.append((anchors @ positives.T).argmax(dim=1) == torch.arange(len(group), device=device))
     model.train(was_training)
-    anchors, positives = sides
-    hits = (anchors @ positives.T).argmax(dim=1) == torch.arange(len(pairs), device=anchors.device)
-    return round(hits.float().mean().item(), 4)
+    return round(torch.cat(hits).float().mean().item(), 4)
 
 
 def train(args: ContrastArguments, train_pairs, held_out, seed: int):
@@ -244,7 +247,7 @@ def train(args: ContrastArguments, train_pairs, held_out, seed: int):
 
     def evaluate(step: int) -> None:
         if accelerator.is_main_process:
-            accuracy = held_out_accuracy(accelerator.unwrap_model(model), processor, held_out, args)
+            accuracy = held_out_accuracy(accelerator.unwrap_model(model), processor, held_out, args, seed)
             accuracy_history.append({"step": step, "in_batch_accuracy": accuracy})
             logger.info("held-out in-batch retrieval accuracy at step %d: %s", step, accuracy)
         accelerator.wait_for_everyone()

@@ -4,7 +4,8 @@ JSONL (the reference format, one object per line; "" = that modality absent; ima
 the file):  {"anchor": {"text": "...", "image_path": ""}, "positive": {...}, "negative": {...}}
 
 From a pages dataset (pages cut into passages of about `passage_chars` characters at line breaks):
-- text pairs: consecutive passages of a document, and each bookmark title with the passage it heads;
+- text pairs: consecutive passages of a document; two overlapping random crops of a passage (Contriever's
+  independent cropping, Izacard et al. 2022); and each bookmark title with the passage it heads;
 - multimodal pairs: a passage of a page's text -> that page's image (the retrieval direction).
 """
 
@@ -110,6 +111,18 @@ def passages(text: str, passage_chars: int) -> list[str]:
     return found
 
 
+def crop(text: str, rng: random.Random, share: float = 0.6) -> str:
+    """A random span of `share` of the text's characters, widened to whole words where there are spaces."""
+    length = max(1, round(share * len(text)))
+    start = rng.randrange(len(text) - length + 1)
+    end = start + length
+    while 0 < start and not text[start - 1].isspace() and start > end - length * 1.5:
+        start -= 1
+    while end < len(text) and not text[end].isspace() and end < start + length * 1.5:
+        end += 1
+    return text[start:end].strip()
+
+
 def pages_pairs(folder: str, passage_chars: int, seed: int) -> tuple[list[Pair], list[Pair]]:
     """(text pairs, multimodal pairs) built from one pages dataset."""
     import datasets
@@ -129,6 +142,7 @@ def pages_pairs(folder: str, passage_chars: int, seed: int) -> tuple[list[Pair],
             if doc in previous:
                 text_pairs.append(Pair(Side(previous[doc]), Side(passage), None, doc, "text"))
             previous[doc] = passage
+            text_pairs.append(Pair(Side(crop(passage, rng)), Side(crop(passage, rng)), None, doc, "text"))
         for _level, title, page in outlines.get(doc, []):
             if page == row["page"]:
                 heads = [p for p in page_passages if title in p]

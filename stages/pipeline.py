@@ -23,14 +23,16 @@ from data_prep.__main__ import main as data_prep_main
 from .base_model import BaseModelArguments
 from .base_model import main as build_base_model
 from .artifacts import write_text_atomic
+from .contrast import ContrastArguments
+from .contrast import main as contrast_main
 from .errors import UsageError, run_cli
 from .pretrain import CPU_DEFAULTS, PretrainArguments
 from .pretrain import main as pretrain_main
 from .recipe import parse_stage_arguments
-from .run_record import read_run_record, sha256_file
+from .run_record import RUN_RECORD, read_run_record, sha256_file
 
 # stage -> the issue that builds it; until then the pipeline says so instead of pretending
-NOT_BUILT = {"stages.contrast": 5, "stages.evaluate": 6}
+NOT_BUILT = {"stages.evaluate": 6}
 
 
 @dataclass
@@ -71,21 +73,36 @@ def main(argv: list[str] | None = None) -> None:
     pretrain_pages = prepare_data(recipe_args.seed, pipeline_args)
 
     # pretrain on exactly the pages prepared above
-    pretrain_argv = [*recipe, "--datasets", *pretrain_pages, "--overwrite"]
+    pretrain_argv = [*recipe, "--model_name_or_path", base_args.output_dir, "--datasets", *pretrain_pages, "--overwrite"]
     _, pretrain_args, training = parse_stage_arguments(
         "pretrain", (PretrainArguments, SFTConfig), pretrain_argv, machine_defaults=CPU_DEFAULTS
     )
-    final = Path(training.output_dir) / "final"
-    print(f"[3/5] stages.pretrain -> {final}")
-    if not pipeline_args.rebuild and _pretrain_is_up_to_date(final, recipe_args.config, recipe_args.seed, pretrain_args):
-        print(f"      {final}: complete, same settings and data; reusing it")
+    pretrained = Path(training.output_dir) / "final"
+    print(f"[3/5] stages.pretrain -> {pretrained}")
+    inputs = [recipe_args.config, *(str(Path(path) / "manifest.json") for path in pretrain_pages)]
+    if not pipeline_args.rebuild and _run_is_up_to_date(
+        pretrained, "pretrain", recipe_args.seed, pretrain_args, inputs, base_args.output_dir
+    ):
+        print(f"      {pretrained}: complete, same settings and data; reusing it")
     else:
         pretrain_main(pretrain_argv)
 
-    for step, (stage, issue) in enumerate(NOT_BUILT.items(), start=4):
+    # contrastive refinement of that model, with pairs from the same pages
+    contrast_argv = [*recipe, "--model_name_or_path", str(pretrained), "--pages_datasets", *pretrain_pages, "--overwrite"]
+    _, contrast_args = parse_stage_arguments("contrast", (ContrastArguments,), contrast_argv)
+    refined = Path(contrast_args.output_dir) / "final"
+    print(f"[4/5] stages.contrast -> {refined}")
+    if not pipeline_args.rebuild and _run_is_up_to_date(
+        refined, "contrast", recipe_args.seed, contrast_args, inputs, str(pretrained)
+    ):
+        print(f"      {refined}: complete, same settings and data; reusing it")
+    else:
+        contrast_main(contrast_argv)
+
+    for step, (stage, issue) in enumerate(NOT_BUILT.items(), start=5):
         print(f"[{step}/5] {stage}: not built yet (issue #{issue}); skipped")
 
-    print(f"pipeline: ran 3 of 5 steps in {time.monotonic() - started:.0f}s; {len(NOT_BUILT)} stages are not built yet.")
+    print(f"pipeline: ran 4 of 5 steps in {time.monotonic() - started:.0f}s; {len(NOT_BUILT)} stage is not built yet.")
 
 
 def prepare_data(seed: int, args: PipelineArguments) -> list[str]:
@@ -141,18 +158,18 @@ def write_parts(text_file: Path, folder: Path, count: int) -> list[Path]:
     return parts
 
 
-def _pretrain_is_up_to_date(final: Path, recipe: str, seed: int, args: PretrainArguments) -> bool:
-    """Same recipe file, seed, pretrain settings and datasets as the finished run's record."""
+def _run_is_up_to_date(final: Path, stage: str, seed: int, settings, inputs: list[str], parent: str) -> bool:
+    """Same seed, stage settings, input files and parent run as the finished run's record."""
     try:
-        record = read_run_record(final, expected_stage="pretrain")
+        record = read_run_record(final, expected_stage=stage)
     except UsageError:
         return False
-    inputs = [recipe, *(str(Path(path) / "manifest.json") for path in args.datasets)]
-    pretrain_settings = json.loads(json.dumps(asdict(args)))  # as the record stores them: tuples become lists
+    parent_record = Path(parent) / RUN_RECORD
     return (
         record["inputs"] == {path: sha256_file(path) for path in inputs}
         and record["seed"] == seed
-        and record["config"]["pretrain"] == pretrain_settings
+        and record["config"][stage] == json.loads(json.dumps(asdict(settings)))  # as stored: tuples become lists
+        and (record["parent"] or {}).get("record_sha256") == (sha256_file(parent_record) if parent_record.is_file() else None)
     )
 
 

@@ -233,3 +233,16 @@ def test_two_process_deepspeed_zero2_with_the_cached_loss_finishes(base, pages, 
     record = read_run_record(tmp_path / "run" / "final", expected_stage="contrast")
     assert [e["candidates"] for e in record["results"]["loss_history"]] == [8, 8]  # 4 per process, gathered
     assert "4 per process x 2" in result.stdout
+
+
+def test_mix_and_homogeneous_batches():
+    from stages.contrast_data import Pair, Side, batches, mix
+
+    text = [Pair(Side(f"t{i}"), Side(f"u{i}"), None, f"d{i % 3}", "text") for i in range(16)]
+    images = [Pair(Side(f"p{i}"), Side(image=b"png"), None, f"d{i}", "multimodal") for i in range(3)]
+    mixed = mix(text, images, 0.2, seed=0)
+    assert len(mixed) == 20 and sum(p.kind == "multimodal" for p in mixed) == 4  # 4 of 20: sampled with replacement
+    assert mix(text, images, 0.0, seed=0) == text and mix(text, images, 1.0, seed=0) == images
+    every = batches(mixed, 4, homogeneous=True, seed=0)
+    assert len(every) == 5 and all(len({p.kind for p in batch}) == 1 for batch in every)
+    assert batches(mixed, 4, homogeneous=True, seed=0) == every != batches(mixed, 4, homogeneous=True, seed=1)

@@ -17,6 +17,7 @@ def test_embedded_default_runs_what_exists_and_reuses_it(tmp_path, monkeypatch, 
     shutil.copytree(REPO / "recipes", tmp_path / "recipes")
     recipe = yaml.safe_load((tmp_path / "recipes/tiny.yaml").read_text())
     recipe["pretrain"] |= {"max_steps": 4, "eval_steps": 2, "save_steps": 2, "cer_pages": 1, "max_length": 400}
+    recipe["contrast"] |= {"max_steps": 2, "eval_steps": 0}
     (tmp_path / "recipes/tiny.yaml").write_text(yaml.safe_dump(recipe, allow_unicode=True))
     shutil.copytree(REPO / "samples", tmp_path / "samples")
     monkeypatch.chdir(tmp_path)
@@ -26,7 +27,8 @@ def test_embedded_default_runs_what_exists_and_reuses_it(tmp_path, monkeypatch, 
     first = capsys.readouterr().out
     assert "wrote a randomly initialised qwen2_5_vl model" in first
     assert "data_prep evalset: 31 queries, 62 relevance judgements" in first
-    assert "held-out CER" in first and "stages.contrast: not built yet (issue #5)" in first
+    assert "held-out CER" in first and "held-out in-batch accuracy" in first
+    assert "stages.evaluate: not built yet (issue #6)" in first
     created = read_run_record("checkpoints/tiny/base", expected_stage="base_model")["created"]
     qrels = (tmp_path / "checkpoints/tiny/evalset/qrels.tsv").read_text()
 
@@ -34,18 +36,19 @@ def test_embedded_default_runs_what_exists_and_reuses_it(tmp_path, monkeypatch, 
     second = capsys.readouterr().out
     assert "up to date" in second and second.count("complete; reusing it") == 9
     assert "pretrain/final: complete, same settings and data; reusing it" in second
+    assert "contrast/final: complete, same settings and data; reusing it" in second
     assert read_run_record("checkpoints/tiny/base")["created"] == created
 
     # pretraining held out whole documents of the languages it trained on
     examples = read_run_record("checkpoints/tiny/pretrain/final")["results"]["examples"]
     assert examples["held_out_documents"] >= 1 and examples["train_pages"] > examples["held_out_pages"] > 0
 
-    # a changed pretrain setting reruns pretraining only
+    # a changed pretrain setting reruns pretraining, and contrast after it
     recipe["pretrain"]["max_steps"] = 2
     (tmp_path / "recipes/tiny.yaml").write_text(yaml.safe_dump(recipe, allow_unicode=True))
     run_pipeline(argv)
     third = capsys.readouterr().out
-    assert third.count("complete; reusing it") == 9 and "pretrain: 2 steps" in third
+    assert third.count("complete; reusing it") == 9 and "pretrain: 2 steps" in third and "contrast: 2 steps" in third
 
     # a changed corpus makes the base model stale; --rebuild redoes the data, with the same result
     with open("samples/udhr/en.md", "a", encoding="utf-8") as handle:
