@@ -119,8 +119,9 @@ def _write_queries_and_qrels(folder: Path, queries: list[dict], qrels: list[tupl
         handle.writelines(f"{q}\t{c}\t{s}\n" for q, c, s in qrels if q in kept)
 
 
-def convert_parquet_evalset(source: str, output: str) -> dict:
-    """A local SeaDoc/ViDoRe parquet folder (corpus, query(ies), qrels) to the BEIR-with-images layout."""
+def read_parquet_evalset(source: str) -> tuple[list[dict], list[dict], list[tuple[str, str, int]]]:
+    """(corpus rows {_id, image bytes, text, lang}, queries {_id, text, lang}, qrels) of a local
+    SeaDoc/ViDoRe parquet folder (configs corpus, query or queries, qrels)."""
     import pyarrow.parquet as pq
 
     folder = Path(source)
@@ -130,27 +131,36 @@ def convert_parquet_evalset(source: str, output: str) -> dict:
             files = sorted(folder.glob(f"{name}/*.parquet")) + sorted(folder.glob(f"{name}*.parquet"))
             if files:
                 return [row for path in files for row in pq.read_table(path).to_pylist()]
-        raise UsageError(f"--parquet {folder}: no {' or '.join(names)} parquet files (expected {names[0]}/*.parquet).")
+        raise UsageError(f"{folder}: no {' or '.join(names)} parquet files (expected {names[0]}/*.parquet).")
 
-    corpus, query_rows, qrel_rows = table("corpus"), table("query", "queries"), table("qrels")
-    ids = {str(_first(row, "corpus-id", "_id", "id", "docid")) for row in corpus}
-    qrels = [(str(_first(r, "query-id", "query_id")), str(_first(r, "corpus-id", "corpus_id")), int(r.get("score", 1))) for r in qrel_rows]
+    corpus = [
+        {"_id": str(_first(row, "corpus-id", "_id", "id", "docid")), "image": (row.get("image") or {}).get("bytes"),
+         "text": row.get("text") or "", "lang": row.get("language") or row.get("lang") or ""}
+        for row in table("corpus")
+    ]
+    queries = [
+        {"_id": str(_first(row, "query-id", "_id", "id", "query_id")), "text": _first(row, "query", "text"),
+         "lang": row.get("language") or row.get("lang") or ""}
+        for row in table("query", "queries")
+    ]
+    qrels = [(str(_first(r, "query-id", "query_id")), str(_first(r, "corpus-id", "corpus_id")), int(r.get("score", 1))) for r in table("qrels")]
+    return corpus, queries, qrels
+
+
+def convert_parquet_evalset(source: str, output: str) -> dict:
+    """A local SeaDoc/ViDoRe parquet folder to the BEIR-with-images layout."""
+    corpus, queries, qrels = read_parquet_evalset(source)
+    ids = {row["_id"] for row in corpus}
     unknown = [corpus_id for _, corpus_id, _ in qrels if corpus_id not in ids]
     if unknown:
-        raise UsageError(f"--parquet {folder}: qrels name {len(unknown)} unknown corpus ids, e.g. {unknown[:3]}.")
+        raise UsageError(f"--parquet {source}: qrels name {len(unknown)} unknown corpus ids, e.g. {unknown[:3]}.")
     with atomic_directory(output) as tmp:
         (tmp / "images").mkdir()
         with open(tmp / "corpus.jsonl", "w", encoding="utf-8") as handle:
             for row in corpus:
-                corpus_id = str(_first(row, "corpus-id", "_id", "id", "docid"))
-                name = f"images/{re.sub(r'[^A-Za-z0-9_.-]', '_', corpus_id)}.{_image_suffix(row['image']['bytes'])}"
-                (tmp / name).write_bytes(row["image"]["bytes"])
-                record = {"_id": corpus_id, "image": name, "text": row.get("text") or "", "lang": row.get("language") or row.get("lang") or ""}
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        queries = [
-            {"_id": str(_first(row, "query-id", "_id", "id", "query_id")), "text": _first(row, "query", "text"), "lang": row.get("language") or row.get("lang") or ""}
-            for row in query_rows
-        ]
+                name = f"images/{re.sub(r'[^A-Za-z0-9_.-]', '_', row['_id'])}.{_image_suffix(row['image'])}"
+                (tmp / name).write_bytes(row["image"])
+                handle.write(json.dumps({**row, "image": name}, ensure_ascii=False) + "\n")
         _write_queries_and_qrels(tmp, queries, qrels)
     return {"pages": len(corpus), "queries": len(queries), "qrels": len(qrels)}
 

@@ -1,0 +1,219 @@
+"""Retrieval evaluation machinery: eval sets, exact and FAISS search, BM25 and random baselines, TREC
+run files and metrics (trec_eval through pytrec_eval)."""
+
+import io
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UsageError
+
+BEIR_FILES = ("corpus.jsonl", "queries.jsonl", "qrels.tsv")
+MEASURES = {"ndcg_cut.1,5,10", "recall.1,5,10,100", "map"}
+METRICS = ("ndcg@1", "ndcg@5", "ndcg@10", "recall@1", "recall@5", "recall@10", "recall@100", "mrr@10", "map")
+DEPTH = 100  # rankings keep this many pages per query
+MAX_LISTED = 5
+
+
+@dataclass
+class EvalSet:
+    """Pages (id -> image as a path or bytes, text, lang), queries (id -> text, lang), qrels (query -> page -> grade)."""
+
+    pages: dict[str, dict]
+    queries: dict[str, dict]
+    qrels: dict[str, dict[str, int]]
+
+    def subset(self, page_ids: list[str]) -> "EvalSet":
+        """The task restricted to `page_ids`: their pages, and the queries with a judged page among them."""
+        keep = set(page_ids)
+        qrels = {qid: {pid: g for pid, g in judged.items() if pid in keep} for qid, judged in self.qrels.items()}
+        qrels = {qid: judged for qid, judged in qrels.items() if judged}
+        return EvalSet({pid: self.pages[pid] for pid in page_ids}, {qid: self.queries[qid] for qid in qrels}, qrels)
+
+    def tasks(self) -> dict[str, "EvalSet"]:
+        """"all" (every page) and, when the pages are in several languages, one task per language (SeaDoc's
+        per-language scores: each language's pages are searched on their own)."""
+        langs = sorted({page["lang"] for page in self.pages.values()})
+        tasks = {"all": self}
+        if len(langs) > 1:
+            tasks |= {lang or "unknown": self.subset([pid for pid, page in self.pages.items() if page["lang"] == lang]) for lang in langs}
+        return {name: task for name, task in tasks.items() if task.qrels}
+
+    def open_image(self, page_id: str):
+        from PIL import Image
+
+        image = self.pages[page_id]["image"]
+        with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as opened:
+            return opened.convert("RGB")
+
+
+def _listed(problems: list[str]) -> str:
+    return "; ".join(problems[:MAX_LISTED]) + ("; ..." if len(problems) > MAX_LISTED else "")
+
+
+def load_evalset(folder: str) -> EvalSet:
+    """A BEIR-with-images folder or a SeaDoc/ViDoRe parquet folder, checked as a whole before any encoding."""
+    root = Path(folder)
+    if all((root / name).is_file() for name in BEIR_FILES):
+        pages = {}
+        for row in _jsonl(root / "corpus.jsonl"):
+            pages[str(row["_id"])] = {"image": root / row["image"] if row.get("image") else None,
+                                      "text": row.get("text") or "", "lang": row.get("lang") or ""}
+        queries = {str(row["_id"]): {"text": row.get("text") or "", "lang": row.get("lang") or ""} for row in _jsonl(root / "queries.jsonl")}
+        qrels: dict[str, dict[str, int]] = {}
+        with open(root / "qrels.tsv", encoding="utf-8") as handle:
+            next(handle, None)  # header
+            for line in handle:
+                if line.strip():
+                    query_id, page_id, score = line.rstrip("\n").split("\t")[:3]
+                    qrels.setdefault(query_id, {})[page_id] = int(score)
+    else:
+        from data_prep.evalset import read_parquet_evalset
+
+        corpus, query_rows, qrel_rows = read_parquet_evalset(folder)
+        pages = {row["_id"]: {"image": row["image"], "text": row["text"], "lang": row["lang"]} for row in corpus}
+        queries = {row["_id"]: {"text": row["text"], "lang": row["lang"]} for row in query_rows}
+        qrels = {}
+        for query_id, page_id, score in qrel_rows:
+            qrels.setdefault(query_id, {})[page_id] = score
+    evalset = EvalSet(pages, queries, qrels)
+    check_evalset(evalset, folder)
+    return evalset
+
+
+def _jsonl(path: Path) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise UsageError(f"{path} line {number} is not JSON ({error.msg}).") from None
+    return rows
+
+
+def check_evalset(evalset: EvalSet, folder: str) -> None:
+    problems = []
+    missing = [pid for pid, page in evalset.pages.items() if page["image"] is None or (isinstance(page["image"], Path) and not page["image"].is_file())]
+    if missing:
+        problems.append(f"{len(missing)} pages without an image file ({', '.join(missing[:MAX_LISTED])})")
+    empty = [qid for qid, query in evalset.queries.items() if not query["text"].strip()]
+    if empty:
+        problems.append(f"{len(empty)} empty queries ({', '.join(empty[:MAX_LISTED])})")
+    unknown_queries = [qid for qid in evalset.qrels if qid not in evalset.queries]
+    if unknown_queries:
+        problems.append(f"qrels name {len(unknown_queries)} unknown query ids ({', '.join(unknown_queries[:MAX_LISTED])})")
+    unknown_pages = sorted({pid for judged in evalset.qrels.values() for pid in judged if pid not in evalset.pages})
+    if unknown_pages:
+        problems.append(f"qrels name {len(unknown_pages)} unknown page ids ({', '.join(unknown_pages[:MAX_LISTED])})")
+    if not evalset.qrels:
+        problems.append("no relevance judgements")
+    if problems:
+        raise UsageError(f"--data {folder}: {'; '.join(problems)}. Fix the eval set (or rebuild it with `python -m data_prep evalset`).")
+
+
+def search(query_embeddings, page_embeddings, page_ids: list[str], query_ids: list[str], *,
+           depth: int = DEPTH, use_faiss: bool = False, chunk: int = 1024) -> dict[str, dict[str, float]]:
+    """Top-`depth` pages per query by inner product (cosine for normalised embeddings)."""
+    import torch
+
+    depth = min(depth, len(page_ids))
+    if use_faiss:
+        import faiss
+
+        index = faiss.IndexFlatIP(page_embeddings.shape[1])
+        index.add(page_embeddings.float().numpy())
+        scores, indices = index.search(query_embeddings.float().numpy(), depth)
+        scores, indices = torch.from_numpy(scores), torch.from_numpy(indices)
+    else:
+        parts = [(query_embeddings[start : start + chunk].float() @ page_embeddings.float().T).topk(depth, dim=1)
+                 for start in range(0, len(query_ids), chunk)]
+        scores, indices = torch.cat([p.values for p in parts]), torch.cat([p.indices for p in parts])
+    return {
+        query_id: {page_ids[i]: float(s) for s, i in zip(row_scores.tolist(), row_indices.tolist())}
+        for query_id, row_scores, row_indices in zip(query_ids, scores, indices)
+    }
+
+
+def scripts_tokens(text: str) -> list[str]:
+    """Words of spaced scripts; character bigrams of runs in scripts written without spaces (Thai, Lao,
+    Myanmar, Khmer), where whitespace tokenisation would make each line a single token."""
+    tokens = []
+    for run in re.findall(r"[\u0E00-\u0EFF\u1000-\u109F\u1780-\u17FF]+|\w+", text.lower()):
+        if re.match(r"[\u0E00-\u0EFF\u1000-\u109F\u1780-\u17FF]", run):
+            tokens.extend(run[i : i + 2] for i in range(max(1, len(run) - 1)))
+        else:
+            tokens.append(run)
+    return tokens
+
+
+def bm25_rankings(evalset: EvalSet, depth: int = DEPTH) -> dict[str, dict[str, float]]:
+    """BM25 (bm25s) over the pages' extracted text."""
+    import bm25s
+
+    page_ids = list(evalset.pages)
+    retriever = bm25s.BM25()
+    retriever.index([scripts_tokens(evalset.pages[pid]["text"]) or ["\0"] for pid in page_ids], show_progress=False)
+    query_ids = list(evalset.queries)
+    results, scores = retriever.retrieve(
+        [scripts_tokens(evalset.queries[qid]["text"]) or ["\0"] for qid in query_ids],
+        k=min(depth, len(page_ids)), show_progress=False,
+    )
+    return {qid: {page_ids[i]: float(s) for i, s in zip(row, row_scores)} for qid, row, row_scores in zip(query_ids, results, scores)}
+
+
+def random_rankings(evalset: EvalSet, seed: int, depth: int = DEPTH) -> dict[str, dict[str, float]]:
+    rng = random.Random(seed)
+    page_ids = list(evalset.pages)
+    rankings = {}
+    for query_id in evalset.queries:
+        chosen = rng.sample(page_ids, min(depth, len(page_ids)))
+        rankings[query_id] = {pid: float(len(chosen) - rank) for rank, pid in enumerate(chosen)}
+    return rankings
+
+
+def read_trec_run(path: str) -> dict[str, dict[str, float]]:
+    """`query Q0 page rank score tag` lines; ranks come from the scores, as trec_eval ranks them."""
+    run: dict[str, dict[str, float]] = {}
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) != 6:
+                raise UsageError(f"--run {path} line {number}: expected `query Q0 page rank score tag`, got {len(fields)} fields.")
+            try:
+                run.setdefault(fields[0], {})[fields[2]] = float(fields[4])
+            except ValueError:
+                raise UsageError(f"--run {path} line {number}: score {fields[4]!r} is not a number.") from None
+    return run
+
+
+def write_trec_run(run: dict[str, dict[str, float]], path: Path, tag: str) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        for query_id, ranking in run.items():
+            ordered = sorted(ranking.items(), key=lambda item: -item[1])
+            handle.writelines(f"{query_id} Q0 {pid} {rank} {score:.6f} {tag}\n" for rank, (pid, score) in enumerate(ordered, start=1))
+
+
+def score(run: dict[str, dict[str, float]], evalset: EvalSet) -> dict[str, float]:
+    """Metrics averaged over every judged query (a query the run does not rank scores 0); rankings of
+    pages outside the eval set are ignored."""
+    import pytrec_eval
+
+    run = {qid: {pid: s for pid, s in ranking.items() if pid in evalset.pages} for qid, ranking in run.items() if qid in evalset.qrels}
+    per_query = pytrec_eval.RelevanceEvaluator(evalset.qrels, MEASURES).evaluate(run)
+    top10 = {qid: dict(sorted(ranking.items(), key=lambda item: -item[1])[:10]) for qid, ranking in run.items()}
+    reciprocal = pytrec_eval.RelevanceEvaluator(evalset.qrels, {"recip_rank"}).evaluate(top10)
+    names = {"ndcg_cut_1": "ndcg@1", "ndcg_cut_5": "ndcg@5", "ndcg_cut_10": "ndcg@10", "recall_1": "recall@1",
+             "recall_5": "recall@5", "recall_10": "recall@10", "recall_100": "recall@100", "map": "map"}
+    totals = dict.fromkeys(METRICS, 0.0)
+    for query_id in evalset.qrels:
+        values = {names[key]: value for key, value in per_query.get(query_id, {}).items()}
+        values["mrr@10"] = reciprocal.get(query_id, {}).get("recip_rank", 0.0)
+        for metric in METRICS:
+            totals[metric] += values.get(metric, 0.0)
+    return {metric: round(total / len(evalset.qrels), 4) for metric, total in totals.items()} | {"queries": len(evalset.qrels)}
