@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .artifacts import atomic_directory, check_input_paths, check_model_source, check_output_dir
 from .errors import UsageError, run_cli
-from .recipe import parse_stage_arguments
+from .recipe import parse_stage_arguments, recipe_section
 from .run_record import RUN_RECORD, read_run_record, write_run_record
 
 logger = logging.getLogger(__name__)
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
 
     record = dict(
         stage="contrast",
-        config={"recipe": vars(recipe_args), "contrast": asdict(args)},
+        config={"recipe": vars(recipe_args), "recipe_section": recipe_section(recipe_args.config, "contrast"), "contrast": asdict(args)},
         seed=recipe_args.seed,
         inputs=[*([recipe_args.config] if recipe_args.config else []), *args.train_files,
                 *(Path(path) / "manifest.json" for path in args.pages_datasets)],

@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> None:
         "models": encoding, "results": results,
     }
     if inputs.output:
+        Path(inputs.output).parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(inputs.output, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     if inputs.report:
         from .report import write_report

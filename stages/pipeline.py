@@ -14,6 +14,7 @@ import bisect
 import itertools
 import json
 import re
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,13 +27,12 @@ from .artifacts import write_text_atomic
 from .contrast import ContrastArguments
 from .contrast import main as contrast_main
 from .errors import UsageError, run_cli
+from .evaluate import main as evaluate_main
 from .pretrain import CPU_DEFAULTS, PretrainArguments
 from .pretrain import main as pretrain_main
-from .recipe import parse_stage_arguments
+from .recipe import parse_stage_arguments, recipe_section
 from .run_record import RUN_RECORD, read_run_record, sha256_file
 
-# stage -> the issue that builds it; until then the pipeline says so instead of pretending
-NOT_BUILT = {"stages.evaluate": 6}
 
 
 @dataclass
@@ -79,9 +79,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     pretrained = Path(training.output_dir) / "final"
     print(f"[3/5] stages.pretrain -> {pretrained}")
-    inputs = [recipe_args.config, *(str(Path(path) / "manifest.json") for path in pretrain_pages)]
+    inputs = [str(Path(path) / "manifest.json") for path in pretrain_pages]
     if not pipeline_args.rebuild and _run_is_up_to_date(
-        pretrained, "pretrain", recipe_args.seed, pretrain_args, inputs, base_args.output_dir
+        pretrained, "pretrain", recipe_args.config, recipe_args.seed, pretrain_args, inputs, base_args.output_dir
     ):
         print(f"      {pretrained}: complete, same settings and data; reusing it")
     else:
@@ -93,16 +93,22 @@ def main(argv: list[str] | None = None) -> None:
     refined = Path(contrast_args.output_dir) / "final"
     print(f"[4/5] stages.contrast -> {refined}")
     if not pipeline_args.rebuild and _run_is_up_to_date(
-        refined, "contrast", recipe_args.seed, contrast_args, inputs, str(pretrained)
+        refined, "contrast", recipe_args.config, recipe_args.seed, contrast_args, inputs, str(pretrained)
     ):
         print(f"      {refined}: complete, same settings and data; reusing it")
     else:
         contrast_main(contrast_argv)
 
-    for step, (stage, issue) in enumerate(NOT_BUILT.items(), start=5):
-        print(f"[{step}/5] {stage}: not built yet (issue #{issue}); skipped")
-
-    print(f"pipeline: ran 4 of 5 steps in {time.monotonic() - started:.0f}s; {len(NOT_BUILT)} stage is not built yet.")
+    # the three models side by side with the baselines, on the cross-lingual eval set
+    evaluation = Path(pipeline_args.data_dir) / "evaluation"
+    print(f"[5/5] stages.evaluate -> {evaluation}")
+    if evaluation.exists():
+        shutil.rmtree(evaluation)  # the pipeline's own output; embeddings stay cached, so re-scoring is quick
+    evaluate_main([
+        *recipe, "--model", base_args.output_dir, str(pretrained), str(refined), "--data", str(Path(pipeline_args.data_dir) / "evalset"),
+        "--output", str(evaluation / "results.json"), "--report", str(evaluation / "report"),
+    ])
+    print(f"pipeline: done in {time.monotonic() - started:.0f}s; results in {evaluation}/results.json, report in {evaluation}/report/index.html")
 
 
 def prepare_data(seed: int, args: PipelineArguments) -> list[str]:
@@ -158,17 +164,20 @@ def write_parts(text_file: Path, folder: Path, count: int) -> list[Path]:
     return parts
 
 
-def _run_is_up_to_date(final: Path, stage: str, seed: int, settings, inputs: list[str], parent: str) -> bool:
-    """Same seed, stage settings, input files and parent run as the finished run's record."""
+def _run_is_up_to_date(final: Path, stage: str, recipe: str, seed: int, settings, inputs: list[str], parent: str) -> bool:
+    """Same recipe section, seed, stage settings, input files and parent run as the finished run's record."""
     try:
         record = read_run_record(final, expected_stage=stage)
     except UsageError:
         return False
     parent_record = Path(parent) / RUN_RECORD
+    as_stored = json.loads(json.dumps({"section": recipe_section(recipe, stage), "settings": asdict(settings)}))
+    recorded_inputs = {path: digest for path, digest in record["inputs"].items() if path != recipe}
     return (
-        record["inputs"] == {path: sha256_file(path) for path in inputs}
+        recorded_inputs == {path: sha256_file(path) for path in inputs}
         and record["seed"] == seed
-        and record["config"][stage] == json.loads(json.dumps(asdict(settings)))  # as stored: tuples become lists
+        and record["config"].get("recipe_section") == as_stored["section"]
+        and record["config"][stage] == as_stored["settings"]
         and (record["parent"] or {}).get("record_sha256") == (sha256_file(parent_record) if parent_record.is_file() else None)
     )
 

@@ -26,7 +26,7 @@ from data_prep.pages import read_pages_manifest
 from .artifacts import atomic_directory, check_input_paths, check_model_source, check_output_dir
 from .errors import UsageError, run_cli
 from .lora import lora_config, save_merged
-from .recipe import parse_stage_arguments
+from .recipe import parse_stage_arguments, recipe_section
 from .run_record import RUN_RECORD, write_run_record
 
 logger = logging.getLogger(__name__)
@@ -247,11 +247,18 @@ def save_final(trainer, args: PretrainArguments, processor, output_dir: Path, re
 
 def main(argv: list[str] | None = None) -> None:
     import torch
+    import transformers
     from trl import SFTConfig, SFTTrainer
 
     recipe_args, args, training = parse_stage_arguments(
         "pretrain", (PretrainArguments, SFTConfig), argv, machine_defaults=None if torch.cuda.is_available() else CPU_DEFAULTS
     )
+    if not training.deepspeed:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        # an earlier DeepSpeed run in this process (the pipeline, tests) leaves its config registered
+        # while it lives, and from_pretrained would then partition the weights as under ZeRO-3
+        unset_hf_deepspeed_config()
     validate_run(args, training, recipe_args.lang)
 
     from .generation_eval import TranscriptionCER
@@ -271,6 +278,8 @@ def main(argv: list[str] | None = None) -> None:
         # ZeRO-3 partitions the weights while they load, so DeepSpeed's process group must exist first;
         # on the CPU the Trainer would not set it up before then
         deepspeed.init_distributed(dist_backend="gloo")
+    # SFTTrainer draws the LoRA initialisation before the Trainer seeds anything
+    transformers.set_seed(training.seed)
     model, processor, peft_config = load_model(args, training, checkpoint)
     train, held_out, example_counts = load_examples(args, processor, training.max_length, recipe_args.seed)
     cer = TranscriptionCER(processor, held_out.select(range(min(args.cer_pages, len(held_out)))))
@@ -286,7 +295,8 @@ def main(argv: list[str] | None = None) -> None:
         trainer.evaluate()
     record = dict(
         stage="pretrain",
-        config={"recipe": vars(recipe_args), "pretrain": asdict(args), "sft": training.to_dict()},
+        config={"recipe": vars(recipe_args), "recipe_section": recipe_section(recipe_args.config, "pretrain"),
+                "pretrain": asdict(args), "sft": training.to_dict()},
         seed=recipe_args.seed,
         inputs=[*([recipe_args.config] if recipe_args.config else []), *(Path(path) / "manifest.json" for path in args.datasets)],
         results={

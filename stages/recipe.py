@@ -49,6 +49,12 @@ class RecipeArguments:
         self.lang = normalize_lang(self.lang)
 
 
+def recipe_section(path: str | None, section: str) -> dict[str, Any]:
+    """A recipe's section as written (empty without a recipe): what a run record keeps to tell whether
+    a later run would be the same."""
+    return (load_recipe(path).get(section) or {}) if path else {}
+
+
 def load_recipe(path: str | Path) -> dict[str, Any]:
     """Load a recipe safely and check its top-level keys; sections are checked by the stage that reads them."""
     path = Path(path)

@@ -1,3 +1,4 @@
+import json
 import shutil
 import unicodedata
 
@@ -28,7 +29,10 @@ def test_embedded_default_runs_what_exists_and_reuses_it(tmp_path, monkeypatch, 
     assert "wrote a randomly initialised qwen2_5_vl model" in first
     assert "data_prep evalset: 31 queries, 62 relevance judgements" in first
     assert "held-out CER" in first and "held-out in-batch accuracy" in first
-    assert "stages.evaluate: not built yet (issue #6)" in first
+    assert "| bm25 (page text) |" in first and "| checkpoints/tiny/contrast/final |" in first
+    results = json.loads((tmp_path / "checkpoints/tiny/evaluation/results.json").read_text())
+    assert set(results["results"]) == {"random", "bm25 (page text)", "checkpoints/tiny/base", "checkpoints/tiny/pretrain/final", "checkpoints/tiny/contrast/final"}
+    assert set(results["results"]["checkpoints/tiny/base"]) == {"all", "km", "vi"}
     created = read_run_record("checkpoints/tiny/base", expected_stage="base_model")["created"]
     qrels = (tmp_path / "checkpoints/tiny/evalset/qrels.tsv").read_text()
 
@@ -37,6 +41,7 @@ def test_embedded_default_runs_what_exists_and_reuses_it(tmp_path, monkeypatch, 
     assert "up to date" in second and second.count("complete; reusing it") == 9
     assert "pretrain/final: complete, same settings and data; reusing it" in second
     assert "contrast/final: complete, same settings and data; reusing it" in second
+    assert second.count("embeddings from the cache") == 3
     assert read_run_record("checkpoints/tiny/base")["created"] == created
 
     # pretraining held out whole documents of the languages it trained on
@@ -49,6 +54,12 @@ def test_embedded_default_runs_what_exists_and_reuses_it(tmp_path, monkeypatch, 
     run_pipeline(argv)
     third = capsys.readouterr().out
     assert third.count("complete; reusing it") == 9 and "pretrain: 2 steps" in third and "contrast: 2 steps" in third
+
+    # another stage's section does not make them stale
+    recipe["evaluate"]["batch_size"] = 3
+    (tmp_path / "recipes/tiny.yaml").write_text(yaml.safe_dump(recipe, allow_unicode=True))
+    run_pipeline(argv)
+    assert capsys.readouterr().out.count("same settings and data; reusing it") == 2
 
     # a changed corpus makes the base model stale; --rebuild redoes the data, with the same result
     with open("samples/udhr/en.md", "a", encoding="utf-8") as handle:

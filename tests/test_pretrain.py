@@ -157,7 +157,7 @@ model = AutoModelForImageTextToText.from_pretrained({str(final)!r}); processor =
 messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "Transcribe the page."}}]}}]
 text = processor.apply_chat_template(messages, add_generation_prompt=True)
 inputs = processor(text=[text], images=[Image.new("RGB", (200, 200), "white")], return_tensors="pt")
-print(model.generate(**inputs, max_new_tokens=4, do_sample=False).shape[1] > inputs["input_ids"].shape[1])
+print(model.generate(**inputs, min_new_tokens=4, max_new_tokens=4, do_sample=False).shape[1] == inputs["input_ids"].shape[1] + 4)
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.stdout.strip().endswith("True"), result.stderr[-2000:]
