@@ -60,6 +60,11 @@ class ContrastArguments:
     eval_fraction: float = field(default=0.05, metadata={"help": "Share of documents whose pairs are held out."})
     eval_steps: int = field(default=0, metadata={"help": "Held-out accuracy every N steps (0: at start and end only)."})
     logging_steps: int = 10
+    mine_hard_negatives: bool = field(
+        default=False,
+        metadata={"help": "Before training, give each pair as hard negative the positive of another document that the "
+                  "starting model finds most similar to its anchor."},
+    )
     homogeneous_batches: bool = field(
         default=False, metadata={"help": "Each step all text or all multimodal (needed under ZeRO-3)."}
     )
@@ -165,34 +170,56 @@ def deepspeed_plugin(path: str, mini_batch_size: int, accumulation: int, bf16: b
     return DeepSpeedPlugin(hf_ds_config=config, gradient_accumulation_steps=accumulation)
 
 
+def embed(model, processor, sides, args: ContrastArguments):
+    """Embeddings of pair sides, `mini_batch_size` at a time, without a graph."""
+    import torch
+
+    from .embedder import model_inputs
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        chunks = [
+            model(**model_inputs(processor, [side.item() for side in sides[i : i + args.mini_batch_size]],
+                                 args.max_text_tokens, args.image_max_side).to(device))
+            for i in range(0, len(sides), args.mini_batch_size)
+        ]
+    model.train(was_training)
+    return torch.cat(chunks)
+
+
 def held_out_accuracy(model, processor, pairs, args: ContrastArguments, seed: int) -> float | None:
     """Share of held-out anchors whose nearest positive, among the positives of their batch of
     `contrastive_batch_size` held-out pairs (seeded order; a shorter one if there are fewer), is their own."""
     import torch
 
     from .contrast_data import batches
-    from .embedder import model_inputs
 
     if len(pairs) < 2:
         return None
-    groups = batches(pairs, min(args.contrastive_batch_size, len(pairs)), homogeneous=False, seed=seed)
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
     hits = []
-    with torch.no_grad():
-        for group in groups:
-            sides = []
-            for role in ("anchor", "positive"):
-                items = [getattr(pair, role).item() for pair in group]
-                sides.append(torch.cat([
-                    model(**model_inputs(processor, items[i : i + args.mini_batch_size], args.max_text_tokens, args.image_max_side).to(device))
-                    for i in range(0, len(items), args.mini_batch_size)
-                ]))
-            anchors, positives = sides
-            hits.append((anchors @ positives.T).argmax(dim=1) == torch.arange(len(group), device=device))
-    model.train(was_training)
+    for group in batches(pairs, min(args.contrastive_batch_size, len(pairs)), homogeneous=False, seed=seed):
+        anchors = embed(model, processor, [pair.anchor for pair in group], args)
+        positives = embed(model, processor, [pair.positive for pair in group], args)
+        hits.append((anchors @ positives.T).argmax(dim=1) == torch.arange(len(group), device=anchors.device))
     return round(torch.cat(hits).float().mean().item(), 4)
+
+
+def mine_hard_negatives(model, processor, pairs, args: ContrastArguments):
+    """Each pair with, as its negative, the positive of another document's pair that the model scores
+    highest for its anchor (other documents only, to keep true positives out)."""
+    import torch
+
+    anchors = embed(model, processor, [pair.anchor for pair in pairs], args)
+    positives = embed(model, processor, [pair.positive for pair in pairs], args)
+    scores = anchors @ positives.T
+    documents = [pair.document for pair in pairs]
+    same = torch.tensor([[a == b for b in documents] for a in documents], device=scores.device)
+    scores[same] = float("-inf")
+    if torch.isinf(scores).all(dim=1).any():
+        raise UsageError("--mine_hard_negatives needs pairs from at least two documents.")
+    return [replace(pair, negative=pairs[j].positive) for pair, j in zip(pairs, scores.argmax(dim=1).tolist())]
 
 
 def train(args: ContrastArguments, train_pairs, held_out, seed: int):
@@ -210,20 +237,25 @@ def train(args: ContrastArguments, train_pairs, held_out, seed: int):
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_batch = args.contrastive_batch_size // world_size
-    roles = ("anchor", "positive", "negative") if train_pairs[0].negative is not None else ("anchor", "positive")
-    accumulation = len(roles) * math.ceil(local_batch / args.mini_batch_size)  # one backward per mini-batch
     on_gpu = torch.cuda.is_available()
     bf16 = args.bf16 and on_gpu
+    set_seed(seed)  # before the LoRA initialisation
+    base = AutoModelForImageTextToText.from_pretrained(args.model_name_or_path, dtype=torch.bfloat16 if bf16 else torch.float32)
+    processor = AutoProcessor.from_pretrained(args.model_name_or_path)
+    model = EmbeddingModel(get_peft_model(base, lora_config(args.lora_r, args.lora_alpha, args.lora_dropout)))
+    if args.mine_hard_negatives:
+        # every process mines the same negatives from the same pairs: no communication needed
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if on_gpu else "cpu"
+        train_pairs = mine_hard_negatives(model.to(device), processor, train_pairs, args)
+        logger.info("mined a hard negative for each of the %d training pairs", len(train_pairs))
+
+    roles = ("anchor", "positive", "negative") if train_pairs[0].negative is not None else ("anchor", "positive")
+    accumulation = len(roles) * math.ceil(local_batch / args.mini_batch_size)  # one backward per mini-batch
     plugin = deepspeed_plugin(args.deepspeed, args.mini_batch_size, accumulation, bf16) if args.deepspeed else None
     accelerator = Accelerator(
         cpu=not on_gpu, gradient_accumulation_steps=accumulation, deepspeed_plugin=plugin,
         mixed_precision="bf16" if bf16 else "no",
     )
-    set_seed(seed)
-
-    base = AutoModelForImageTextToText.from_pretrained(args.model_name_or_path, dtype=torch.bfloat16 if bf16 else torch.float32)
-    processor = AutoProcessor.from_pretrained(args.model_name_or_path)
-    model = EmbeddingModel(get_peft_model(base, lora_config(args.lora_r, args.lora_alpha, args.lora_dropout)))
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     steps_per_epoch = len(train_pairs) // args.contrastive_batch_size
     total_steps = args.max_steps or math.ceil(args.num_train_epochs * steps_per_epoch)
@@ -283,7 +315,8 @@ def train(args: ContrastArguments, train_pairs, held_out, seed: int):
     evaluate(step)
     results = {
         "steps": step, "wall_time_s": round(time.monotonic() - started, 1),
-        "candidates_per_anchor": loss_history[-1]["candidates"], "loss_history": loss_history,
+        "candidates_per_anchor": loss_history[-1]["candidates"], "mined_negatives": args.mine_hard_negatives,
+        "loss_history": loss_history,
         "held_out_accuracy": accuracy_history,
     }
     return accelerator, model, processor, results

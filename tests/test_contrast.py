@@ -214,6 +214,23 @@ def test_contrast_run_trains_lora_and_its_merged_final_embeds_like_the_adapter(b
     assert not torch.allclose(merged, plain, atol=1e-4)  # training changed the embeddings
 
 
+def test_mined_hard_negatives_come_from_other_documents_and_join_the_candidates(base, pages, tmp_path, capsys):
+    from stages.contrast import ContrastArguments, load_pairs, mine_hard_negatives
+    from stages.embedder import Embedder
+
+    args = ContrastArguments(model_name_or_path=str(base), pages_datasets=[str(pages)], passage_chars=40,
+                             contrastive_batch_size=8, mini_batch_size=4, eval_fraction=0.3)
+    train_pairs = load_pairs(args, seed=0)[0]
+    embedder = Embedder(str(base))
+    mined = mine_hard_negatives(embedder.model, embedder.processor, train_pairs, args)
+    positives_by_side = {pair.positive: pair.document for pair in train_pairs}
+    assert all(positives_by_side[pair.negative] != pair.document for pair in mined)
+
+    contrast(contrast_argv(base, pages, tmp_path / "run", "--max_steps", "1", "--mine_hard_negatives", "true"))
+    record = read_run_record(tmp_path / "run" / "final")
+    assert record["results"]["mined_negatives"] and record["results"]["loss_history"][0]["candidates"] == 16
+
+
 def test_a_batch_larger_than_the_data_is_refused(base, pages, tmp_path, capsys):
     from stages.errors import run_cli
 
