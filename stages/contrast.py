@@ -23,6 +23,7 @@ from pathlib import Path
 
 from .artifacts import atomic_directory, check_input_paths, check_model_source, check_output_dir
 from .errors import UsageError, run_cli
+from .pretrain import deepspeed_stage
 from .recipe import parse_stage_arguments, recipe_section
 from .run_record import RUN_RECORD, read_run_record, write_run_record
 
@@ -92,6 +93,11 @@ class ContrastArguments:
             raise UsageError(f"--eval_fraction must be in [0, 1), got {self.eval_fraction}.")
         if self.deepspeed and not Path(self.deepspeed).is_file():
             raise UsageError(f"--deepspeed {self.deepspeed} not found; see recipes/deepspeed/.")
+        if self.deepspeed and deepspeed_stage(self.deepspeed) == 3 and 0 < self.multimodal_fraction < 1 and not self.homogeneous_batches:
+            raise UsageError(
+                "ZeRO-3 with mixed text and image batches hangs (ranks disagree about running the vision tower); "
+                "set --homogeneous_batches true, or use recipes/deepspeed/zero2.json."
+            )
         if self.output_dir is None:
             raise UsageError("--output_dir is not set (recipe `contrast.output_dir` or the flag).")
         check_output_dir(self.output_dir, overwrite=self.overwrite)
@@ -139,7 +145,8 @@ def load_pairs(args: ContrastArguments, seed: int):
         )
     counts = {
         "train_pairs": len(train), "train_text": sum(p.kind == "text" for p in train),
-        "train_multimodal": sum(p.kind == "multimodal" for p in train), "train_with_negative": with_negative if with_negative == len(train) else 0,
+        "train_multimodal": sum(p.kind == "multimodal" for p in train),
+        "train_with_negative": sum(p.negative is not None for p in train),
         "held_out_pairs": len(evaluation), "held_out_documents": len(held_out),
     }
     logger.info("pairs: %s", counts)
@@ -301,6 +308,7 @@ def train(args: ContrastArguments, train_pairs, held_out, seed: int):
                 for role in roles
             ]
             loss, candidates = cached_contrastive_step(encode, chunks_by_role, backward, args.temperature)
+            accelerator.clip_grad_norm_(trainable, 1.0)  # DeepSpeed clips by its config's gradient_clipping instead
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()

@@ -76,6 +76,8 @@ def test_contrast_bad_values(capsys, tiny_model, tmp_path):
     assert "--multimodal_fraction must be in [0, 1]" in run(contrast.main, [*base, "--multimodal_fraction", "1.5"], capsys)[1]
     assert "--eval_fraction must be in [0, 1)" in run(contrast.main, [*base, "--eval_fraction", "1"], capsys)[1]
     assert "--deepspeed nope.json not found" in run(contrast.main, [*base, "--deepspeed", "nope.json"], capsys)[1]
+    zero3 = [*base, "--deepspeed", str(REPO / "recipes/deepspeed/zero3.json")]
+    assert "set --homogeneous_batches true" in run(contrast.main, zero3, capsys)[1]
 
 
 def test_evaluate_checks_the_eval_folder(capsys, tiny_model, tmp_path):
