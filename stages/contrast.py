@@ -291,13 +291,14 @@ def train(args: ContrastArguments, train_pairs, held_out, seed: int):
             logger.info("held-out in-batch retrieval accuracy at step %d: %s", step, accuracy)
         accelerator.wait_for_everyone()
 
-    loss_history, accuracy_history = [], []
+    loss_history, accuracy_history, step_seconds = [], [], []
     evaluate(0)
     started, step, epoch = time.monotonic(), 0, 0
     while step < total_steps:
         for batch in batches(train_pairs, args.contrastive_batch_size, homogeneous=args.homogeneous_batches, seed=seed + epoch):
             if step == total_steps:
                 break
+            step_started = time.perf_counter()
             mine = batch[accelerator.process_index * local_batch : (accelerator.process_index + 1) * local_batch]
             chunks_by_role = [
                 [
@@ -313,6 +314,9 @@ def train(args: ContrastArguments, train_pairs, held_out, seed: int):
             scheduler.step()
             optimizer.zero_grad()
             step += 1
+            if on_gpu:
+                torch.cuda.synchronize()
+            step_seconds.append(time.perf_counter() - step_started)
             loss = accelerator.reduce(torch.tensor(loss, device=accelerator.device), reduction="mean").item()
             loss_history.append({"step": step, "loss": round(loss, 4), "candidates": candidates, "lr": scheduler.get_last_lr()[0]})
             if accelerator.is_main_process and (step % args.logging_steps == 0 or step == 1):
@@ -326,6 +330,9 @@ def train(args: ContrastArguments, train_pairs, held_out, seed: int):
         "candidates_per_anchor": loss_history[-1]["candidates"], "mined_negatives": args.mine_hard_negatives,
         "loss_history": loss_history,
         "held_out_accuracy": accuracy_history,
+        # over the steps after the first (warm-up), evaluation excluded
+        "pairs_per_second": round(args.contrastive_batch_size * len(step_seconds[1:]) / sum(step_seconds[1:]), 2) if step > 1 else None,
+        "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None,
     }
     return accelerator, model, processor, results
 
@@ -375,6 +382,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{losses[-1]['loss']:.3f}; held-out in-batch accuracy {accuracy[0]['in_batch_accuracy']} -> "
             f"{accuracy[-1]['in_batch_accuracy']}; model in {final}"
         )
+        print(f"contrast: {results['pairs_per_second']} pairs/s, peak GPU memory {results['peak_gpu_memory_gib']} GiB")
 
 
 if __name__ == "__main__":
