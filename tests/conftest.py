@@ -36,3 +36,33 @@ def thai_khmer_page() -> Image.Image:
     )
     pixmap = page.get_pixmap(dpi=96)
     return Image.frombytes("RGB", (pixmap.width, pixmap.height), pixmap.samples)
+
+
+def thai_pages_dataset(folder: Path, documents: int, chars: int, bookmarks: bool = False) -> Path:
+    """A text-layer Thai pages dataset of `documents` two-page PDFs (UDHR paragraphs), optionally
+    with a bookmark on each document's first page."""
+    from data_prep.pages import PageSettings, build_pages_dataset
+
+    paragraphs = (REPO / "samples/udhr/th.md").read_text(encoding="utf-8").split("\n\n")
+    for doc in range(documents):
+        document = pymupdf.open()
+        for page_number in range(2):
+            page = document.new_page(width=300, height=300)
+            text = paragraphs[2 + doc * 2 + page_number][:chars]
+            page.insert_htmlbox(page.rect + (10, 10, -10, -10), f"<p style='font-family: Noto Sans Thai'>{text}</p>")
+        if bookmarks:
+            document.set_toc([[1, paragraphs[2 + doc * 2][:12], 1]])
+        document.save(folder / f"doc{doc}.pdf")
+    settings = PageSettings("th", 72, 50_000, "never", 144, "tha", ("0E00-0E7F",))
+    build_pages_dataset([str(folder)], str(folder / "pages"), settings, workers=1, resume=False, max_skip_fraction=0.0)
+    return folder / "pages"
+
+
+@pytest.fixture(scope="session")
+def recorded_base(tmp_path_factory):
+    """The tiny base model written by its command, so it has a run record to chain to."""
+    from stages.base_model import main as build_base_model
+
+    folder = tmp_path_factory.mktemp("base") / "base"
+    build_base_model(["--config", str(REPO / "recipes/tiny.yaml"), "--output_dir", str(folder)])
+    return folder

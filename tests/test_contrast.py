@@ -3,7 +3,6 @@ import math
 import subprocess
 import sys
 
-import pymupdf
 import pytest
 import torch
 import torch.distributed as dist
@@ -12,8 +11,6 @@ import torch.nn.functional as F
 from peft import get_peft_model
 from transformers import AutoModelForImageTextToText
 
-from data_prep.pages import PageSettings, build_pages_dataset
-from stages.base_model import main as build_base_model
 from stages.contrast import main as contrast
 from stages.contrast_data import passages, read_jsonl_pairs
 from stages.contrastive_loss import cached_contrastive_step, info_nce
@@ -22,9 +19,8 @@ from stages.errors import UsageError
 from stages.lora import lora_config
 from stages.run_record import read_run_record, verify_chain
 
-from .conftest import REPO
+from .conftest import REPO, thai_pages_dataset
 
-THAI = (REPO / "samples/udhr/th.md").read_text(encoding="utf-8").split("\n\n")
 TEXTS = ["สวัสดี", "ข้อ 1 มนุษย์ทั้งหลายเกิดมามีอิสระ", "Article 2", "ข้อ 3", "ทุกคนมีสิทธิในการดำรงชีวิต เสรีภาพ", "x"]
 
 
@@ -151,25 +147,12 @@ def test_bad_jsonl_lines_are_listed_together(tmp_path):
 @pytest.fixture(scope="module")
 def pages(tmp_path_factory):
     """A Thai pages dataset: 6 documents of 2 pages each, with bookmarks."""
-    folder = tmp_path_factory.mktemp("contrast")
-    for doc in range(6):
-        document = pymupdf.open()
-        for page_number in range(2):
-            page = document.new_page(width=300, height=300)
-            text = THAI[2 + doc * 2 + page_number][:220]
-            page.insert_htmlbox(page.rect + (10, 10, -10, -10), f"<p style='font-family: Noto Sans Thai'>{text}</p>")
-        document.set_toc([[1, THAI[2 + doc * 2][:12], 1]])
-        document.save(folder / f"doc{doc}.pdf")
-    settings = PageSettings("th", 72, 50_000, "never", 144, "tha", ("0E00-0E7F",))
-    build_pages_dataset([str(folder)], str(folder / "pages"), settings, workers=1, resume=False, max_skip_fraction=0.0)
-    return folder / "pages"
+    return thai_pages_dataset(tmp_path_factory.mktemp("pages"), documents=6, chars=220, bookmarks=True)
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("base") / "base"
-    build_base_model(["--config", str(REPO / "recipes/tiny.yaml"), "--output_dir", str(folder)])
-    return folder
+@pytest.fixture
+def base(recorded_base):
+    return recorded_base
 
 
 def contrast_argv(base, pages, output, *extra):

@@ -2,21 +2,18 @@ import shutil
 import subprocess
 import sys
 
-import pymupdf
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
-from data_prep.pages import PageSettings, build_pages_dataset
-from stages.base_model import main as build_base_model
 from stages.pretrain import main as pretrain
 from stages.pretrain_data import CONTINUATION_INSTRUCTION, continuation_example, held_out_documents, page_example
 from stages.errors import run_cli
 from stages.run_record import read_run_record, verify_chain
 
-from .conftest import REPO
+from .conftest import REPO, thai_pages_dataset
 
 THAI = (REPO / "samples/udhr/th.md").read_text(encoding="utf-8").split("\n\n")
 
@@ -24,25 +21,12 @@ THAI = (REPO / "samples/udhr/th.md").read_text(encoding="utf-8").split("\n\n")
 @pytest.fixture(scope="module")
 def pages(tmp_path_factory):
     """A small Thai pages dataset: 4 documents of 2 pages each, text layer."""
-    folder = tmp_path_factory.mktemp("pretrain")
-    for doc in range(4):
-        document = pymupdf.open()
-        for page_number in range(2):
-            page = document.new_page(width=300, height=300)
-            text = THAI[2 + doc * 2 + page_number][:160]
-            page.insert_htmlbox(page.rect + (10, 10, -10, -10), f"<p style='font-family: Noto Sans Thai'>{text}</p>")
-        document.save(folder / f"doc{doc}.pdf")
-    settings = PageSettings("th", 72, 50_000, "never", 144, "tha", ("0E00-0E7F",))
-    build_pages_dataset([str(folder)], str(folder / "pages"), settings, workers=1, resume=False, max_skip_fraction=0.0)
-    return folder / "pages"
+    return thai_pages_dataset(tmp_path_factory.mktemp("pages"), documents=4, chars=160)
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """The tiny base model written by its command, so it has a run record to chain to."""
-    folder = tmp_path_factory.mktemp("base") / "base"
-    build_base_model(["--config", str(REPO / "recipes/tiny.yaml"), "--output_dir", str(folder)])
-    return folder
+@pytest.fixture
+def base(recorded_base):
+    return recorded_base
 
 
 def pretrain_argv(base, pages, output, *extra):
