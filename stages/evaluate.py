@@ -160,6 +160,11 @@ def main(argv: list[str] | None = None) -> None:
     }
     if inputs.run:
         given = read_trec_run(inputs.run)
+        unknown, unranked = set(given) - set(evalset.queries), set(evalset.qrels) - set(given)
+        if unknown == set(given):
+            raise UsageError(f"--run {inputs.run} ranks none of the eval set's queries (e.g. {sorted(unknown)[:3]}); wrong eval set?")
+        if unknown or unranked:
+            print(f"evaluate: --run ranks {len(unknown)} unknown queries (ignored) and leaves {len(unranked)} judged ones out (scored 0)")
         runs[f"run {Path(inputs.run).name}"] = dict.fromkeys(tasks, given)  # score() keeps each task's own pages
     encoding = {}
     for model in inputs.model:

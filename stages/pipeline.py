@@ -5,9 +5,10 @@
 Sample texts are rendered to PDFs, read back into pages datasets (each language with its own recipe,
 recipes/<lang>.yaml) and turned into a cross-lingual eval set. For pretraining, each sample is also cut
 at its sections into several documents, so that the held-out pages (whole documents, never trained
-on) are in languages the model trains on. Then the model stages follow. A step
-whose output is already complete is reused (the base model only if its run record shows the same
-settings and corpus); `--rebuild` redoes everything.
+on) are in languages the model trains on. Then pretraining, contrastive refinement of the pretrained
+model and of the base model (the no-pretraining baseline), and evaluation of all of them. A step whose
+output is complete and whose run record shows the same settings, data and parent run is reused;
+`--rebuild` redoes everything.
 """
 
 import bisect
@@ -87,25 +88,31 @@ def main(argv: list[str] | None = None) -> None:
     else:
         pretrain_main(pretrain_argv)
 
-    # contrastive refinement of that model, with pairs from the same pages
-    contrast_argv = [*recipe, "--model_name_or_path", str(pretrained), "--pages_datasets", *pretrain_pages, "--overwrite"]
-    _, contrast_args = parse_stage_arguments("contrast", (ContrastArguments,), contrast_argv)
-    refined = Path(contrast_args.output_dir) / "final"
-    print(f"[4/5] stages.contrast -> {refined}")
-    if not pipeline_args.rebuild and _run_is_up_to_date(
-        refined, "contrast", recipe_args.config, recipe_args.seed, contrast_args, inputs, str(pretrained)
-    ):
-        print(f"      {refined}: complete, same settings and data; reusing it")
-    else:
-        contrast_main(contrast_argv)
+    # contrastive refinement of that model, and of the base model as the no-pretraining baseline
+    # (the comparison the method is about), with the same recipe, seed and pairs
+    refined = {}
+    for label, parent, suffix in (("4a", str(pretrained), ""), ("4b", base_args.output_dir, "-only")):
+        contrast_argv = [*recipe, "--model_name_or_path", parent, "--pages_datasets", *pretrain_pages, "--overwrite"]
+        _, contrast_args = parse_stage_arguments("contrast", (ContrastArguments,), contrast_argv)
+        contrast_argv += ["--output_dir", contrast_args.output_dir + suffix]
+        _, contrast_args = parse_stage_arguments("contrast", (ContrastArguments,), contrast_argv)
+        refined[suffix] = final = Path(contrast_args.output_dir) / "final"
+        print(f"[{label}/5] stages.contrast of {parent} -> {final}")
+        if not pipeline_args.rebuild and _run_is_up_to_date(
+            final, "contrast", recipe_args.config, recipe_args.seed, contrast_args, inputs, parent
+        ):
+            print(f"      {final}: complete, same settings and data; reusing it")
+        else:
+            contrast_main(contrast_argv)
 
-    # the three models side by side with the baselines, on the cross-lingual eval set
+    # the models side by side with the baselines, on the cross-lingual eval set
     evaluation = Path(pipeline_args.data_dir) / "evaluation"
     print(f"[5/5] stages.evaluate -> {evaluation}")
     if evaluation.exists():
         shutil.rmtree(evaluation)  # the pipeline's own output; embeddings stay cached, so re-scoring is quick
     evaluate_main([
-        *recipe, "--model", base_args.output_dir, str(pretrained), str(refined), "--data", str(Path(pipeline_args.data_dir) / "evalset"),
+        *recipe, "--model", base_args.output_dir, str(pretrained), str(refined[""]), str(refined["-only"]),
+        "--data", str(Path(pipeline_args.data_dir) / "evalset"),
         "--output", str(evaluation / "results.json"), "--report", str(evaluation / "report"),
     ])
     print(f"pipeline: done in {time.monotonic() - started:.0f}s; results in {evaluation}/results.json, report in {evaluation}/report/index.html")

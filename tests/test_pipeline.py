@@ -7,7 +7,7 @@ import yaml
 
 from stages.pipeline import main as run_pipeline
 from stages.pipeline import write_parts
-from stages.run_record import read_run_record
+from stages.run_record import read_run_record, verify_chain
 
 from .conftest import REPO
 
@@ -31,7 +31,11 @@ def test_embedded_default_runs_what_exists_and_reuses_it(tmp_path, monkeypatch, 
     assert "held-out CER" in first and "held-out in-batch accuracy" in first
     assert "| bm25 (page text) |" in first and "| checkpoints/tiny/contrast/final |" in first
     results = json.loads((tmp_path / "checkpoints/tiny/evaluation/results.json").read_text())
-    assert set(results["results"]) == {"random", "bm25 (page text)", "checkpoints/tiny/base", "checkpoints/tiny/pretrain/final", "checkpoints/tiny/contrast/final"}
+    assert set(results["results"]) == {
+        "random", "bm25 (page text)", "checkpoints/tiny/base", "checkpoints/tiny/pretrain/final",
+        "checkpoints/tiny/contrast/final", "checkpoints/tiny/contrast-only/final",
+    }
+    assert [r["stage"] for r in verify_chain("checkpoints/tiny/contrast-only/final")] == ["contrast", "base_model"]
     assert set(results["results"]["checkpoints/tiny/base"]) == {"all", "km", "vi"}
     created = read_run_record("checkpoints/tiny/base", expected_stage="base_model")["created"]
     qrels = (tmp_path / "checkpoints/tiny/evalset/qrels.tsv").read_text()
@@ -40,8 +44,8 @@ def test_embedded_default_runs_what_exists_and_reuses_it(tmp_path, monkeypatch, 
     second = capsys.readouterr().out
     assert "up to date" in second and second.count("complete; reusing it") == 9
     assert "pretrain/final: complete, same settings and data; reusing it" in second
-    assert "contrast/final: complete, same settings and data; reusing it" in second
-    assert second.count("embeddings from the cache") == 3
+    assert second.count("same settings and data; reusing it") == 3
+    assert second.count("embeddings from the cache") == 4
     assert read_run_record("checkpoints/tiny/base")["created"] == created
 
     # pretraining held out whole documents of the languages it trained on
@@ -53,13 +57,14 @@ def test_embedded_default_runs_what_exists_and_reuses_it(tmp_path, monkeypatch, 
     (tmp_path / "recipes/tiny.yaml").write_text(yaml.safe_dump(recipe, allow_unicode=True))
     run_pipeline(argv)
     third = capsys.readouterr().out
-    assert third.count("complete; reusing it") == 9 and "pretrain: 2 steps" in third and "contrast: 2 steps" in third
+    assert third.count("complete; reusing it") == 9 and "pretrain: 2 steps" in third
+    assert third.count("contrast: 2 steps in") == 1  # the refinement of the new pretrained model; contrast-only is reused
 
     # another stage's section does not make them stale
     recipe["evaluate"]["batch_size"] = 3
     (tmp_path / "recipes/tiny.yaml").write_text(yaml.safe_dump(recipe, allow_unicode=True))
     run_pipeline(argv)
-    assert capsys.readouterr().out.count("same settings and data; reusing it") == 2
+    assert capsys.readouterr().out.count("same settings and data; reusing it") == 3
 
     # a changed corpus makes the base model stale; --rebuild redoes the data, with the same result
     with open("samples/udhr/en.md", "a", encoding="utf-8") as handle:
