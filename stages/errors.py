@@ -16,8 +16,3 @@ def run_cli(main: Callable[[list[str] | None], None], argv: list[str] | None = N
         print(f"{prog}: error: {error}", file=sys.stderr)
         sys.exit(2)
 
-
-def exit_not_built(what: str, issue: int) -> None:
-    """Stop a stage whose arguments validated but whose work is not written yet: say so, exit 1."""
-    print(f"{what} is not built yet (issue #{issue}); the recipe and arguments are valid.", file=sys.stderr)
-    sys.exit(1)
