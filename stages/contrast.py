@@ -178,22 +178,11 @@ def deepspeed_plugin(path: str, mini_batch_size: int, accumulation: int, bf16: b
 
 
 def embed(model, processor, sides, args: ContrastArguments):
-    """Embeddings of pair sides, `mini_batch_size` at a time, without a graph."""
-    import torch
+    """Embeddings of pair sides (on the CPU), `mini_batch_size` at a time, without a graph."""
+    from .embedder import encode_items
 
-    from .embedder import model_inputs
-
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        chunks = [
-            model(**model_inputs(processor, [side.item() for side in sides[i : i + args.mini_batch_size]],
-                                 args.max_text_tokens, args.image_max_side).to(device))
-            for i in range(0, len(sides), args.mini_batch_size)
-        ]
-    model.train(was_training)
-    return torch.cat(chunks)
+    return encode_items(model, processor, [side.item() for side in sides], batch_size=args.mini_batch_size,
+                        max_text_tokens=args.max_text_tokens, image_max_side=args.image_max_side)
 
 
 def held_out_accuracy(model, processor, pairs, args: ContrastArguments, seed: int) -> float | None:
@@ -218,15 +207,18 @@ def mine_hard_negatives(model, processor, pairs, args: ContrastArguments):
     highest for its anchor (other documents only, to keep true positives out)."""
     import torch
 
+    names = {name: i for i, name in enumerate(dict.fromkeys(pair.document for pair in pairs))}
+    if len(names) < 2:
+        raise UsageError("--mine_hard_negatives needs pairs from at least two documents.")
+    documents = torch.tensor([names[pair.document] for pair in pairs])
     anchors = embed(model, processor, [pair.anchor for pair in pairs], args)
     positives = embed(model, processor, [pair.positive for pair in pairs], args)
-    scores = anchors @ positives.T
-    documents = [pair.document for pair in pairs]
-    same = torch.tensor([[a == b for b in documents] for a in documents], device=scores.device)
-    scores[same] = float("-inf")
-    if torch.isinf(scores).all(dim=1).any():
-        raise UsageError("--mine_hard_negatives needs pairs from at least two documents.")
-    return [replace(pair, negative=pairs[j].positive) for pair, j in zip(pairs, scores.argmax(dim=1).tolist())]
+    chosen = []
+    for start in range(0, len(pairs), 1024):  # a block of anchors at a time: the full score matrix is pairs x pairs
+        scores = anchors[start : start + 1024] @ positives.T
+        scores[documents[start : start + 1024, None] == documents[None, :]] = float("-inf")
+        chosen += scores.argmax(dim=1).tolist()
+    return [replace(pair, negative=pairs[j].positive) for pair, j in zip(pairs, chosen)]
 
 
 def train(args: ContrastArguments, train_pairs, held_out, seed: int):

@@ -79,6 +79,23 @@ class EmbeddingModel(torch.nn.Module):
         return last_token_embeddings(output.last_hidden_state, inputs["attention_mask"])
 
 
+def encode_items(model: EmbeddingModel, processor, items: list[Item], *, batch_size: int, max_text_tokens: int,
+                 image_max_side: int, progress: str | None = None) -> torch.Tensor:
+    """Embeddings of `items` on the CPU, `batch_size` at a time, without a graph and in eval mode."""
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    chunks = []
+    with torch.no_grad():
+        for start in tqdm(range(0, len(items), batch_size), desc=progress, disable=progress is None):
+            inputs = model_inputs(processor, items[start : start + batch_size], max_text_tokens, image_max_side)
+            chunks.append(model(**inputs.to(device)).cpu())
+    model.train(was_training)
+    return torch.cat(chunks) if chunks else torch.empty(0, 0)
+
+
 class Embedder:
     """Load a model folder and encode texts and page images in batches."""
 
@@ -93,15 +110,9 @@ class Embedder:
         self.max_text_tokens = max_text_tokens
         self.image_max_side = image_max_side
 
-    @torch.no_grad()
     def encode(self, items: list[Item], batch_size: int = 16, progress: str | None = None) -> torch.Tensor:
-        from tqdm.auto import tqdm
-
-        chunks = []
-        for start in tqdm(range(0, len(items), batch_size), desc=progress, disable=progress is None):
-            inputs = model_inputs(self.processor, items[start : start + batch_size], self.max_text_tokens, self.image_max_side)
-            chunks.append(self.model(**inputs.to(self.device)).cpu())
-        return torch.cat(chunks) if chunks else torch.empty(0, self.model.model.config.text_config.hidden_size)
+        return encode_items(self.model, self.processor, items, batch_size=batch_size, max_text_tokens=self.max_text_tokens,
+                            image_max_side=self.image_max_side, progress=progress)
 
     def encode_texts(self, texts: list[str], batch_size: int = 16, progress: str | None = None) -> torch.Tensor:
         return self.encode([Item(text=text) for text in texts], batch_size, progress)
