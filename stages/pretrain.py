@@ -21,13 +21,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
 from data_prep.pages import read_pages_manifest
 
 from .artifacts import atomic_directory, check_input_paths, check_model_source, check_output_dir
 from .errors import UsageError, run_cli
 from .lora import lora_config, save_merged
 from .recipe import parse_stage_arguments, recipe_section
-from .run_record import RUN_RECORD, write_run_record
+from .run_record import RUN_RECORD, read_run_record, write_run_record
 
 logger = logging.getLogger(__name__)
 # on the CPU: no bf16, and without use_cpu several processes may silently not synchronise
@@ -207,6 +210,26 @@ def check_weight_names(base: Path, final: Path) -> None:
         )
 
 
+def base_parent(args: PretrainArguments) -> str | None:
+    """The base model as the parent run, when it was written by a stage of this project."""
+    return args.model_name_or_path if (Path(args.model_name_or_path) / RUN_RECORD).is_file() else None
+
+
+class CheckpointRecords(TrainerCallback):
+    """A run record in each `checkpoint-*` folder, written after the Trainer has saved it, with the
+    held-out CER and eval loss up to that step: the checkpoint is then a model a later stage can start
+    from and chain to (the scaling analysis refines every one)."""
+
+    def __init__(self, record: dict, parent: str | None, cer):
+        self.record, self.parent, self.cer = record, parent, cer
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            results = {"steps": state.global_step, "generation_quality": list(self.cer.history)}
+            write_run_record(folder, parent=self.parent, **{**self.record, "results": results})
+
+
 def save_final(trainer, args: PretrainArguments, processor, output_dir: Path, record: dict) -> Path:
     """`final/`: a complete model folder (LoRA merged into the base weights; the adapter kept beside it)."""
     import contextlib
@@ -239,8 +262,7 @@ def save_final(trainer, args: PretrainArguments, processor, output_dir: Path, re
                 (output_dir / ".final-weights").rmdir()
             check_weight_names(Path(args.model_name_or_path), tmp)
             processor.save_pretrained(tmp)
-            parent = args.model_name_or_path if (Path(args.model_name_or_path) / RUN_RECORD).is_file() else None
-            write_run_record(tmp, parent=parent, **record)
+            write_run_record(tmp, parent=base_parent(args), **record)
     trainer.accelerator.wait_for_everyone()
     return final
 
@@ -270,7 +292,8 @@ def main(argv: list[str] | None = None) -> None:
         training.include_num_input_tokens_seen = "non_padding"  # for the tokens/s in the run record
     # the starting point of the CER curve; evaluated by the Trainer once DeepSpeed is set up for training
     # (an evaluate() before train() would ask ZeRO-2 for inference, which only ZeRO-3 supports)
-    training.eval_on_start = training.eval_on_start or args.eval_fraction > 0
+    # (on --resume, the curve so far comes from the checkpoint's run record)
+    training.eval_on_start = (training.eval_on_start or args.eval_fraction > 0) and not args.resume
     checkpoint = prepare_output_dir(args, training)
     if training.deepspeed and not torch.cuda.is_available():
         import deepspeed
@@ -283,32 +306,35 @@ def main(argv: list[str] | None = None) -> None:
     model, processor, peft_config = load_model(args, training, checkpoint)
     train, held_out, example_counts = load_examples(args, processor, training.max_length, recipe_args.seed)
     cer = TranscriptionCER(processor, held_out.select(range(min(args.cer_pages, len(held_out)))))
+    if checkpoint and (Path(checkpoint) / RUN_RECORD).is_file():  # the curve so far, for the records to come
+        cer.history = read_run_record(checkpoint, expected_stage="pretrain")["results"]["generation_quality"]
     throughput = Throughput()
-    trainer = SFTTrainer(
-        model=model, args=training, train_dataset=train, eval_dataset=held_out if len(held_out) else None,
-        processing_class=processor, peft_config=peft_config, callbacks=[cer, throughput],
-    )
-
-    started = time.monotonic()
-    result = trainer.train(resume_from_checkpoint=checkpoint)
-    if len(held_out) and (not cer.history or cer.history[-1]["step"] != trainer.state.global_step):
-        trainer.evaluate()
     record = dict(
         stage="pretrain",
         config={"recipe": vars(recipe_args), "recipe_section": recipe_section(recipe_args.config, "pretrain"),
                 "pretrain": asdict(args), "sft": training.to_dict()},
         seed=recipe_args.seed,
         inputs=[*([recipe_args.config] if recipe_args.config else []), *(Path(path) / "manifest.json" for path in args.datasets)],
-        results={
-            "examples": example_counts,
-            "train_loss": result.training_loss,
-            "steps": result.global_step,
-            "wall_time_s": round(time.monotonic() - started, 1),
-            "throughput": throughput.summary(),
-            "generation_quality": cer.history,
-            "loss_history": [entry for entry in trainer.state.log_history if "loss" in entry],
-        },
     )
+    trainer = SFTTrainer(
+        model=model, args=training, train_dataset=train, eval_dataset=held_out if len(held_out) else None,
+        processing_class=processor, peft_config=peft_config,
+        callbacks=[cer, throughput, CheckpointRecords(record, base_parent(args), cer)],
+    )
+
+    started = time.monotonic()
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    if len(held_out) and (not cer.history or cer.history[-1]["step"] != trainer.state.global_step):
+        trainer.evaluate()
+    record["results"] = {
+        "examples": example_counts,
+        "train_loss": result.training_loss,
+        "steps": result.global_step,
+        "wall_time_s": round(time.monotonic() - started, 1),
+        "throughput": throughput.summary(),
+        "generation_quality": cer.history,
+        "loss_history": [entry for entry in trainer.state.log_history if "loss" in entry],
+    }
     final = save_final(trainer, args, processor, Path(training.output_dir), record)
     if trainer.accelerator.is_main_process and cer.history:
         first, last = cer.history[0], cer.history[-1]

@@ -148,17 +148,25 @@ print(model.generate(**inputs, min_new_tokens=4, max_new_tokens=4, do_sample=Fal
 
 
 def test_resume_after_a_kill_gives_the_losses_of_an_uninterrupted_run(base, pages, tmp_path):
-    argv = pretrain_argv(base, pages, tmp_path / "run", "--max_steps", "4", "--save_steps", "2", "--cer_pages", "0")
+    argv = pretrain_argv(base, pages, tmp_path / "run", "--max_steps", "4", "--save_steps", "2",
+                         "--eval_strategy", "steps", "--eval_steps", "2")
     pretrain(argv)
-    straight = read_run_record(tmp_path / "run" / "final")["results"]["loss_history"]
+    straight = read_run_record(tmp_path / "run" / "final")["results"]
+    checkpoint = read_run_record(tmp_path / "run" / "checkpoint-2", expected_stage="pretrain")
+    assert checkpoint["results"] == {"steps": 2, "generation_quality": straight["generation_quality"][:2]}
+    assert [r["stage"] for r in verify_chain(tmp_path / "run" / "checkpoint-2")] == ["pretrain", "base_model"]
     # what a kill after the step-2 checkpoint leaves behind
     for leftover in ("checkpoint-4", "final"):
         shutil.rmtree(tmp_path / "run" / leftover)
     pretrain([*argv, "--resume"])
-    resumed = read_run_record(tmp_path / "run" / "final")["results"]["loss_history"]
+    resumed = read_run_record(tmp_path / "run" / "final")["results"]
     # steps 1-2 come back from the checkpoint's state, steps 3-4 are trained again
-    assert [e["step"] for e in resumed] == [e["step"] for e in straight] == [1, 2, 3, 4]
-    assert [e["loss"] for e in resumed] == pytest.approx([e["loss"] for e in straight], rel=1e-4)
+    assert [e["step"] for e in resumed["loss_history"]] == [e["step"] for e in straight["loss_history"]] == [1, 2, 3, 4]
+    assert [e["loss"] for e in resumed["loss_history"]] == pytest.approx([e["loss"] for e in straight["loss_history"]], rel=1e-4)
+    assert [e["step"] for e in resumed["generation_quality"]] == [0, 2, 4]
+    assert [e["eval_loss"] for e in resumed["generation_quality"]] == pytest.approx(
+        [e["eval_loss"] for e in straight["generation_quality"]], rel=1e-3
+    )
 
 
 @pytest.mark.slow
