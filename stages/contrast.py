@@ -102,6 +102,10 @@ class ContrastArguments:
             raise UsageError("--output_dir is not set (recipe `contrast.output_dir` or the flag).")
         check_output_dir(self.output_dir, overwrite=self.overwrite)
 
+    def input_files(self) -> list[str]:
+        """The files whose content the run depends on, hashed into its run record."""
+        return [*self.train_files, *(str(Path(path) / "manifest.json") for path in self.pages_datasets)]
+
 
 def announce_base(model: str, lang: str) -> str | None:
     """The base model's run record, if it has one: checked against the recipe's language and announced."""
@@ -362,8 +366,7 @@ def main(argv: list[str] | None = None) -> None:
         stage="contrast",
         config={"recipe": vars(recipe_args), "recipe_section": recipe_section(recipe_args.config, "contrast"), "contrast": asdict(args)},
         seed=recipe_args.seed,
-        inputs=[*([recipe_args.config] if recipe_args.config else []), *args.train_files,
-                *(Path(path) / "manifest.json" for path in args.pages_datasets)],
+        inputs=[*([recipe_args.config] if recipe_args.config else []), *args.input_files()],
         results={"pairs": counts, **results},
     )
     final = save(accelerator, model, processor, args, record)

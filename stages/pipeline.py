@@ -13,7 +13,6 @@ output is complete and whose run record shows the same settings, data and parent
 
 import bisect
 import itertools
-import json
 import re
 import shutil
 import time
@@ -31,8 +30,8 @@ from .errors import UsageError, run_cli
 from .evaluate import main as evaluate_main
 from .pretrain import CPU_DEFAULTS, PretrainArguments
 from .pretrain import main as pretrain_main
-from .recipe import parse_stage_arguments, recipe_section
-from .run_record import RUN_RECORD, read_run_record, sha256_file
+from .recipe import parse_stage_arguments
+from .run_record import read_run_record, run_is_up_to_date, sha256_file
 
 
 
@@ -81,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     pretrained = Path(training.output_dir) / "final"
     print(f"[3/5] stages.pretrain -> {pretrained}")
     inputs = [str(Path(path) / "manifest.json") for path in pretrain_pages]
-    if not pipeline_args.rebuild and _run_is_up_to_date(
+    if not pipeline_args.rebuild and run_is_up_to_date(
         pretrained, "pretrain", recipe_args.config, recipe_args.seed, pretrain_args, inputs, base_args.output_dir
     ):
         print(f"      {pretrained}: complete, same settings and data; reusing it")
@@ -98,8 +97,8 @@ def main(argv: list[str] | None = None) -> None:
         _, contrast_args = parse_stage_arguments("contrast", (ContrastArguments,), contrast_argv)
         refined[suffix] = final = Path(contrast_args.output_dir) / "final"
         print(f"[{label}/5] stages.contrast of {parent} -> {final}")
-        if not pipeline_args.rebuild and _run_is_up_to_date(
-            final, "contrast", recipe_args.config, recipe_args.seed, contrast_args, inputs, parent
+        if not pipeline_args.rebuild and run_is_up_to_date(
+            final, "contrast", recipe_args.config, recipe_args.seed, contrast_args, contrast_args.input_files(), parent
         ):
             print(f"      {final}: complete, same settings and data; reusing it")
         else:
@@ -169,24 +168,6 @@ def write_parts(text_file: Path, folder: Path, count: int) -> list[Path]:
             write_text_atomic(path, content)
         parts.append(path)
     return parts
-
-
-def _run_is_up_to_date(final: Path, stage: str, recipe: str, seed: int, settings, inputs: list[str], parent: str) -> bool:
-    """Same recipe section, seed, stage settings, input files and parent run as the finished run's record."""
-    try:
-        record = read_run_record(final, expected_stage=stage)
-    except UsageError:
-        return False
-    parent_record = Path(parent) / RUN_RECORD
-    as_stored = json.loads(json.dumps({"section": recipe_section(recipe, stage), "settings": asdict(settings)}))
-    recorded_inputs = {path: digest for path, digest in record["inputs"].items() if path != recipe}
-    return (
-        recorded_inputs == {path: sha256_file(path) for path in inputs}
-        and record["seed"] == seed
-        and record["config"].get("recipe_section") == as_stored["section"]
-        and record["config"][stage] == as_stored["settings"]
-        and (record["parent"] or {}).get("record_sha256") == (sha256_file(parent_record) if parent_record.is_file() else None)
-    )
 
 
 def _is_up_to_date(args: BaseModelArguments) -> bool:

@@ -30,6 +30,7 @@ SECTIONS = {
     "contrast": ("stages.contrast:ContrastArguments",),
     "evaluate": ("stages.evaluate:EvaluateArguments",),
     "pipeline": ("stages.pipeline:PipelineArguments",),
+    "analyze": ("stages.analyze:AnalyzeArguments",),
 }
 
 

@@ -89,6 +89,31 @@ def read_run_record(folder: str | Path, expected_stage: str | tuple[str, ...] | 
     return record
 
 
+def run_is_up_to_date(
+    folder: str | Path, stage: str, recipe: str | None, seed: int, settings, inputs: list[str | Path], parent: str | Path
+) -> bool:
+    """Whether the finished run in `folder` had the same recipe section, seed, stage settings (a dataclass),
+    input files and parent run: then running the stage again would redo the same work."""
+    from dataclasses import asdict
+
+    from .recipe import recipe_section
+
+    try:
+        record = read_run_record(folder, expected_stage=stage)
+    except UsageError:
+        return False
+    parent_record = Path(parent) / RUN_RECORD
+    as_stored = json.loads(json.dumps({"section": recipe_section(recipe, stage), "settings": asdict(settings)}))
+    recorded_inputs = {path: digest for path, digest in record["inputs"].items() if path != recipe}
+    return (
+        recorded_inputs == {str(path): sha256_file(path) for path in inputs}
+        and record["seed"] == seed
+        and record["config"].get("recipe_section") == as_stored["section"]
+        and record["config"][stage] == as_stored["settings"]
+        and (record["parent"] or {}).get("record_sha256") == (sha256_file(parent_record) if parent_record.is_file() else None)
+    )
+
+
 def verify_chain(folder: str | Path) -> list[dict[str, Any]]:
     """Walk from a run to its root, checking each parent's record is the one the child saw.
 
