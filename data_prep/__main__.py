@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         manifest = build_pages_dataset(
             args.input, args.output, _page_settings(recipe_args.lang, settings),
             workers=settings.workers, resume=args.resume, max_skip_fraction=settings.max_skip_fraction,
+            page_timeout_s=settings.page_timeout_s, document_memory_mb=settings.document_memory_mb,
         )
     except SkipThresholdExceeded as error:
         print(f"data_prep pages: {error}", file=sys.stderr)

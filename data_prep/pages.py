@@ -1,21 +1,28 @@
 """PDFs to a pages dataset: one row per page with its image and its text (text layer, or OCR).
 
-Each document is processed in a worker and its rows are kept in a work folder beside the output
-(`.<output>.work/`), so `--resume` skips the documents already done. The dataset and its manifest
-are assembled from the work folder under a temporary name and renamed into place at the end: a
-killed run never leaves a dataset that looks complete.
+Each document is parsed in a child process of its own, with a memory limit and a time limit per page: a
+PDF that hangs MuPDF, crashes it or makes it allocate without bound is skipped with the reason, and costs
+the run nothing else. Its rows are kept in a work folder beside the output (`.<output>.work/`), so
+`--resume` skips the documents already done. The dataset and its manifest are assembled from the work
+folder under a temporary name and renamed into place at the end: a killed run never leaves a dataset that
+looks complete.
 """
 
 import hashlib
 import json
 import logging
 import math
+import multiprocessing
 import os
+import resource
 import shutil
+import signal
 import time
 import unicodedata
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Callable
+from contextlib import closing
 from dataclasses import asdict, dataclass
+from multiprocessing.connection import wait
 from pathlib import Path
 
 import pyarrow as pa
@@ -26,6 +33,7 @@ from stages.artifacts import atomic_directory, write_text_atomic
 from stages.errors import UsageError
 from stages.run_record import sha256_file
 
+from .settings import DataPrepSettings
 from .text_quality import parse_ranges, text_layer_problem
 
 logger = logging.getLogger(__name__)
@@ -118,12 +126,14 @@ def ocr_pixmap(pixmap, tesseract_langs: str) -> str:
     return pytesseract.image_to_string(image, lang=tesseract_langs)
 
 
-def process_document(path: Path, settings: PageSettings) -> tuple[list[dict], dict]:
-    """Rows for every page of one PDF, and its manifest entry (with `reason` when it was skipped)."""
+def process_document(
+    path: Path, settings: PageSettings, on_page: Callable[[], None] = lambda: None
+) -> tuple[list[dict], dict]:
+    """Rows for every page of one PDF, and its manifest entry (with `reason` when it was skipped).
+    `on_page` is called as each page is done. Untrusted input: call it through `_run`, which isolates it."""
     import pymupdf
 
-    entry = {"path": str(path), "sha256": sha256_file(path)}
-    entry["doc_id"] = f"{path.stem}-{entry['sha256'][:12]}"
+    entry = _entry(path)
     try:
         document = pymupdf.open(path, filetype="pdf")
     except pymupdf.EmptyFileError:
@@ -152,7 +162,11 @@ def process_document(path: Path, settings: PageSettings) -> tuple[list[dict], di
                     dict(doc_id=entry["doc_id"], page=number, image={"bytes": pixmap.tobytes("png"), "path": None}, text=text,
                          text_source=source, lang=settings.lang, source=str(path))
                 )
+                on_page()
         except Exception as error:  # a broken page object: the document is skipped, the run goes on
+            # MuPDF reports a failed allocation as FzErrorSystem "malloc (N bytes) failed"
+            if isinstance(error, MemoryError) or "malloc" in str(error):
+                raise MemoryError(str(error)) from error  # the child reports it with its memory limit
             return [], entry | {"reason": f"page {len(rows) + 1} failed: {type(error).__name__}: {error}"}
         # the outline (bookmarks: level, title, page) carries structure that eval-set queries come from
         try:
@@ -172,9 +186,14 @@ def limit_ocr_threads() -> None:
 
 
 def build_pages_dataset(
-    inputs: list[str], output: str, settings: PageSettings, *, workers: int, resume: bool, max_skip_fraction: float
+    inputs: list[str], output: str, settings: PageSettings, *, workers: int, resume: bool, max_skip_fraction: float,
+    page_timeout_s: float = DataPrepSettings.page_timeout_s,
+    document_memory_mb: int = DataPrepSettings.document_memory_mb,
 ) -> dict:
-    """Process every PDF and write the dataset + manifest.json to `output`. Returns the manifest."""
+    """Process every PDF and write the dataset + manifest.json to `output`. Returns the manifest.
+
+    `workers` documents at a time, each in a child process limited to `document_memory_mb` of address space
+    and stopped when it finishes no page in `page_timeout_s`; such a document is skipped with the reason."""
     started = time.monotonic()
     output_dir = Path(output)
     paths = find_pdfs(inputs)
@@ -192,14 +211,16 @@ def build_pages_dataset(
     if done:
         logger.info("resuming: %d of %d documents already done", len(done), len(paths))
 
-    page_counts = {path: _page_count(path) for path in todo}
-    with tqdm(total=sum(page_counts.values()), unit="page", desc="pages") as bar:
-        for path, rows, entry in _run(todo, settings, workers):
+    # no page total: counting pages means parsing the PDFs, which only the children do
+    with tqdm(unit="page", desc="pages") as bar, closing(
+        _run(todo, settings, workers, page_timeout_s, document_memory_mb, on_page=bar.update)
+    ) as results:
+        for finished, (path, rows, entry) in enumerate(results, start=1):
             if rows:
                 pq.write_table(pa.Table.from_pylist(rows, schema=ROW_SCHEMA), work / f"{_key(path)}.parquet")
             write_text_atomic(work / f"{_key(path)}.json", json.dumps(entry, ensure_ascii=False))
             done[path] = entry
-            bar.update(page_counts[path])
+            bar.set_postfix_str(f"{finished}/{len(todo)} documents", refresh=False)
 
     entries = [done[path] for path in paths]
     manifest = _assemble(work, output_dir, paths, entries, settings, max_skip_fraction, time.monotonic() - started)
@@ -207,16 +228,107 @@ def build_pages_dataset(
     return manifest
 
 
-def _run(paths: list[Path], settings: PageSettings, workers: int):
-    if workers == 1:
-        limit_ocr_threads()
-        for path in paths:
-            yield path, *process_document(path, settings)
+@dataclass
+class _Child:
+    path: Path
+    process: multiprocessing.process.BaseProcess
+    receiver: multiprocessing.connection.Connection
+    pages: int = 0
+
+    def stop(self) -> int:
+        """Kill the child (if still running) with its process group, its Tesseract included; its exit code."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:  # gone already, or not yet in a group of its own
+            self.process.kill()
+        self.process.join()
+        exitcode = self.process.exitcode
+        self.process.close()
+        self.receiver.close()
+        return exitcode
+
+
+def _run(paths: list[Path], settings: PageSettings, workers: int, page_timeout_s: float, memory_mb: int,
+         on_page: Callable[[], None]):
+    """(path, rows, manifest entry) for each document as it is done.
+
+    A child sends None as each page is done, then its rows and entry. One that dies first (killed by its own
+    timer, a crash, the kernel) gets no rows and a `reason` from here instead."""
+    # forkserver: each child is forked from one small process that imported MuPDF once (~10 ms a document),
+    # not from this one with its threads and its memory
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__, "pymupdf"])
+    waiting, running = list(reversed(paths)), {}
+    try:
+        while waiting or running:
+            while waiting and len(running) < workers:
+                path = waiting.pop()
+                receiver, sender = context.Pipe(duplex=False)
+                # process_document is looked up here, in the parent: a test's stand-in reaches the child
+                args = (process_document, path, settings, page_timeout_s, memory_mb, sender)
+                process = context.Process(target=_parse_in_child, args=args, daemon=True)
+                process.start()
+                sender.close()  # the child holds the only writer: if it dies, recv() below fails
+                running[receiver] = _Child(path, process, receiver)
+            for receiver in wait(list(running)):
+                child = running[receiver]
+                try:
+                    message = receiver.recv()
+                except (EOFError, OSError):  # it died, perhaps partway through a message
+                    reason = _death(running.pop(receiver).stop(), page_timeout_s, child.pages)
+                    yield child.path, [], _entry(child.path) | {"reason": reason}
+                    continue
+                if message is None:
+                    child.pages += 1
+                    on_page()
+                    continue
+                running.pop(receiver).stop()
+                yield child.path, *message
+    finally:  # interrupted: the children go with the run
+        for child in running.values():
+            child.stop()
+
+
+def _parse_in_child(target, path: Path, settings: PageSettings, page_timeout_s: float, memory_mb: int, sender) -> None:
+    # a group of its own: Ctrl-C reaches only the parent, which stops the children; a kill reaches its Tesseract
+    os.setpgrp()
+    limit_ocr_threads()
+    resource.setrlimit(resource.RLIMIT_AS, (memory_mb * 2**20, memory_mb * 2**20))
+    # the time limit is a timer here, not a deadline in the parent: SIGALRM's default action ends the
+    # process even inside MuPDF's C code, and even after the parent is gone
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    signal.setitimer(signal.ITIMER_REAL, page_timeout_s)
+
+    def page_done() -> None:
+        signal.setitimer(signal.ITIMER_REAL, page_timeout_s)
+        sender.send(None)
+
+    try:
+        result = target(path, settings, page_done)
+        signal.setitimer(signal.ITIMER_REAL, 0)  # parsing is over; the parent may take its time to read
+        sender.send(result)  # pickling the rows can run out of memory too
         return
-    with ProcessPoolExecutor(max_workers=workers, initializer=limit_ocr_threads) as pool:
-        futures = {pool.submit(process_document, path, settings): path for path in paths}
-        for future in as_completed(futures):
-            yield futures[future], *future.result()
+    except MemoryError as error:
+        reason = f"out of memory (limit {memory_mb} MB)" + (f": {error}" if str(error) else "")
+    except Exception as error:  # a hostile file found a path process_document does not catch
+        reason = f"{type(error).__name__}: {error}"
+    # sent after the except block: the frames that held the memory went with the exception
+    sender.send(([], _entry(path) | {"reason": reason}))
+
+
+def _death(exitcode: int, page_timeout_s: float, pages: int) -> str:
+    if exitcode == -signal.SIGALRM:
+        return f"timed out after {page_timeout_s:g} s (page_timeout_s) with {pages} pages done"
+    if exitcode >= 0:
+        return f"worker died (exit code {exitcode})"
+    name = signal.Signals(-exitcode).name
+    # nothing here sends SIGKILL to a child that is still parsing: the kernel's out-of-memory killer does
+    return f"worker died (signal {-exitcode}, {name})" + (": out of memory?" if name == "SIGKILL" else "")
+
+
+def _entry(path: Path) -> dict:
+    sha256 = sha256_file(path)
+    return {"path": str(path), "sha256": sha256, "doc_id": f"{path.stem}-{sha256[:12]}"}
 
 
 def _assemble(work, output_dir, paths, entries, settings, max_skip_fraction, elapsed) -> dict:
@@ -295,16 +407,6 @@ def _prepare_work_folder(work: Path, settings: PageSettings, resume: bool) -> No
 
 def _key(path: Path) -> str:
     return hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
-
-
-def _page_count(path: Path) -> int:
-    import pymupdf
-
-    try:
-        with pymupdf.open(path, filetype="pdf") as document:
-            return 0 if document.needs_pass else document.page_count
-    except Exception:
-        return 0
 
 
 def _tool_versions() -> dict:

@@ -29,13 +29,28 @@ class DataPrepSettings:
     max_skip_fraction: float = field(
         default=0.1, metadata={"help": "Fail (exit 1) when more than this share of inputs is unreadable."}
     )
+    page_timeout_s: float = field(
+        default=300.0,
+        metadata={"help": "pages: a PDF that finishes no page (open, render, OCR) in this time is skipped as hung."},
+    )
+    document_memory_mb: int = field(
+        default=8192,
+        metadata={
+            "help": "pages: address-space cap of each document's process (~700 MB is taken before any page); "
+            "a PDF needing more is skipped. A document's page images are held until it is done: "
+            "higher = longer scanned books fit."
+        },
+    )
 
     def validate(self) -> None:
         for value in self.script_ranges:
             if not SCRIPT_RANGE.match(value):
                 raise UsageError(f"script_ranges: {value!r} is not a hex range like 1780-17FF.")
-        if min(self.dpi, self.ocr_dpi, self.max_pixels, self.workers) <= 0:
-            raise UsageError("dpi, ocr_dpi, max_pixels and workers must be positive.")
+        positive = (self.dpi, self.ocr_dpi, self.max_pixels, self.workers, self.page_timeout_s, self.document_memory_mb)
+        if min(positive) <= 0:
+            raise UsageError(
+                "dpi, ocr_dpi, max_pixels, workers, page_timeout_s and document_memory_mb must be positive."
+            )
         if not 0.0 <= self.max_skip_fraction <= 1.0:
             raise UsageError(f"max_skip_fraction must be in [0, 1], got {self.max_skip_fraction}.")
 

@@ -121,24 +121,29 @@ def test_killed_run_leaves_no_dataset_and_resume_redoes_only_what_is_missing(cor
     page_settings = settings("km", ocr="never")
     reference = build(inputs, tmp_path / "reference", page_settings)
 
-    real = pages_module.process_document
-    calls = []
+    # documents are parsed in child processes: the run is killed (and its work recorded) here, in the parent
+    real_run = pages_module._run
 
-    def killed_on_the_second_document(path, page_settings):
-        if calls:
-            raise KeyboardInterrupt
-        calls.append(path)
-        return real(path, page_settings)
+    def killed_after_the_first_document(*args, **kwargs):
+        results = real_run(*args, **kwargs)
+        yield next(results)
+        results.close()
+        raise KeyboardInterrupt
 
-    monkeypatch.setattr(pages_module, "process_document", killed_on_the_second_document)
+    monkeypatch.setattr(pages_module, "_run", killed_after_the_first_document)
     with pytest.raises(KeyboardInterrupt):
         build(inputs, tmp_path / "pages", page_settings)
     assert not (tmp_path / "pages").exists()
 
     resumed_paths = []
-    monkeypatch.setattr(pages_module, "process_document", lambda path, s: resumed_paths.append(path) or real(path, s))
+
+    def recording_run(paths, *args, **kwargs):
+        resumed_paths.extend(paths)
+        return real_run(paths, *args, **kwargs)
+
+    monkeypatch.setattr(pages_module, "_run", recording_run)
     resumed = build(inputs, tmp_path / "pages", page_settings, resume=True)
-    assert len(resumed_paths) == 2 and calls[0] not in resumed_paths
+    assert resumed_paths == inputs[1:]  # one document at a time: the first was done
     assert resumed["fingerprint"] == reference["fingerprint"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
