@@ -21,13 +21,14 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .artifacts import atomic_directory, check_input_paths, check_model_source, check_output_dir
+from .artifacts import atomic_directory, check_input_paths, check_model_source, check_output_dir, write_text_atomic
 from .errors import UsageError, run_cli
 from .pretrain import deepspeed_stage
 from .recipe import parse_stage_arguments, recipe_section
 from .run_record import RUN_RECORD, read_run_record, write_run_record
 
 logger = logging.getLogger(__name__)
+PROGRESS = "progress.json"  # in a checkpoint: where training was, and the curves so far
 
 
 @dataclass
@@ -61,6 +62,10 @@ class ContrastArguments:
     eval_fraction: float = field(default=0.05, metadata={"help": "Share of documents whose pairs are held out."})
     eval_steps: int = field(default=0, metadata={"help": "Held-out accuracy every N steps (0: at start and end only)."})
     logging_steps: int = 10
+    save_steps: int = field(
+        default=0,
+        metadata={"help": "Save a checkpoint to continue from (LoRA, optimizer, scheduler, RNG) every N steps; 0: none."},
+    )
     mine_hard_negatives: bool = field(
         default=False,
         metadata={"help": "Before training, give each pair as hard negative the positive of another document that the "
@@ -71,6 +76,7 @@ class ContrastArguments:
     )
     deepspeed: str | None = field(default=None, metadata={"help": "DeepSpeed JSON, e.g. recipes/deepspeed/zero2.json."})
     bf16: bool = field(default=True, metadata={"help": "bf16 weights and compute on a GPU (the CPU always uses fp32)."})
+    resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint in --output_dir."})
     overwrite: bool = False
 
     def validate(self) -> None:
@@ -100,11 +106,19 @@ class ContrastArguments:
             )
         if self.output_dir is None:
             raise UsageError("--output_dir is not set (recipe `contrast.output_dir` or the flag).")
-        check_output_dir(self.output_dir, overwrite=self.overwrite)
+        check_output_dir(self.output_dir, resume=self.resume, overwrite=self.overwrite)
+        if self.resume and last_checkpoint(self.output_dir) is None:
+            raise UsageError(f"--resume: {self.output_dir} holds no finished checkpoint-* folder to continue from.")
 
     def input_files(self) -> list[str]:
         """The files whose content the run depends on, hashed into its run record."""
         return [*self.train_files, *(str(Path(path) / "manifest.json") for path in self.pages_datasets)]
+
+
+def last_checkpoint(output_dir: str) -> Path | None:
+    """The newest checkpoint whose progress file was written (the last thing a checkpoint gets)."""
+    finished = [path for path in Path(output_dir).glob("checkpoint-*") if (path / PROGRESS).is_file()]
+    return max(finished, key=lambda path: int(path.name.rsplit("-", 1)[1]), default=None)
 
 
 def announce_base(model: str, lang: str) -> str | None:
@@ -287,11 +301,33 @@ def train(args: ContrastArguments, train_pairs, held_out, seed: int):
             logger.info("held-out in-batch retrieval accuracy at step %d: %s", step, accuracy)
         accelerator.wait_for_everyone()
 
+    def save_checkpoint() -> None:
+        folder = Path(args.output_dir) / f"checkpoint-{step}"
+        accelerator.save_state(str(folder))  # every process: DeepSpeed saves its own shards
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            progress = {"step": step, "epoch": epoch, "batches_done": batches_done, "loss_history": loss_history,
+                        "accuracy_history": accuracy_history}
+            write_text_atomic(folder / PROGRESS, json.dumps(progress) + "\n")
+            for older in Path(args.output_dir).glob("checkpoint-*"):  # one checkpoint is enough to continue
+                if older != folder:
+                    shutil.rmtree(older)
+        accelerator.wait_for_everyone()
+
     loss_history, accuracy_history, step_seconds = [], [], []
-    evaluate(0)
-    started, step, epoch = time.monotonic(), 0, 0
+    started, step, epoch, batches_done = time.monotonic(), 0, 0, 0
+    if args.resume:
+        checkpoint = last_checkpoint(args.output_dir)
+        accelerator.load_state(str(checkpoint))  # weights, optimizer, scheduler and the RNG states saved with them
+        progress = json.loads((checkpoint / PROGRESS).read_text(encoding="utf-8"))
+        step, epoch, batches_done = progress["step"], progress["epoch"], progress["batches_done"]
+        loss_history, accuracy_history = progress["loss_history"], progress["accuracy_history"]
+        logger.info("resuming from %s at step %d", checkpoint, step)
+    else:
+        evaluate(0)
     while step < total_steps:
-        for batch in batches(train_pairs, args.contrastive_batch_size, homogeneous=args.homogeneous_batches, seed=seed + epoch):
+        epoch_batches = batches(train_pairs, args.contrastive_batch_size, homogeneous=args.homogeneous_batches, seed=seed + epoch)
+        for batch in epoch_batches[batches_done:]:
             if step == total_steps:
                 break
             step_started = time.perf_counter()
@@ -317,9 +353,12 @@ def train(args: ContrastArguments, train_pairs, held_out, seed: int):
             loss_history.append({"step": step, "loss": round(loss, 4), "candidates": candidates, "lr": scheduler.get_last_lr()[0]})
             if accelerator.is_main_process and (step % args.logging_steps == 0 or step == 1):
                 logger.info("step %d/%d: loss %.4f, %d candidates per anchor", step, total_steps, loss, candidates)
+            batches_done += 1
             if args.eval_steps and step % args.eval_steps == 0 and step < total_steps:
                 evaluate(step)
-        epoch += 1
+            if args.save_steps and step % args.save_steps == 0 and step < total_steps:
+                save_checkpoint()  # after the evaluation: the RNG state saved is the one the next step starts from
+        epoch, batches_done = epoch + 1, 0
     evaluate(step)
     results = {
         "steps": step, "wall_time_s": round(time.monotonic() - started, 1),
@@ -327,7 +366,7 @@ def train(args: ContrastArguments, train_pairs, held_out, seed: int):
         "loss_history": loss_history,
         "held_out_accuracy": accuracy_history,
         # over the steps after the first (warm-up), evaluation excluded
-        "pairs_per_second": round(args.contrastive_batch_size * len(step_seconds[1:]) / sum(step_seconds[1:]), 2) if step > 1 else None,
+        "pairs_per_second": round(args.contrastive_batch_size * len(step_seconds[1:]) / sum(step_seconds[1:]), 2) if len(step_seconds) > 1 else None,
         "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None,
     }
     return accelerator, model, processor, results

@@ -1,5 +1,6 @@
 import json
 import math
+import shutil
 import subprocess
 import sys
 
@@ -9,13 +10,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from peft import get_peft_model
+from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
 from stages.contrast import main as contrast
 from stages.contrast_data import passages, read_jsonl_pairs
 from stages.contrastive_loss import cached_contrastive_step, info_nce
 from stages.embedder import Embedder, EmbeddingModel, Item, model_inputs
-from stages.errors import UsageError
+from stages.errors import UsageError, run_cli
 from stages.lora import lora_config
 from stages.run_record import read_run_record, verify_chain
 
@@ -197,6 +199,33 @@ def test_contrast_run_trains_lora_and_its_merged_final_embeds_like_the_adapter(b
     assert not torch.allclose(merged, plain, atol=1e-4)  # training changed the embeddings
 
 
+def test_resume_after_a_kill_gives_the_losses_and_weights_of_an_uninterrupted_run(base, pages, tmp_path):
+    argv = contrast_argv(base, pages, tmp_path / "run", "--max_steps", "4", "--save_steps", "2", "--eval_steps", "2",
+                         "--learning_rate", "1.0e-2", "--lora_dropout", "0.3")
+    contrast(argv)
+    straight = read_run_record(tmp_path / "run" / "final")["results"]
+    weights = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    # what a kill during step 3's checkpoint would leave: the step-2 one, a half-written one, no final/
+    shutil.rmtree(tmp_path / "run" / "final")
+    shutil.rmtree(tmp_path / "run" / "adapter")
+    (tmp_path / "run" / "checkpoint-3").mkdir()
+    contrast([*argv, "--resume"])
+    resumed = read_run_record(tmp_path / "run" / "final")["results"]
+    assert [e["step"] for e in resumed["loss_history"]] == [1, 2, 3, 4]
+    assert [e["loss"] for e in resumed["loss_history"]] == pytest.approx([e["loss"] for e in straight["loss_history"]], rel=1e-5)
+    assert [e["step"] for e in resumed["held_out_accuracy"]] == [0, 2, 4]
+    assert resumed["held_out_accuracy"] == straight["held_out_accuracy"]
+    for name, tensor in load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors").items():
+        torch.testing.assert_close(tensor, weights[name], rtol=1e-5, atol=1e-6)
+
+
+def test_resume_without_a_finished_checkpoint_is_refused(base, pages, tmp_path, capsys):
+    (tmp_path / "run" / "checkpoint-2").mkdir(parents=True)  # killed while saving it
+    with pytest.raises(SystemExit):
+        run_cli(contrast, contrast_argv(base, pages, tmp_path / "run", "--resume"))
+    assert "holds no finished checkpoint-* folder to continue from" in capsys.readouterr().err
+
+
 def test_mined_hard_negatives_come_from_other_documents_and_join_the_candidates(base, pages, tmp_path, capsys):
     from stages.contrast import ContrastArguments, load_pairs, mine_hard_negatives
     from stages.embedder import Embedder
@@ -215,8 +244,6 @@ def test_mined_hard_negatives_come_from_other_documents_and_join_the_candidates(
 
 
 def test_a_batch_larger_than_the_data_is_refused(base, pages, tmp_path, capsys):
-    from stages.errors import run_cli
-
     with pytest.raises(SystemExit) as exit_info:
         run_cli(contrast, contrast_argv(base, pages, tmp_path / "run", "--contrastive_batch_size", "4096"))
     assert exit_info.value.code == 2 and "fewer than --contrastive_batch_size 4096" in capsys.readouterr().err
