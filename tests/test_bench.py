@@ -1,0 +1,80 @@
+"""bench/stages_bench.py (issue 8): its FLOP count against a closed form, the fresh-interpreter launcher a GPU
+run uses, and the --tiny smoke run end to end. Structure and sanity only, never speed."""
+
+import json
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from bench import stages_bench
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_flop_count_matches_the_closed_form(tiny_model, thai_khmer_page):
+    model, processor, _ = tiny_model
+    inputs = dict(processor.tokenizer(["hello world " * 20], return_tensors="pt"))
+    tokens = inputs["input_ids"].shape[1]
+    total, vision = stages_bench.example_flops(model, inputs)
+    text = model.config.text_config
+    linear = sum(
+        module.weight.numel() for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name.startswith(("model.language_model", "lm_head"))
+    )
+    # 2 FLOPs per weight and token, and per layer QK^T and AV: 2 x 2 x tokens^2 x (heads x head_dim)
+    assert text.num_attention_heads * (text.hidden_size // text.num_attention_heads) == text.hidden_size
+    assert (total, vision) == (2 * tokens * linear + text.num_hidden_layers * 4 * tokens**2 * text.hidden_size, 0)
+
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hello"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = dict(processor(text=[prompt], images=[thai_khmer_page], return_tensors="pt"))
+    total, vision = stages_bench.example_flops(model, inputs)
+    assert 0 < vision < total
+
+
+def test_a_case_runs_in_a_fresh_interpreter(tmp_path):
+    """The launcher of GPU runs (the --tiny run forks instead)."""
+    (tmp_path / "context.json").write_text(json.dumps({"scale": asdict(stages_bench.TINY)}))
+    figures = stages_bench.launch("matmul_peak", tmp_path, tmp_path / "log", timeout=120, fork=False)
+    assert figures["tflops_per_second"] > 0 and figures["case_wall_s"] > 0, figures
+
+
+def test_tiny_run_reports_every_case(tmp_path):
+    """About 35 s on an idle 2-core CPU (a minute when other jobs share it): in the default run, as CI's smoke test."""
+    out = tmp_path / "tiny.json"
+    run = subprocess.run([sys.executable, "bench/stages_bench.py", "--tiny", "--out", str(out)], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["tiny"] and report["device"].startswith("cpu") and report["versions"]["torch"]
+    assert set(report["setup"]) == {"base_model", "pages"} and set(report["cases"]) == set(stages_bench.CASES)
+    cases = report["cases"]
+    assert not [name for name, figures in cases.items() if "error" in figures], cases
+    rates = {
+        "matmul_peak": ["tflops_per_second"],
+        "pretrain_ours": ["samples_per_second", "tokens_per_second", "flops_per_token", "peak_host_memory_gib"],
+        "pretrain_plain": ["samples_per_second", "tokens_per_second", "flops_per_token", "peak_host_memory_gib"],
+        "evaluate": ["pages_per_second", "queries_per_second", "peak_host_memory_gib"],
+        "contrast_stage": ["pairs_per_second", "peak_host_memory_gib"],
+        "contrast_plain": ["pairs_per_second", "step_seconds_median"],
+        "contrast_cached": ["pairs_per_second", "step_seconds_median"],
+        "contrast_accum": ["pairs_per_second", "step_seconds_median"],
+    }
+    for name, keys in rates.items():
+        assert all(cases[name][key] > 0 for key in keys), (name, cases[name])
+    assert cases["pretrain_ours"]["timed_steps"] == stages_bench.TINY.timed_steps
+    # the same first examples; the plain trainer also trains the vision tower (3x its forward, not 1x)
+    assert cases["pretrain_plain"]["flops_per_token"] > cases["pretrain_ours"]["flops_per_token"]
+    assert cases["contrast_cached"]["batch"] == cases["contrast_plain"]["batch"]
+    ratios = report["ratios"]
+    for key in ("pretrain_ours_mfu", "pretrain_plain_mfu"):
+        assert 0 < ratios[key] < 1, ratios
+    for key in ("pretrain_tokens_per_s_ours_over_plain", "contrast_cached_over_plain_time_per_pair",
+                "contrast_stage_over_accum_time_per_pair"):
+        assert ratios[key] > 0, ratios
+    assert ratios["contrast_stage_batch_fits"] is True
+    assert all(name in run.stdout for name in stages_bench.CASES)  # the printed table
+    assert out.with_suffix(".log").is_file()
