@@ -108,7 +108,10 @@ class ContrastArguments:
             raise UsageError("--output_dir is not set (recipe `contrast.output_dir` or the flag).")
         check_output_dir(self.output_dir, resume=self.resume, overwrite=self.overwrite)
         if self.resume and last_checkpoint(self.output_dir) is None:
-            raise UsageError(f"--resume: {self.output_dir} holds no finished checkpoint-* folder to continue from.")
+            raise UsageError(
+                f"--resume: {self.output_dir} holds no finished checkpoint-* folder to continue from; "
+                "run again with --overwrite to start over."
+            )
 
     def input_files(self) -> list[str]:
         """The files whose content the run depends on, hashed into its run record."""

@@ -97,8 +97,6 @@ def validate_run(args: PretrainArguments, training, lang: str) -> None:
 
 def prepare_output_dir(args: PretrainArguments, training) -> str | None:
     """The checkpoint to resume from (`--resume`), after clearing an earlier run (`--overwrite`)."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     output_dir = Path(training.output_dir)
     if args.overwrite and output_dir.exists():
         with training.main_process_first():
@@ -106,10 +104,14 @@ def prepare_output_dir(args: PretrainArguments, training) -> str | None:
                 shutil.rmtree(output_dir)  # old checkpoint-* folders would otherwise be mixed with the new ones
     if not args.resume:
         return None
-    checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
-    if checkpoint is None:
-        raise UsageError(f"--resume: {output_dir} holds no checkpoint-* folder to continue from.")
-    return checkpoint
+    # a checkpoint gets its run record last: one without was cut short by the kill
+    finished = [path for path in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if (path / RUN_RECORD).is_file()]
+    if not finished:
+        raise UsageError(
+            f"--resume: {output_dir} holds no finished checkpoint-* folder to continue from; "
+            "run again with --overwrite to start over."
+        )
+    return str(max(finished, key=lambda path: int(path.name.rsplit("-", 1)[1])))
 
 
 def deepspeed_stage(config) -> int | None:

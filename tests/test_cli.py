@@ -61,7 +61,7 @@ def test_pretrain_resume_without_a_checkpoint(capsys, tiny_model, tmp_path):
     (tmp_path / "run" / "notes.txt").write_text("x")
     argv = ["--config", TINY, "--model_name_or_path", str(tiny_model[2]), "--datasets", fake_pages_dataset(tmp_path / "pages"), "--output_dir", str(tmp_path / "run"), "--resume"]
     code, err = run(pretrain.main, argv, capsys)
-    assert code == 2 and "holds no checkpoint-* folder" in err
+    assert code == 2 and "holds no finished checkpoint-* folder" in err
 
 
 def test_model_path_that_is_not_a_model(capsys, tmp_path):
