@@ -1,8 +1,13 @@
 # The two commands of the README. Each first runs setup/install.sh, which installs only what is missing.
-.PHONY: demo test setup
+.PHONY: demo analyze test setup
 
 demo: setup
 	.venv/bin/python -m stages.pipeline --config recipes/tiny.yaml
+
+# the paper's analyses on the embedded default, after `make demo`
+analyze: setup
+	.venv/bin/python -m stages.analyze scaling --config recipes/tiny.yaml
+	.venv/bin/python -m stages.analyze diagnostics --config recipes/tiny.yaml
 
 test: setup
 	.venv/bin/python -m pytest -q

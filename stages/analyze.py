@@ -116,7 +116,8 @@ def scaling(recipe_args, args: AnalyzeArguments) -> None:
     evaluate_main([*recipe, "--model", *refined, "--data", args.evalset, "--output", str(evaluation)])
     results = json.loads(evaluation.read_text(encoding="utf-8"))["results"]
     rows = [
-        {**asdict(point), "refined": model, **{metric: results[model]["all"][metric] for metric in ("ndcg@10", "recall@10", "mrr@10")}}
+        {**asdict(point), "refined": model, **{metric: results[model]["all"][metric] for metric in ("ndcg@10", "recall@10", "mrr@10")},
+         "held_out_accuracy": [entry["in_batch_accuracy"] for entry in read_run_record(model)["results"]["held_out_accuracy"]]}
         for point, model in zip(points, refined)
     ]
     baselines = {name: results[name]["all"]["ndcg@10"] for name in ("bm25 (page text)", "random")}
@@ -173,9 +174,10 @@ def spearman(x: list[float], y: list[float]) -> dict:
 
 def scaling_table(rows: list[dict], baselines: dict, correlations: dict) -> str:
     lines = [
-        "| pretraining steps | held-out CER | eval loss | nDCG@10 | Recall@10 | MRR@10 |",
-        "|---|---|---|---|---|---|",
-        *(f"| {r['step']} | {r['cer']:.3f} | {r['eval_loss']:.3f} | {r['ndcg@10']:.3f} | {r['recall@10']:.3f} | {r['mrr@10']:.3f} |" for r in rows),
+        "| pretraining steps | held-out CER | eval loss | nDCG@10 | Recall@10 | MRR@10 | contrast: held-out in-batch accuracy |",
+        "|---|---|---|---|---|---|---|",
+        *(f"| {r['step']} | {r['cer']:.3f} | {r['eval_loss']:.3f} | {r['ndcg@10']:.3f} | {r['recall@10']:.3f} | {r['mrr@10']:.3f} | "
+          f"{' -> '.join(map(str, r['held_out_accuracy']))} |" for r in rows),
         "",
         "Baselines, nDCG@10: " + ", ".join(f"{name} {value:.3f}" for name, value in baselines.items()),
     ]
