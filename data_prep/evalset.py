@@ -13,6 +13,7 @@ Queries come from structure the documents carry:
 A SeaDoc/ViDoRe parquet folder (configs corpus, query or queries, qrels) converts to the same layout.
 """
 
+import hashlib
 import json
 import re
 from collections import Counter
@@ -154,15 +155,30 @@ def convert_parquet_evalset(source: str, output: str) -> dict:
     unknown = [corpus_id for _, corpus_id, _ in qrels if corpus_id not in ids]
     if unknown:
         raise UsageError(f"--parquet {source}: qrels name {len(unknown)} unknown corpus ids, e.g. {unknown[:3]}.")
+    without_image = [row["_id"] for row in corpus if not isinstance(row["image"], bytes)]
+    if without_image:
+        raise UsageError(
+            f"--parquet {source}: {len(without_image)} corpus rows have no image bytes, e.g. {without_image[:3]}; "
+            "the corpus needs an `image` column of {bytes, path} structs with the bytes set (SeaDoc's layout)."
+        )
     with atomic_directory(output) as tmp:
         (tmp / "images").mkdir()
         with open(tmp / "corpus.jsonl", "w", encoding="utf-8") as handle:
             for row in corpus:
-                name = f"images/{re.sub(r'[^A-Za-z0-9_.-]', '_', row['_id'])}.{_image_suffix(row['image'])}"
+                name = _image_name(row["_id"], row["image"])
                 (tmp / name).write_bytes(row["image"])
                 handle.write(json.dumps({**row, "image": name}, ensure_ascii=False) + "\n")
         _write_queries_and_qrels(tmp, queries, qrels)
     return {"pages": len(corpus), "queries": len(queries), "qrels": len(qrels)}
+
+
+def _image_name(corpus_id: str, data: bytes) -> str:
+    """`images/<id>.<suffix>` with the id made safe as a file name (ids come from elsewhere: `../x`, `a/b`); an
+    id that had to change gets a hash of itself, so that `a/b` and `a_b` never share (and overwrite) a file."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", corpus_id)[:100]
+    if safe != corpus_id:
+        safe = f"{safe}-{hashlib.sha256(corpus_id.encode()).hexdigest()[:12]}"
+    return f"images/{safe}.{_image_suffix(data)}"
 
 
 def _image_suffix(data: bytes) -> str:

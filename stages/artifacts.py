@@ -1,17 +1,19 @@
 """Output folders: refuse to clobber, and write atomically so a killed run never leaves one that looks whole."""
 
+import errno
+import json
 import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import UsageError
+from .errors import DISK_FULL_ERRNOS, UsageError, disk_full_error
 
 
 def check_output_dir(path: str | Path, *, resume: bool = False, overwrite: bool = False, flag: str = "--output_dir") -> None:
     """Fail before any work if `path` can't be written, or holds earlier output and neither flag allows it."""
-    path = Path(path)
+    path = usable_path(path, flag)
     if resume and overwrite:
         raise UsageError("--resume and --overwrite contradict each other; pass one of them.")
     if path.exists() and not path.is_dir():
@@ -32,15 +34,17 @@ def check_output_dir(path: str | Path, *, resume: bool = False, overwrite: bool 
 def atomic_directory(final: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling of `final`; on success it replaces `final` by a rename.
 
-    On error the temporary folder is removed and `final` (if it existed) is left as it was.
+    On error the temporary folder is removed and `final` (if it existed) is left as it was; a full disk is
+    reported as an OSError naming `final`.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
-        yield tmp
+        with naming_full_disk(final):
+            final.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -55,28 +59,108 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write a file under a temporary name, then rename it into place."""
+    """Write a UTF-8 text file under a temporary name, then rename it into place."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write a file under a temporary name, then rename it into place; on error no temporary is left, and an
+    earlier file at `path` is kept as it was."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        with naming_full_disk(path):
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def check_model_source(value: str | None, flag: str) -> None:
-    """A model is a local HF model folder, or a hub id (`org/name`) on machines that reach a hub."""
+@contextmanager
+def naming_full_disk(path: str | Path) -> Iterator[None]:
+    """Report a full disk met in the block as an OSError that names `path`, which `run_cli` prints.
+
+    The writers' own errors name a temporary file or nothing (pyarrow, safetensors, tokenizers), or are not
+    OSErrors at all; `path` is what the person chose and can act on."""
+    try:
+        yield
+    except BaseException as error:
+        full = disk_full_error(error)
+        if full is None:
+            raise
+        code = getattr(full, "errno", None)
+        code = code if code in DISK_FULL_ERRNOS else errno.ENOSPC
+        raise OSError(code, os.strerror(code), str(path)) from error
+
+
+def usable_path(value: str | Path, flag: str) -> Path:
+    """`value` as a Path, or a UsageError for a path no file system takes (a NUL byte, a name that is too long):
+    pathlib reports a NUL as "does not exist", and a later mkdir or open would fail after hours of work."""
+    shown = str(value) if len(str(value)) <= 80 else f"{str(value)[:77]}..."
+    if "\0" in str(value):
+        raise UsageError(f"{flag} {shown!r} holds a NUL byte, which no file name can; choose another {flag}.")
+    path = Path(value)
+    try:
+        path.exists()
+    except OSError as error:  # ENAMETOOLONG and the like; a missing path is no error here
+        raise UsageError(f"{flag} {shown}: {error.strerror or error}; choose another {flag}.") from None
+    return path
+
+
+def check_model_source(value: str | None, flag: str, *, trust_remote_code: bool = False) -> None:
+    """A model is a local HF model folder, or a hub id (`org/name`) on machines that reach a hub.
+
+    A folder whose config files map a class to code of its own (`auto_map`) is refused unless
+    `trust_remote_code`: loading it would run that code, and a model folder is as untrusted as a PDF."""
     if not value:
         raise UsageError(f"{flag} is not set; give a model folder (e.g. a `final/` of an earlier stage) or a hub id.")
-    path = Path(value)
+    path = usable_path(value, flag)
     if path.exists():
         if not (path / "config.json").is_file():
             raise UsageError(f"{flag} {path} has no config.json: it is not a Hugging Face model folder.")
+        custom = custom_code(path)
+        if custom and not trust_remote_code:
+            raise UsageError(
+                f"{flag} {path} brings code of its own that loading it would run ({'; '.join(custom)}); this project "
+                "runs none: use a model folder without `auto_map` (e.g. a `final/` written by this project's stages)."
+            )
         return
     looks_like_hub_id = value.count("/") == 1 and not value.startswith((".", "/")) and " " not in value
     if not looks_like_hub_id:
         raise UsageError(f"{flag} {value} does not exist; give a model folder or a hub id like Qwen/Qwen2.5-VL-3B-Instruct.")
 
 
+def custom_code(folder: str | Path) -> list[str]:
+    """`file: auto_map {...}` for each config file of a model folder that maps a class to the folder's own code.
+
+    transformers reads `auto_map` from the model's config.json and from the processor's, tokenizer's and image
+    processor's configs (processor_config.json, tokenizer_config.json, preprocessor_config.json, ...)."""
+    found = []
+    for config in sorted(Path(folder).glob("*config.json")):
+        try:
+            content = json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise UsageError(f"{config} is not a readable JSON file ({error}); the model folder is damaged.") from None
+        # processor_config.json nests the image and video processors' configs, each may carry its own auto_map
+        nested = [content, *(v for v in content.values() if isinstance(v, dict))] if isinstance(content, dict) else []
+        maps = [entry["auto_map"] for entry in nested if entry.get("auto_map")]
+        found += [f"{config.name}: auto_map {json.dumps(auto_map)[:200]}" for auto_map in maps]
+    return found
+
+
+def refuse_remote_code() -> None:
+    """Make transformers refuse, rather than ask, to run a model folder's own code when `trust_remote_code` is unset.
+
+    Left unset (as everywhere in this project), transformers asks on the terminal for 15 s whether to run the
+    code an unknown `model_type` maps to in `auto_map`, and a `y` runs it; with the wait at 0 it raises a
+    ValueError instead (which `run_cli` reports in one line). An explicit `trust_remote_code=True` still loads."""
+    import transformers.dynamic_module_utils
+
+    transformers.dynamic_module_utils.TIME_OUT_REMOTE_CODE = 0
+
+
 def check_input_paths(values: list[str], flag: str) -> None:
-    missing = [value for value in values if not Path(value).exists()]
+    missing = [value for value in values if not usable_path(value, flag).exists()]
     if missing:
         raise UsageError(f"{flag}: {', '.join(missing)} not found; check the path (relative paths start at the current folder).")

@@ -1,5 +1,12 @@
+import errno
 import sys
 from collections.abc import Callable
+
+# a full disk and an exhausted quota are the same to the person running a stage: no room for the output
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# the same in words, where a library drops the errno: pyarrow, datasets' own free-space check, and the Rust
+# writers (safetensors' SafetensorError, tokenizers' plain Exception) that quote the OS
+DISK_FULL_WORDS = ("No space left on device", "Disk quota exceeded", "Not enough disk space")
 
 
 class UsageError(Exception):
@@ -7,12 +14,63 @@ class UsageError(Exception):
 
 
 def run_cli(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
-    """Run a stage's `main`, turning a `UsageError` into a one-line message and exit code 2."""
+    """Run a stage's `main`, turning a `UsageError` into a one-line message and exit code 2.
+
+    A full disk (anywhere in the exception's chain, in whatever type the writing library raises) and transformers'
+    refusal to run a model folder's own code are reported the same way: the person can act on both, and a
+    traceback would only hide the one line that says what to do."""
     try:
         main(argv)
     except UsageError as error:
-        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-        prog = f"python -m {spec.name.removesuffix('.__main__')}" if spec else "error"
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        sys.exit(2)
+        message = str(error)
+    except Exception as error:
+        message = _message_for(error)
+        if message is None:
+            raise
+    else:
+        return
+    # exit outside the `except` blocks: the SystemExit then holds no reference to the error, whose frames may
+    # keep files open (a pyarrow writer on a full disk keeps its deleted file, and the disk space, until freed)
+    _exit_with(message)
 
+
+def _message_for(error: Exception) -> str | None:
+    full = disk_full_error(error)
+    if full is not None:
+        return no_space_message(getattr(full, "filename", None), full)
+    if _is_remote_code_refusal(error):
+        first_line = str(error).strip().splitlines()[0]
+        return (
+            f"{first_line} This project runs no code that a model folder brings (`auto_map` in its config files); "
+            "use a model folder without `auto_map` (e.g. a `final/` written by this project's stages)."
+        )
+    return None
+
+
+def disk_full_error(error: BaseException) -> BaseException | None:
+    """The error in `error`'s chain of causes that says the disk (or quota) is full, if there is one."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if getattr(error, "errno", None) in DISK_FULL_ERRNOS or any(words in str(error) for words in DISK_FULL_WORDS):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def no_space_message(path, error: BaseException | None = None) -> str:
+    """What to say when a write found the disk full: the path when known, else the library's own words."""
+    where = f" writing {path}" if path else f" ({error})" if error is not None else ""
+    return f"no space left on device{where}; free space on that disk or write the output to another one."
+
+
+def _is_remote_code_refusal(error: BaseException) -> bool:
+    # transformers' words when a model folder maps a class to its own code and trust_remote_code is not True
+    return isinstance(error, ValueError) and "trust_remote_code=True" in str(error)
+
+
+def _exit_with(message: str) -> None:
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    prog = f"python -m {spec.name.removesuffix('.__main__')}" if spec else "error"
+    print(f"{prog}: error: {' '.join(message.split())}", file=sys.stderr)
+    sys.exit(2)

@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import difflib
 import importlib
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,10 +19,14 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from .artifacts import refuse_remote_code
 from .errors import UsageError
 from .languages import normalize_lang
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+MAX_KNOWN_KEYS = 20  # an unknown-key error lists at most this many known keys
+_REPR = reprlib.Repr()
+_REPR.maxstring, _REPR.maxother, _REPR.maxlevel, _REPR.maxlist, _REPR.maxdict = 80, 80, 2, 5, 4
 # section -> the dataclass its keys fill (imported on demand: some stages import heavy libraries)
 SECTIONS = {
     "base_model": ("stages.base_model:BaseModelArguments",),
@@ -48,6 +53,8 @@ class RecipeArguments:
         if self.lang is None:
             raise UsageError("no language: give --lang CODE or a recipe with a top-level `lang:` key.")
         self.lang = normalize_lang(self.lang)
+        if not 0 <= self.seed < 2**32:  # numpy's range (transformers' set_seed seeds numpy too)
+            raise UsageError(f"seed must be in [0, 2**32), got {_show(self.seed)}.")
 
 
 def recipe_section(path: str | None, section: str) -> dict[str, Any]:
@@ -62,10 +69,14 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UsageError(f"recipe {path} does not exist; pass --config recipes/<lang>.yaml (see {RECIPES_DIR}).")
     try:
+        # safe_load builds plain values only: a `!!python/...` tag is an error, never a call
         recipe = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        reason = " ".join(str(error).split())
-        raise UsageError(f"recipe {path} is not valid YAML: {reason}") from None
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError) as error:  # ValueError: an integer of > 4300 digits
+        raise UsageError(f"recipe {path} is not valid YAML: {_shorten(' '.join(str(error).split()), 300)}") from None
+    except RecursionError:
+        raise UsageError(f"recipe {path} is not valid YAML: it nests deeper than Python can read.") from None
+    except OSError as error:
+        raise UsageError(f"recipe {path} cannot be read ({error.strerror or error}).") from None
     if recipe is None:
         recipe = {}
     if not isinstance(recipe, dict):
@@ -73,9 +84,9 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     allowed = {f.name for f in dataclasses.fields(RecipeArguments)} - {"config"} | set(SECTIONS)
     for key, value in recipe.items():
         if key not in allowed:
-            raise UsageError(_unknown_key_message(path, str(key), allowed))
+            raise UsageError(_unknown_key_message(path, key, allowed))
         if key in SECTIONS and not isinstance(value, dict | None):
-            raise UsageError(f"recipe {path}: section `{key}` must be a mapping, got {value!r}.")
+            raise UsageError(f"recipe {path}: section `{key}` must be a mapping, got {_show(value)}.")
     return recipe
 
 
@@ -86,7 +97,9 @@ def check_recipe(path: str | Path) -> dict[str, Any]:
     for section, targets in SECTIONS.items():
         types = tuple(getattr(importlib.import_module(t.split(":")[0]), t.split(":")[1]) for t in targets)
         _check_values(Path(path), section, recipe.get(section) or {}, types)
-    normalize_lang(recipe.get("lang", ""))
+    if not recipe.get("lang"):
+        raise UsageError(f"recipe {path} has no language: give it a top-level `lang:` key (e.g. `lang: km`).")
+    normalize_lang(recipe["lang"])
     return recipe
 
 
@@ -107,6 +120,9 @@ def parse_stage_arguments(
     """
     from transformers import HfArgumentParser
 
+    # every stage parses here before it loads a model: from here on, transformers refuses (never asks on the
+    # terminal) to run code a model folder brings in `auto_map`
+    refuse_remote_code()
     # a stage dataclass may own a recipe-level field (TRL's SFTConfig has `seed`): it takes the flag and the
     # recipe value, and RecipeArguments is filled from it after parsing
     stage_fields = {f.name for cls in (*dataclass_types, *cli_only_types) for f in dataclasses.fields(cls)}
@@ -129,28 +145,50 @@ def parse_stage_arguments(
             raise UsageError(f"recipe {recipe_path}: set `{shared_in_section[0]}` at the top level, not in `{stage}`.")
         defaults |= {**top_level, **section, "config": str(recipe_path)}
 
-    parser = HfArgumentParser(all_types, **parser_kwargs)
+    # exit_on_error=False: a value argparse cannot convert (a flag's, or a recipe's, which argparse converts as a
+    # default) raises ArgumentError here instead of printing the whole usage (hundreds of lines for SFTConfig)
+    parser = HfArgumentParser(all_types, **{"exit_on_error": False, **parser_kwargs})
     parser.set_defaults(**defaults)
     try:
         parsed = parser.parse_args_into_dataclasses(args=argv)
-    except ValueError as error:  # HfArgumentParser's way of reporting unknown flags
-        raise UsageError(f"{error}; run with --help to list the flags.") from None
+    except argparse.ArgumentError as error:
+        source = f" (from recipe {recipe_path} or the flags)" if recipe_path else ""
+        raise UsageError(f"{_shorten(str(error), 400)}{source}; run with --help to list the flags.") from None
+    except ValueError as error:
+        if "not used by the HfArgumentParser" in str(error):  # its way of reporting unknown flags
+            raise UsageError(f"{error}; run with --help to list the flags.") from None
+        # a dataclass's own checks (TrainingArguments' __post_init__) refused a value from the recipe or a flag
+        source = f"recipe {recipe_path} (section `{stage}`) or the flags" if recipe_path else "the flags"
+        raise UsageError(f"{stage}: {_shorten(' '.join(str(error).split()), 400)}; fix {source}.") from None
     recipe_args = RecipeArguments(
         **vars(parsed[0]), **{f.name: getattr(next(a for a in parsed[1:] if hasattr(a, f.name)), f.name) for f in shared}
     )
     parsed = [recipe_args, *parsed[1:]]
     for args in parsed:
         if hasattr(args, "validate"):
-            args.validate()
+            try:
+                args.validate()
+            except UsageError:
+                raise
+            except (ArithmeticError, TypeError, ValueError, OSError) as error:
+                # a value no check foresaw (a zero divisor, a path the OS refuses): still the user's to fix
+                source = f"recipe {recipe_path} or the flags" if recipe_path else "the flags"
+                raise UsageError(
+                    f"{stage}: a value of {type(args).__name__} cannot be used ({type(error).__name__}: "
+                    f"{_shorten(str(error), 200)}); fix {source}."
+                ) from None
     return parsed
 
 
 def _find_recipe(argv: list[str] | None) -> Path | None:
     """`--config` if given, else `recipes/<lang>.yaml` if `--lang` is given (and the file exists)."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, exit_on_error=False)
     pre.add_argument("--config")
     pre.add_argument("--lang")
-    known, _ = pre.parse_known_args(argv)
+    try:
+        known, _ = pre.parse_known_args(argv)
+    except argparse.ArgumentError as error:
+        raise UsageError(f"{error}; run with --help to list the flags.") from None
     if known.config:
         return Path(known.config)
     if known.lang:
@@ -167,21 +205,38 @@ def _check_values(path: Path, section: str | None, values: dict, dataclass_types
     where = f"`{section}.{{key}}`" if section else "`{key}`"
     for key, value in values.items():
         if key not in hints:
-            raise UsageError(_unknown_key_message(path, str(key), set(hints), section))
+            raise UsageError(_unknown_key_message(path, key, set(hints), section))
         if not _matches(value, hints[key]):
             hint = ""
             if isinstance(value, str) and _is_float_literal(value):
                 hint = " (PyYAML reads 1e-5 as a string: write floats with a dot, e.g. 1.0e-5)"
             raise UsageError(
-                f"recipe {path}: {where.format(key=key)} must be {_describe(hints[key])}, got {value!r}{hint}."
+                f"recipe {path}: {where.format(key=key)} must be {_describe(hints[key])}, got {_show(value)}{hint}."
             )
 
 
-def _unknown_key_message(path: Path, key: str, allowed: set[str], section: str | None = None) -> str:
-    name = f"{section}.{key}" if section else key
-    close = difflib.get_close_matches(key, sorted(allowed), n=1)
-    suggestion = f" Did you mean `{close[0]}`?" if close else f" Known keys: {', '.join(sorted(allowed))}."
+def _unknown_key_message(path: Path, key: Any, allowed: set[str], section: str | None = None) -> str:
+    # a key is anything YAML can write (a number, null, a string with a line break): shown so it stays on one line
+    shown = key if isinstance(key, str) and key.isprintable() and len(key) <= 60 else _show(key)
+    name = f"{section}.{shown}" if section else shown
+    close = difflib.get_close_matches(key, sorted(allowed), n=1) if isinstance(key, str) else []
+    if close:
+        suggestion = f" Did you mean `{close[0]}`?"
+    elif len(allowed) <= MAX_KNOWN_KEYS:
+        suggestion = f" Known keys: {', '.join(sorted(allowed))}."
+    else:  # TRL's SFTConfig alone has some 200
+        listed = ", ".join(sorted(allowed)[:MAX_KNOWN_KEYS])
+        suggestion = f" Known keys include {listed}, ...; --help lists all {len(allowed)}."
     return f"recipe {path}: unknown key `{name}`.{suggestion}"
+
+
+def _show(value: Any) -> str:
+    """A value as received, cut short: YAML aliases can make a small file hold a list of a billion items."""
+    return _REPR.repr(value)
+
+
+def _shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _matches(value: Any, annotation: Any) -> bool:
@@ -208,7 +263,10 @@ def _matches(value: Any, annotation: Any) -> bool:
     if annotation is str:
         return isinstance(value, str)
     if isinstance(annotation, type) and issubclass(annotation, Enum):
-        return value in {member.value for member in annotation} or value in annotation.__members__
+        try:
+            return value in {member.value for member in annotation} or value in annotation.__members__
+        except TypeError:  # a list or a mapping: unhashable, and no member
+            return False
     return True
 
 

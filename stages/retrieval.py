@@ -3,6 +3,7 @@ run files and metrics (trec_eval through pytrec_eval)."""
 
 import io
 import json
+import os
 import random
 import re
 from dataclasses import dataclass
@@ -54,21 +55,20 @@ def _listed(problems: list[str]) -> str:
 
 
 def load_evalset(folder: str) -> EvalSet:
-    """A BEIR-with-images folder or a SeaDoc/ViDoRe parquet folder, checked as a whole before any encoding."""
+    """A BEIR-with-images folder or a SeaDoc/ViDoRe parquet folder, checked as a whole before any encoding.
+
+    Eval folders come from elsewhere: an image path that leads out of the folder (absolute, `..`, a link) is
+    an error, so that evaluating a downloaded folder reads no file outside it."""
     root = Path(folder)
     if all((root / name).is_file() for name in BEIR_FILES):
         pages = {}
         for row in _jsonl(root / "corpus.jsonl"):
-            pages[str(row["_id"])] = {"image": root / row["image"] if row.get("image") else None,
-                                      "text": row.get("text") or "", "lang": row.get("lang") or ""}
-        queries = {str(row["_id"]): {"text": row.get("text") or "", "lang": row.get("lang") or ""} for row in _jsonl(root / "queries.jsonl")}
-        qrels: dict[str, dict[str, int]] = {}
-        with open(root / "qrels.tsv", encoding="utf-8") as handle:
-            next(handle, None)  # header
-            for line in handle:
-                if line.strip():
-                    query_id, page_id, score = line.rstrip("\n").split("\t")[:3]
-                    qrels.setdefault(query_id, {})[page_id] = int(score)
+            image = row.get("image")
+            pages[str(row["_id"])] = {"image": root / image if isinstance(image, str) and image else None,
+                                      "text": str(row.get("text") or ""), "lang": str(row.get("lang") or "")}
+        queries = {str(row["_id"]): {"text": str(row.get("text") or ""), "lang": str(row.get("lang") or "")}
+                   for row in _jsonl(root / "queries.jsonl")}
+        qrels = _qrels(root / "qrels.tsv")
     else:
         from data_prep.evalset import read_parquet_evalset
 
@@ -84,20 +84,77 @@ def load_evalset(folder: str) -> EvalSet:
 
 
 def _jsonl(path: Path) -> list[dict]:
+    """The rows of a JSONL file, each a JSON object with an `_id`."""
     rows = []
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError as error:
                     raise UsageError(f"{path} line {number} is not JSON ({error.msg}).") from None
+                if not isinstance(row, dict) or "_id" not in row:
+                    raise UsageError(
+                        f"{path} line {number}: expected a JSON object with an `_id`, got {line.strip()[:80]!r}."
+                    )
+                rows.append(row)
     return rows
+
+
+def _qrels(path: Path) -> dict[str, dict[str, int]]:
+    qrels: dict[str, dict[str, int]] = {}
+    with open(path, encoding="utf-8") as handle:
+        next(handle, None)  # header
+        for number, line in enumerate(handle, start=2):
+            if line.strip():
+                fields = line.rstrip("\n").split("\t")
+                try:
+                    query_id, page_id, score = fields[0], fields[1], int(fields[2])
+                except (IndexError, ValueError):
+                    raise UsageError(
+                        f"{path} line {number}: expected query-id, corpus-id and an integer score separated by tabs, "
+                        f"got {line.strip()[:80]!r}."
+                    ) from None
+                qrels.setdefault(query_id, {})[page_id] = score
+    return qrels
+
+
+def images_outside(evalset: EvalSet, folder: str) -> dict[str, str]:
+    """{page id: how its image path leaves `folder`} for each page whose image resolves outside it."""
+    root = Path(folder)
+    inside = root.resolve()
+    outside = {}
+    for page_id, page in evalset.pages.items():
+        image = page["image"]
+        if not isinstance(image, Path):
+            continue
+        try:
+            target = image.resolve()
+        except (OSError, RuntimeError, ValueError) as error:  # a loop of links (RuntimeError before 3.13), a NUL byte
+            outside[page_id] = f"{str(image)[:80]!r} cannot be followed ({error})"
+            continue
+        if target.is_relative_to(inside):
+            continue
+        if not image.is_relative_to(root):  # root / "/abs/path" is "/abs/path"
+            outside[page_id] = f"{image} is an absolute path"
+        elif os.path.normpath(image.relative_to(root)).split(os.sep)[0] == "..":
+            outside[page_id] = f"{image.relative_to(root)} goes up out of the folder"
+        else:
+            outside[page_id] = f"{image.relative_to(root)} is a link to {target}"
+    return outside
 
 
 def check_evalset(evalset: EvalSet, folder: str) -> None:
     problems = []
-    missing = [pid for pid, page in evalset.pages.items() if page["image"] is None or (isinstance(page["image"], Path) and not page["image"].is_file())]
+    outside = images_outside(evalset, folder)
+    if outside:
+        problems.append(
+            f"{len(outside)} page images outside the eval folder, which are not read "
+            f"({_listed([f'{pid}: {how}' for pid, how in outside.items()])}); image paths in corpus.jsonl must be "
+            "relative paths to files inside the folder, e.g. images/<id>.png: copy the images in"
+        )
+    missing = [pid for pid, page in evalset.pages.items() if pid not in outside and (
+        page["image"] is None or (isinstance(page["image"], Path) and not page["image"].is_file()))]
     if missing:
         problems.append(f"{len(missing)} pages without an image file ({', '.join(missing[:MAX_LISTED])})")
     empty = [qid for qid, query in evalset.queries.items() if not query["text"].strip()]
