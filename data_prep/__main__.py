@@ -38,10 +38,11 @@ class PagesArguments:
 class RenderArguments:
     input: list[str] = field(default_factory=list, metadata={"help": "Text files or folders of them."})
     output: str | None = field(default=None, metadata={"help": "Folder for the rendered PDFs."})
+    resume: bool = field(default=False, metadata={"help": "Skip documents already rendered by an interrupted run."})
     overwrite: bool = False
 
     def validate(self) -> None:
-        _check_io(self.input, self.output, overwrite=self.overwrite)
+        _check_io(self.input, self.output, resume=self.resume, overwrite=self.overwrite)
 
 
 @dataclass
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     if command == "render":
         manifest = render_documents(
             args.input, args.output, lang=recipe_args.lang, fonts=settings.fonts, seed=recipe_args.seed,
-            workers=settings.workers,
+            workers=settings.workers, resume=args.resume,
         )
         print(
             f"data_prep render: {len(manifest['documents'])} PDFs, {len(manifest['skipped'])} inputs skipped -> {args.output}"

@@ -10,6 +10,7 @@ Chromium breaks them at word boundaries (ICU dictionaries), supports CSS columns
 import hashlib
 import html
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -18,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.artifacts import atomic_directory
+from stages.artifacts import atomic_directory, write_text_atomic
 from stages.errors import UsageError
 from stages.run_record import sha256_file
 
@@ -143,38 +144,69 @@ def print_pdf(chromium: str, html_text: str, pdf_path: Path) -> None:
             document.save(pdf_path, garbage=3, deflate=True, no_new_id=True)
 
 
-def render_documents(inputs: list[str], output: str, *, lang: str, fonts: list[str], seed: int, workers: int) -> dict:
-    """Render every text file to `output/<name>.pdf`; write `render_manifest.json`. Returns the manifest."""
+def render_documents(
+    inputs: list[str], output: str, *, lang: str, fonts: list[str], seed: int, workers: int, resume: bool = False
+) -> dict:
+    """Render every text file to `output/<name>.pdf`; write `render_manifest.json`. Returns the manifest.
+
+    Each finished PDF and its manifest entry are kept in `.<output>.work/` first, so `resume` renders only
+    the rest; the output folder appears, by a rename, only when complete."""
     chromium = find_chromium()
     texts = find_texts(inputs)
     names = _unique_names(texts)
-    with atomic_directory(output) as tmp:
+    work = Path(output).with_name(f".{Path(output).name}.work")
+    _prepare_work_folder(work, {"lang": lang, "fonts": fonts, "seed": seed}, resume)
 
-        def render_one(path: Path) -> dict:
-            name = names[path]
-            entry = {"path": str(path), "sha256": sha256_file(path), "pdf": f"{name}.pdf"}
-            blocks = parse_blocks(path.read_text(encoding="utf-8"))
-            if not blocks:
-                return entry | {"reason": "no text"}
-            style = choose_style(fonts, seed, name)
+    def render_one(path: Path) -> dict:
+        name = names[path]
+        marker = work / f"{name}.entry.json"
+        if marker.is_file():
+            return json.loads(marker.read_text(encoding="utf-8"))
+        entry = {"path": str(path), "sha256": sha256_file(path), "pdf": f"{name}.pdf"}
+        blocks = parse_blocks(path.read_text(encoding="utf-8"))
+        style = choose_style(fonts, seed, name)
+        if not blocks:
+            entry |= {"reason": "no text"}
+        else:
             try:
-                print_pdf(chromium, document_html(blocks, lang, style), tmp / f"{name}.pdf")
+                print_pdf(chromium, document_html(blocks, lang, style), work / f".{name}.tmp.pdf")
+                os.replace(work / f".{name}.tmp.pdf", work / f"{name}.pdf")
+                entry |= {"style": vars(style)}
             except (RuntimeError, subprocess.TimeoutExpired, OSError) as error:
-                return entry | {"reason": str(error)}
-            return entry | {"style": vars(style)}
+                entry |= {"reason": str(error)}
+        write_text_atomic(marker, json.dumps(entry, ensure_ascii=False))
+        return entry
 
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            entries = list(pool.map(render_one, texts))
-        version = subprocess.run([chromium, "--version"], capture_output=True, text=True, timeout=60).stdout.strip()
-        manifest = {
-            "lang": lang,
-            "seed": seed,
-            "tools": {"chromium": version},
-            "documents": [e for e in entries if "reason" not in e],
-            "skipped": [{"path": e["path"], "reason": e["reason"]} for e in entries if "reason" in e],
-        }
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        entries = list(pool.map(render_one, texts))
+    version = subprocess.run([chromium, "--version"], capture_output=True, text=True, timeout=60).stdout.strip()
+    manifest = {
+        "lang": lang,
+        "seed": seed,
+        "tools": {"chromium": version},
+        "documents": [e for e in entries if "reason" not in e],
+        "skipped": [{"path": e["path"], "reason": e["reason"]} for e in entries if "reason" in e],
+    }
+    with atomic_directory(output) as tmp:
+        for entry in manifest["documents"]:
+            shutil.copyfile(work / entry["pdf"], tmp / entry["pdf"])
         (tmp / "render_manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    shutil.rmtree(work)
     return manifest
+
+
+def _prepare_work_folder(work: Path, settings: dict, resume: bool) -> None:
+    wanted = json.dumps(settings, sort_keys=True)
+    if resume and (work / "settings.json").is_file():
+        if (work / "settings.json").read_text(encoding="utf-8") != wanted:
+            raise UsageError(
+                f"--resume: the interrupted run in {work} used other settings; "
+                "run again with the same language, fonts and seed, or without --resume to start over."
+            )
+        return
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    write_text_atomic(work / "settings.json", wanted)
 
 
 def _unique_names(paths: list[Path]) -> dict[Path, str]:
