@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from stages.artifacts import atomic_directory, write_text_atomic
+from stages.artifacts import atomic_directory, naming_full_disk, write_text_atomic
 from stages.errors import UsageError
 from stages.run_record import sha256_file
 
@@ -212,7 +212,8 @@ def build_pages_dataset(
         logger.info("resuming: %d of %d documents already done", len(done), len(paths))
 
     # no page total: counting pages means parsing the PDFs, which only the children do
-    with tqdm(unit="page", desc="pages") as bar, closing(
+    # (pyarrow and datasets report a full disk without a path: name the output)
+    with naming_full_disk(output_dir), tqdm(unit="page", desc="pages") as bar, closing(
         _run(todo, settings, workers, page_timeout_s, document_memory_mb, on_page=bar.update)
     ) as results:
         for finished, (path, rows, entry) in enumerate(results, start=1):
@@ -223,7 +224,8 @@ def build_pages_dataset(
             bar.set_postfix_str(f"{finished}/{len(todo)} documents", refresh=False)
 
     entries = [done[path] for path in paths]
-    manifest = _assemble(work, output_dir, paths, entries, settings, max_skip_fraction, time.monotonic() - started)
+    with naming_full_disk(output_dir):
+        manifest = _assemble(work, output_dir, paths, entries, settings, max_skip_fraction, time.monotonic() - started)
     shutil.rmtree(work)
     return manifest
 

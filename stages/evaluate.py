@@ -11,12 +11,13 @@ eval data and the encoding settings, so scoring again is instant.
 """
 
 import hashlib
+import io
 import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .artifacts import check_model_source, write_text_atomic
+from .artifacts import check_model_source, write_bytes_atomic, write_text_atomic
 from .errors import UsageError, run_cli
 from .recipe import parse_stage_arguments
 from .retrieval import BEIR_FILES, METRICS, bm25_rankings, load_evalset, random_rankings, read_trec_run, score, search
@@ -93,9 +94,10 @@ def cached_embeddings(key: dict, cache_dir: str, compute):
         return torch.load(path), True
     embeddings = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(embeddings, tmp)
-    tmp.rename(path)
+    # through memory: torch.save on a full disk fails with an iostream error that names nothing
+    buffer = io.BytesIO()
+    torch.save(embeddings, buffer)
+    write_bytes_atomic(path, buffer.getvalue())
     return embeddings, False
 
 
