@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from stages.artifacts import atomic_directory, naming_full_disk, write_text_atomic
+from stages.artifacts import atomic_directory, naming_full_disk, prepare_work_folder, write_text_atomic
 from stages.errors import UsageError
 from stages.run_record import sha256_file
 
@@ -200,7 +200,7 @@ def build_pages_dataset(
     if not paths:
         raise UsageError(f"--input {' '.join(inputs)}: no PDF files found (folders are searched for *.pdf).")
     work = output_dir.with_name(f".{output_dir.name}.work")
-    _prepare_work_folder(work, settings, resume)
+    prepare_work_folder(work, asdict(settings), resume)
 
     done = {}
     for path in paths:
@@ -390,21 +390,6 @@ def _fingerprint(files: list[Path], settings: PageSettings) -> str:
         for image in table.column("image").combine_chunks().field("bytes").to_pylist():
             digest.update(hashlib.sha256(image).digest())
     return digest.hexdigest()[:16]
-
-
-def _prepare_work_folder(work: Path, settings: PageSettings, resume: bool) -> None:
-    settings_file = work / "settings.json"
-    wanted = json.dumps(asdict(settings), sort_keys=True)
-    if resume and settings_file.is_file():
-        if settings_file.read_text(encoding="utf-8") != wanted:
-            raise UsageError(
-                f"--resume: the interrupted run in {work} used other settings ({settings_file}); "
-                "run again with the same settings, or without --resume to start over."
-            )
-        return
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    write_text_atomic(settings_file, wanted)
 
 
 def _key(path: Path) -> str:

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.artifacts import atomic_directory, write_text_atomic
+from stages.artifacts import atomic_directory, prepare_work_folder, write_text_atomic
 from stages.errors import UsageError
 from stages.run_record import sha256_file
 
@@ -155,7 +155,7 @@ def render_documents(
     texts = find_texts(inputs)
     names = _unique_names(texts)
     work = Path(output).with_name(f".{Path(output).name}.work")
-    _prepare_work_folder(work, {"lang": lang, "fonts": fonts, "seed": seed}, resume)
+    prepare_work_folder(work, {"lang": lang, "fonts": fonts, "seed": seed}, resume)
 
     def render_one(path: Path) -> dict:
         name = names[path]
@@ -193,20 +193,6 @@ def render_documents(
         (tmp / "render_manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     shutil.rmtree(work)
     return manifest
-
-
-def _prepare_work_folder(work: Path, settings: dict, resume: bool) -> None:
-    wanted = json.dumps(settings, sort_keys=True)
-    if resume and (work / "settings.json").is_file():
-        if (work / "settings.json").read_text(encoding="utf-8") != wanted:
-            raise UsageError(
-                f"--resume: the interrupted run in {work} used other settings; "
-                "run again with the same language, fonts and seed, or without --resume to start over."
-            )
-        return
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    write_text_atomic(work / "settings.json", wanted)
 
 
 def _unique_names(paths: list[Path]) -> dict[Path, str]:

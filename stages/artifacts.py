@@ -58,6 +58,23 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
         tmp.rename(final)
 
 
+def prepare_work_folder(work: Path, settings: dict, resume: bool) -> None:
+    """The folder where an interrupted run's finished parts wait for `--resume`: kept when resuming with the
+    same settings, else started afresh."""
+    settings_file = work / "settings.json"
+    wanted = json.dumps(settings, sort_keys=True)
+    if resume and settings_file.is_file():
+        if settings_file.read_text(encoding="utf-8") != wanted:
+            raise UsageError(
+                f"--resume: the interrupted run in {work} used other settings ({settings_file}); "
+                "run again with the same settings, or without --resume to start over."
+            )
+        return
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    write_text_atomic(settings_file, wanted)
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write a UTF-8 text file under a temporary name, then rename it into place."""
     write_bytes_atomic(path, text.encode("utf-8"))

@@ -1,0 +1,234 @@
+"""Killed runs resume: each long command is SIGKILLed at seeded random moments and run again with
+`--resume`. It must end as an uninterrupted run does (same dataset fingerprint, same losses, same scores),
+and no kill may leave an artifact that a later stage accepts as complete.
+
+    .venv/bin/python -m pytest -m slow tests/test_kill_resume.py -s
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from data_prep.pages import read_pages_manifest
+from stages.errors import UsageError
+from stages.run_record import read_run_record
+
+from .conftest import REPO, thai_pages_dataset
+
+pytestmark = pytest.mark.slow
+KILLS = 4  # kill points per command
+TINY = str(REPO / "recipes/tiny.yaml")
+
+
+def run(argv: list[str], kill_after: float | None = None, kill_when: Callable[[], bool] | None = None) -> bool:
+    """Run `python -m argv`; SIGKILL it (and its children) `kill_after` seconds after it starts, or after
+    `kill_when()` turns true if given. True if it was killed before it finished."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", *argv], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
+    while kill_when is not None and process.poll() is None and not kill_when():
+        time.sleep(0.02)
+    started = time.monotonic()
+    try:
+        _, err = process.communicate(timeout=None if kill_after is None else max(0.0, started + kill_after - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        return True
+    assert process.returncode == 0, err.decode()[-3000:]
+    return False
+
+
+def timed(argv: list[str]) -> float:
+    started = time.monotonic()
+    run(argv)
+    return time.monotonic() - started
+
+
+def kill_points(seed: int, duration: float) -> list[float]:
+    """Seeded moments spread over an uninterrupted run's duration (start-up included)."""
+    rng = random.Random(seed)
+    return sorted(rng.uniform(0.2, 0.95) * duration for _ in range(KILLS))
+
+
+def training_kill_points(seed: int, checkpoint_steps: list[int], step_seconds: float) -> list[tuple[int | None, float]]:
+    """(checkpoint step, delay): kill a seeded moment after that checkpoint is finished (during a later step
+    or the saving of the next checkpoint), or, with None, during start-up."""
+    rng = random.Random(seed)
+    return [(None, rng.uniform(1.0, 5.0))] + [
+        (step, rng.uniform(0.0, 3.0) * step_seconds) for step in sorted(rng.sample(checkpoint_steps, KILLS - 1))
+    ]
+
+
+def step_of(checkpoint_name: str) -> int:
+    return int(checkpoint_name.rsplit("-", 1)[1])
+
+
+def report(command: str, outcomes: list[str]) -> None:
+    print(f"\n{command}: {len(outcomes)} kills -> " + "; ".join(outcomes))
+
+
+def model_is_complete(folder: Path, stage: str) -> bool:
+    """What a later stage checks before it uses a model folder."""
+    try:
+        read_run_record(folder, expected_stage=stage)
+    except UsageError:
+        assert not folder.exists(), f"{folder} exists without a run record"
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def pdfs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pdfs")
+    thai_pages_dataset(folder, documents=12, chars=300, bookmarks=True)
+    return folder
+
+
+def test_killed_pages_runs_resume_to_the_same_dataset(pdfs, tmp_path):
+    command = ["data_prep", "pages", "--lang", "th", "--input", str(pdfs), "--workers", "2"]
+    duration = timed([*command, "--output", str(tmp_path / "straight")])
+    expected = read_pages_manifest(tmp_path / "straight", "--output")["fingerprint"]
+    outcomes = []
+    for case, moment in enumerate(kill_points(1, duration)):
+        output = tmp_path / f"killed{case}"
+        killed = run([*command, "--output", str(output)], kill_after=moment)
+        if killed:  # the dataset folder appears, by a rename, only when it is whole
+            assert not (output / "manifest.json").exists() or read_pages_manifest(output, "--output")["fingerprint"] == expected
+        run([*command, "--output", str(output), "--resume"])
+        assert read_pages_manifest(output, "--output")["fingerprint"] == expected
+        outcomes.append(f"{moment:.1f}s: {'killed' if killed else 'finished first'}, resumed identical")
+    report("data_prep pages", outcomes)
+
+
+def test_killed_render_runs_resume_to_the_same_pdfs(tmp_path):
+    command = ["data_prep", "render", "--lang", "en", "--input", *map(str, sorted((REPO / "samples/udhr").glob("*.md")))]
+    duration = timed([*command, "--output", str(tmp_path / "straight")])
+    expected = json.loads((tmp_path / "straight" / "render_manifest.json").read_text())["documents"]
+    outcomes = []
+    for case, moment in enumerate(kill_points(5, duration)):
+        output = tmp_path / f"killed{case}"
+        killed = run([*command, "--output", str(output)], kill_after=moment)
+        assert not killed or not output.exists() or (output / "render_manifest.json").is_file()
+        done = len(list(output.parent.glob(f".{output.name}.work/*.entry.json")))
+        run([*command, "--output", str(output), "--resume"])
+        assert json.loads((output / "render_manifest.json").read_text())["documents"] == expected
+        for entry in expected:
+            assert (output / entry["pdf"]).read_bytes() == (tmp_path / "straight" / entry["pdf"]).read_bytes()
+        outcomes.append(f"{moment:.1f}s: {'killed' if killed else 'finished first'} with {done} of {len(expected)} rendered, resumed identical")
+    report("data_prep render", outcomes)
+
+
+@pytest.fixture(scope="module")
+def pages(pdfs):
+    return pdfs / "pages"
+
+
+@pytest.fixture(scope="module")
+def base(recorded_base):
+    return recorded_base
+
+
+def pretrain_command(base, pages, output) -> list[str]:
+    return [
+        "stages.pretrain", "--config", TINY, "--lang", "th", "--model_name_or_path", str(base), "--datasets", str(pages),
+        "--output_dir", str(output), "--max_length", "200", "--max_pixels", "40000", "--eval_fraction", "0.25",
+        "--cer_pages", "1", "--per_device_train_batch_size", "2", "--learning_rate", "5.0e-3", "--warmup_steps", "0",
+        "--max_steps", "24", "--eval_strategy", "steps", "--eval_steps", "4", "--save_steps", "4", "--logging_steps", "1",
+    ]
+
+
+def resume_or_restart(command: list[str], output: Path, has_checkpoint: bool) -> str:
+    """What a user does after a kill: continue from a finished checkpoint, else start over."""
+    if has_checkpoint:
+        run([*command, "--resume"])
+        return "resumed"
+    run([*command, "--overwrite"])
+    return "restarted (no finished checkpoint yet)"
+
+
+def test_killed_pretraining_resumes_with_the_losses_of_an_uninterrupted_run(base, pages, tmp_path):
+    timed(pretrain_command(base, pages, tmp_path / "straight"))
+    straight = read_run_record(tmp_path / "straight" / "final")["results"]
+    outcomes = []
+    for case, (after, delay) in enumerate(training_kill_points(2, [4, 8, 12, 16, 20], straight["throughput"]["seconds_per_step"])):
+        output = tmp_path / f"killed{case}"
+        command = pretrain_command(base, pages, output)
+        moment = f"{delay:.2f}s after " + (f"checkpoint-{after}" if after else "the start")
+        if not run(command, kill_after=delay, kill_when=after and (output / f"checkpoint-{after}" / "run_record.json").exists):
+            outcomes.append(f"{moment}: finished before the kill")
+            continue
+        if model_is_complete(output / "final", "pretrain"):
+            outcomes.append(f"{moment}: killed after final/ was written")
+            continue
+        finished = sorted((p.name for p in output.glob("checkpoint-*") if (p / "run_record.json").is_file()), key=step_of)
+        how = resume_or_restart(command, output, bool(finished))
+        resumed = read_run_record(output / "final", expected_stage="pretrain")["results"]
+        assert [e["loss"] for e in resumed["loss_history"]] == pytest.approx([e["loss"] for e in straight["loss_history"]], rel=1e-4)
+        assert [e["step"] for e in resumed["generation_quality"]] == [e["step"] for e in straight["generation_quality"]]
+        outcomes.append(f"{moment}: {finished[-1] if finished else 'no checkpoint'}, {how}, identical losses")
+    report("stages.pretrain", outcomes)
+
+
+def contrast_command(base, pages, output) -> list[str]:
+    return [
+        "stages.contrast", "--config", TINY, "--lang", "th", "--model_name_or_path", str(base), "--pages_datasets", str(pages),
+        "--output_dir", str(output), "--passage_chars", "40", "--contrastive_batch_size", "8", "--mini_batch_size", "4",
+        "--eval_fraction", "0.3", "--image_max_side", "200", "--max_text_tokens", "48", "--max_steps", "16",
+        "--save_steps", "3", "--eval_steps", "3", "--logging_steps", "1", "--learning_rate", "1.0e-2",
+    ]
+
+
+def test_killed_contrastive_refinement_resumes_with_the_losses_of_an_uninterrupted_run(base, pages, tmp_path):
+    timed(contrast_command(base, pages, tmp_path / "straight"))
+    straight = read_run_record(tmp_path / "straight" / "final")["results"]
+    step_seconds = 8 / straight["pairs_per_second"]  # a contrastive batch of 8
+    outcomes = []
+    for case, (after, delay) in enumerate(training_kill_points(3, [3, 6, 9, 12, 15], step_seconds)):
+        output = tmp_path / f"killed{case}"
+        command = contrast_command(base, pages, output)
+        moment = f"{delay:.2f}s after " + (f"checkpoint-{after}" if after else "the start")
+        if not run(command, kill_after=delay, kill_when=after and (output / f"checkpoint-{after}" / "progress.json").exists):
+            outcomes.append(f"{moment}: finished before the kill")
+            continue
+        if model_is_complete(output / "final", "contrast"):
+            outcomes.append(f"{moment}: killed after final/ was written")
+            continue
+        finished = sorted((p.name for p in output.glob("checkpoint-*") if (p / "progress.json").is_file()), key=step_of)
+        how = resume_or_restart(command, output, bool(finished))
+        resumed = read_run_record(output / "final", expected_stage="contrast")["results"]
+        assert [e["loss"] for e in resumed["loss_history"]] == pytest.approx([e["loss"] for e in straight["loss_history"]], rel=1e-5)
+        assert resumed["held_out_accuracy"] == straight["held_out_accuracy"]
+        outcomes.append(f"{moment}: {finished[-1] if finished else 'no checkpoint'}, {how}, identical losses")
+    report("stages.contrast", outcomes)
+
+
+def test_a_killed_evaluation_reuses_the_embeddings_it_finished(base, pages, tmp_path):
+    evalset = tmp_path / "eval"
+    run(["data_prep", "evalset", "--lang", "th", "--pages", str(pages), "--output", str(evalset), "--outline_level", "1"])
+    command = ["stages.evaluate", "--config", TINY, "--model", str(base), "--data", str(evalset)]
+    duration = timed([*command, "--output", str(tmp_path / "straight.json"), "--cache_dir", str(tmp_path / "straight-cache")])
+    expected = json.loads((tmp_path / "straight.json").read_text())["results"]
+    outcomes = []
+    # two kills at seeded moments, two right after the page embeddings are cached (during the queries')
+    for case, moment in enumerate(kill_points(4, duration)[:2] + [0.0, 0.2]):
+        output, cache = tmp_path / f"killed{case}.json", tmp_path / f"cache{case}"
+        pages_cached = (lambda: any(cache.glob("*.pt"))) if case >= 2 else None
+        killed = run([*command, "--output", str(output), "--cache_dir", str(cache)], kill_after=moment, kill_when=pages_cached)
+        assert not killed or not output.exists() or json.loads(output.read_text())["results"] == expected
+        before = {path: path.stat().st_mtime_ns for path in cache.glob("*.pt")}
+        output.unlink(missing_ok=True)
+        run([*command, "--output", str(output), "--cache_dir", str(cache)])
+        assert json.loads(output.read_text())["results"] == expected
+        assert all(path.stat().st_mtime_ns == mtime for path, mtime in before.items())  # reused, not encoded again
+        assert len(list(cache.glob("*.pt"))) == 2  # pages and queries
+        outcomes.append(f"{moment:.1f}s: {'killed' if killed else 'finished first'} with {len(before)} of 2 embedding sets cached, rerun identical")
+    report("stages.evaluate", outcomes)
