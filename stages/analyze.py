@@ -270,7 +270,7 @@ def named_models(values: list[str]) -> dict[str, str]:
         raise UsageError("diagnostics needs --models name=folder [name=folder ...], e.g. base=checkpoints/tiny/base.")
     models = {}
     for value in values:
-        name, _, path = value.rpartition("=") if "=" in value else (value, "", value)
+        name, _, path = value.partition("=") if "=" in value else (value, "", value)
         if name in models:
             raise UsageError(f"--models names `{name}` twice; give each model its own name.")
         if not (Path(path) / "config.json").is_file():

@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
         "--output", str(evaluation / "results.json"), "--report", str(evaluation / "report"),
     ])
     print(f"pipeline: done in {time.monotonic() - started:.0f}s; results in {evaluation}/results.json, report in {evaluation}/report/index.html")
+    print(f"pipeline: the paper's analyses of these runs: python -m stages.analyze {{scaling,diagnostics}} --config {recipe_args.config}")
 
 
 def prepare_data(seed: int, args: PipelineArguments) -> list[str]:
