@@ -174,10 +174,10 @@ def spearman(x: list[float], y: list[float]) -> dict:
 
 def scaling_table(rows: list[dict], baselines: dict, correlations: dict) -> str:
     lines = [
-        "| pretraining steps | held-out CER | eval loss | nDCG@10 | Recall@10 | MRR@10 | contrast: held-out in-batch accuracy |",
+        "| pretraining steps | held-out CER | eval loss | nDCG@10 | Recall@10 | MRR@10 | contrast: held-out in-batch accuracy, start -> end |",
         "|---|---|---|---|---|---|---|",
         *(f"| {r['step']} | {r['cer']:.3f} | {r['eval_loss']:.3f} | {r['ndcg@10']:.3f} | {r['recall@10']:.3f} | {r['mrr@10']:.3f} | "
-          f"{' -> '.join(map(str, r['held_out_accuracy']))} |" for r in rows),
+          f"{r['held_out_accuracy'][0]} -> {r['held_out_accuracy'][-1]} |" for r in rows),
         "",
         "Baselines, nDCG@10: " + ", ".join(f"{name} {value:.3f}" for name, value in baselines.items()),
     ]
@@ -248,11 +248,13 @@ def diagnostics(recipe_args, args: AnalyzeArguments) -> None:
         }
         del model
 
-    summary = {"pages": args.pages, "page_count": len(rows), "knn": k, "seed": recipe_args.seed, "models": per_model}
+    chance = round(k / (len(rows) - 1), 4)  # the mutual k-NN of unrelated representations
+    summary = {"pages": args.pages, "page_count": len(rows), "knn": k, "mutual_knn_chance": chance, "seed": recipe_args.seed,
+               "models": per_model}
     table = diagnostics_table(per_model)
     folder.mkdir(parents=True, exist_ok=True)
     write_text_atomic(folder / "diagnostics.md", table + "\n")
-    save_figure(diagnostics_figure(per_model, k), folder / "diagnostics.png")
+    save_figure(diagnostics_figure(per_model, k, chance), folder / "diagnostics.png")
     write_text_atomic(folder / "diagnostics.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     write_run_record(
         folder, stage="analyze", config={"recipe": vars(recipe_args), "analyze": asdict(args), "command": "diagnostics"},
@@ -261,6 +263,7 @@ def diagnostics(recipe_args, args: AnalyzeArguments) -> None:
         + [Path(path) / "manifest.json" for path in args.pages],
     )
     print(table)
+    print(f"(mutual {k}-NN of unrelated representations: {chance})")
     print(f"analyze diagnostics: table, plot and JSON in {folder}/diagnostics.{{md,png,json}}")
 
 
@@ -309,11 +312,12 @@ def diagnostics_table(per_model: dict) -> str:
     return "\n".join(lines)
 
 
-def diagnostics_figure(per_model: dict, k: int):
+def diagnostics_figure(per_model: dict, k: int, chance: float):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     panels = (
         ("anisotropy_image", "anisotropy of page images\n(mean pairwise cosine)"),
@@ -325,8 +329,12 @@ def diagnostics_figure(per_model: dict, k: int):
     for axis, (key, title) in zip(axes, panels):
         for name, result in per_model.items():
             axis.plot([row["layer"] for row in result["layers"]], [row[key] for row in result["layers"]], marker="o", label=name)
+        if key == "mutual_knn":
+            axis.axhline(chance, color="gray", linestyle=":", label="chance")
+            axis.legend(handles=axis.get_lines()[-1:], fontsize=8)
         axis.set_title(title, fontsize=10)
         axis.set_xlabel("layer")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].legend(fontsize=8)
     return figure
 
