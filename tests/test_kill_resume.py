@@ -155,29 +155,6 @@ def resume_or_restart(command: list[str], output: Path, has_checkpoint: bool) ->
     return "restarted (no finished checkpoint yet)"
 
 
-def test_killed_pretraining_resumes_with_the_losses_of_an_uninterrupted_run(base, pages, tmp_path):
-    timed(pretrain_command(base, pages, tmp_path / "straight"))
-    straight = read_run_record(tmp_path / "straight" / "final")["results"]
-    outcomes = []
-    for case, (after, delay) in enumerate(training_kill_points(2, [4, 8, 12, 16, 20], straight["throughput"]["seconds_per_step"])):
-        output = tmp_path / f"killed{case}"
-        command = pretrain_command(base, pages, output)
-        moment = f"{delay:.2f}s after " + (f"checkpoint-{after}" if after else "the start")
-        if not run(command, kill_after=delay, kill_when=after and (output / f"checkpoint-{after}" / "run_record.json").exists):
-            outcomes.append(f"{moment}: finished before the kill")
-            continue
-        if model_is_complete(output / "final", "pretrain"):
-            outcomes.append(f"{moment}: killed after final/ was written")
-            continue
-        finished = sorted((p.name for p in output.glob("checkpoint-*") if (p / "run_record.json").is_file()), key=step_of)
-        how = resume_or_restart(command, output, bool(finished))
-        resumed = read_run_record(output / "final", expected_stage="pretrain")["results"]
-        assert [e["loss"] for e in resumed["loss_history"]] == pytest.approx([e["loss"] for e in straight["loss_history"]], rel=1e-4)
-        assert [e["step"] for e in resumed["generation_quality"]] == [e["step"] for e in straight["generation_quality"]]
-        outcomes.append(f"{moment}: {finished[-1] if finished else 'no checkpoint'}, {how}, identical losses")
-    report("stages.pretrain", outcomes)
-
-
 def contrast_command(base, pages, output) -> list[str]:
     return [
         "stages.contrast", "--config", TINY, "--lang", "th", "--model_name_or_path", str(base), "--pages_datasets", str(pages),
@@ -187,28 +164,42 @@ def contrast_command(base, pages, output) -> list[str]:
     ]
 
 
-def test_killed_contrastive_refinement_resumes_with_the_losses_of_an_uninterrupted_run(base, pages, tmp_path):
-    timed(contrast_command(base, pages, tmp_path / "straight"))
+# stage -> its command, the file a finished checkpoint has last, the steps it saves at, the kill points' seed,
+# the relative tolerance on the losses
+TRAINING = {
+    "pretrain": (pretrain_command, "run_record.json", [4, 8, 12, 16, 20], 2, 1e-4),
+    "contrast": (contrast_command, "progress.json", [3, 6, 9, 12, 15], 3, 1e-5),
+}
+
+
+@pytest.mark.parametrize("stage", TRAINING)
+def test_killed_training_resumes_with_the_losses_of_an_uninterrupted_run(stage, base, pages, tmp_path):
+    make_command, marker, checkpoint_steps, seed, tolerance = TRAINING[stage]
+    timed(make_command(base, pages, tmp_path / "straight"))
     straight = read_run_record(tmp_path / "straight" / "final")["results"]
-    step_seconds = 8 / straight["pairs_per_second"]  # a contrastive batch of 8
+    # contrast: a contrastive batch of 8
+    step_seconds = straight["throughput"]["seconds_per_step"] if stage == "pretrain" else 8 / straight["pairs_per_second"]
     outcomes = []
-    for case, (after, delay) in enumerate(training_kill_points(3, [3, 6, 9, 12, 15], step_seconds)):
+    for case, (after, delay) in enumerate(training_kill_points(seed, checkpoint_steps, step_seconds)):
         output = tmp_path / f"killed{case}"
-        command = contrast_command(base, pages, output)
+        command = make_command(base, pages, output)
         moment = f"{delay:.2f}s after " + (f"checkpoint-{after}" if after else "the start")
-        if not run(command, kill_after=delay, kill_when=after and (output / f"checkpoint-{after}" / "progress.json").exists):
+        if not run(command, kill_after=delay, kill_when=after and (output / f"checkpoint-{after}" / marker).exists):
             outcomes.append(f"{moment}: finished before the kill")
             continue
-        if model_is_complete(output / "final", "contrast"):
+        if model_is_complete(output / "final", stage):
             outcomes.append(f"{moment}: killed after final/ was written")
             continue
-        finished = sorted((p.name for p in output.glob("checkpoint-*") if (p / "progress.json").is_file()), key=step_of)
+        finished = sorted((p.name for p in output.glob("checkpoint-*") if (p / marker).is_file()), key=step_of)
         how = resume_or_restart(command, output, bool(finished))
-        resumed = read_run_record(output / "final", expected_stage="contrast")["results"]
-        assert [e["loss"] for e in resumed["loss_history"]] == pytest.approx([e["loss"] for e in straight["loss_history"]], rel=1e-5)
-        assert resumed["held_out_accuracy"] == straight["held_out_accuracy"]
+        resumed = read_run_record(output / "final", expected_stage=stage)["results"]
+        assert [e["loss"] for e in resumed["loss_history"]] == pytest.approx([e["loss"] for e in straight["loss_history"]], rel=tolerance)
+        if stage == "pretrain":
+            assert [e["step"] for e in resumed["generation_quality"]] == [e["step"] for e in straight["generation_quality"]]
+        else:
+            assert resumed["held_out_accuracy"] == straight["held_out_accuracy"]
         outcomes.append(f"{moment}: {finished[-1] if finished else 'no checkpoint'}, {how}, identical losses")
-    report("stages.contrast", outcomes)
+    report(f"stages.{stage}", outcomes)
 
 
 def test_a_killed_evaluation_reuses_the_embeddings_it_finished(base, pages, tmp_path):
