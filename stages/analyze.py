@@ -25,7 +25,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .artifacts import check_input_paths, write_text_atomic
+from .artifacts import check_input_paths, finished_checkpoints, write_text_atomic
 from .errors import UsageError, run_cli
 from .recipe import parse_stage_arguments
 from .run_record import RUN_RECORD, read_run_record, run_is_up_to_date, write_run_record
@@ -145,9 +145,8 @@ def pretraining_points(run: Path) -> list[Point]:
     record = read_run_record(run / "final", expected_stage="pretrain")
     quality = {entry["step"]: entry for entry in record["results"]["generation_quality"]}
     models = {0: record["config"]["pretrain"]["model_name_or_path"], record["results"]["steps"]: str(run / "final")}
-    for checkpoint in run.glob("checkpoint-*"):
-        if (checkpoint / RUN_RECORD).is_file():  # a checkpoint without one was not finished
-            models.setdefault(int(checkpoint.name.rsplit("-", 1)[1]), str(checkpoint))
+    for checkpoint in finished_checkpoints(run, RUN_RECORD):
+        models.setdefault(int(checkpoint.name.removeprefix("checkpoint-")), str(checkpoint))
     if record["config"]["pretrain"]["tuning"] == "lora":
         raise UsageError(
             f"{run} was pretrained with LoRA, whose checkpoints hold adapters, not models; the scaling analysis "

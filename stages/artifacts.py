@@ -58,6 +58,14 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
         tmp.rename(final)
 
 
+def finished_checkpoints(output_dir: str | Path, marker: str) -> list[Path]:
+    """The `checkpoint-<step>` folders of a training run that hold `marker`, the file a checkpoint gets last
+    (one without it was cut short by a kill), in step order."""
+    steps = {path: path.name.removeprefix("checkpoint-") for path in Path(output_dir).glob("checkpoint-*")}
+    found = [path for path, step in steps.items() if step.isdigit() and (path / marker).is_file()]
+    return sorted(found, key=lambda path: int(steps[path]))
+
+
 def prepare_work_folder(work: Path, settings: dict, resume: bool) -> None:
     """The folder where an interrupted run's finished parts wait for `--resume`: kept when resuming with the
     same settings, else started afresh."""

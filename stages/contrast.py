@@ -21,7 +21,9 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .artifacts import atomic_directory, check_input_paths, check_model_source, check_output_dir, write_text_atomic
+from .artifacts import (
+    atomic_directory, check_input_paths, check_model_source, check_output_dir, finished_checkpoints, write_text_atomic,
+)
 from .errors import UsageError, run_cli
 from .pretrain import deepspeed_stage
 from .recipe import parse_stage_arguments, recipe_section
@@ -120,8 +122,8 @@ class ContrastArguments:
 
 def last_checkpoint(output_dir: str) -> Path | None:
     """The newest checkpoint whose progress file was written (the last thing a checkpoint gets)."""
-    finished = [path for path in Path(output_dir).glob("checkpoint-*") if (path / PROGRESS).is_file()]
-    return max(finished, key=lambda path: int(path.name.rsplit("-", 1)[1]), default=None)
+    finished = finished_checkpoints(output_dir, PROGRESS)
+    return finished[-1] if finished else None
 
 
 def announce_base(model: str, lang: str) -> str | None:

@@ -26,7 +26,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from data_prep.pages import read_pages_manifest
 
-from .artifacts import atomic_directory, check_input_paths, check_model_source, check_output_dir
+from .artifacts import atomic_directory, check_input_paths, check_model_source, check_output_dir, finished_checkpoints
 from .errors import UsageError, run_cli
 from .lora import lora_config, save_merged
 from .recipe import parse_stage_arguments, recipe_section
@@ -104,14 +104,13 @@ def prepare_output_dir(args: PretrainArguments, training) -> str | None:
                 shutil.rmtree(output_dir)  # old checkpoint-* folders would otherwise be mixed with the new ones
     if not args.resume:
         return None
-    # a checkpoint gets its run record last: one without was cut short by the kill
-    finished = [path for path in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if (path / RUN_RECORD).is_file()]
+    finished = finished_checkpoints(output_dir, RUN_RECORD)  # a checkpoint gets its run record last
     if not finished:
         raise UsageError(
             f"--resume: {output_dir} holds no finished checkpoint-* folder to continue from; "
             "run again with --overwrite to start over."
         )
-    return str(max(finished, key=lambda path: int(path.name.rsplit("-", 1)[1])))
+    return str(finished[-1])
 
 
 def deepspeed_stage(config) -> int | None:
