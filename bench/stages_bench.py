@@ -1,6 +1,7 @@
 """Every stage against the baseline a user would otherwise run, side by side on one device (issue 8).
 
-    .venv/bin/python bench/stages_bench.py --tiny --out bench/results/tiny.json   # CPU smoke run, < 1 min
+    .venv/bin/python bench/stages_bench.py --tiny --out bench/results/tiny.json   # CPU smoke run, ~1 min
+    .venv/bin/python bench/stages_bench.py --dry_run --out /tmp/dry.json          # the GPU run's paths on a CPU
     python bench/stages_bench.py --out $OUT/bench.json                           # one GPU, Qwen2.5-VL-3B size
     bash bench/gpu_bench.sh $OUT                                                  # a GPU session, wheels included
 
@@ -12,13 +13,18 @@ each case in a process of its own, so peak memory is per case:
 - matmul_peak: the device's measured matmul rate (bf16 on a GPU; float32 on a CPU), the MFU denominator;
 - pretrain_ours: `stages.pretrain.main` (recipes/th.yaml, or tiny.yaml) vs pretrain_plain: TRL's
   SFTTrainer with SFTConfig defaults on the same model and examples (batch size, steps, bf16 and the
-  max_length the examples were cut to set alike);
+  max_length the examples were cut to set alike); pretrain_ours_no_ckpt and pretrain_ours_ckpt_every2: the
+  stage with activation checkpointing off, or on every other layer (PRETRAIN_VARIANTS);
+- checkpointing: where activation checkpointing's cost goes: forward+backward steps of full fine-tuning and
+  of a frozen vision tower, with and without checkpointing, in one process on one batch;
 - evaluate: pages/s and queries/s through stages.embedder.Embedder, as stages.evaluate encodes;
 - contrast_plain: the plain InfoNCE (one graph over the whole batch) at the largest batch that fits;
   contrast_cached: the stage's cached step at that same batch; contrast_stage: `stages.contrast.train`
   (cached InfoNCE) at a contrastive batch of 1024; contrast_accum: the reference implementation's gradient
   accumulation (InfoNCE within each mini-batch only), over two mini-batches (its cost per pair does not
   depend on how many are accumulated).
+
+Cases run in that order, the issue's targets first; none starts past --budget_s.
 
 Times are end to end (data collation included), over the steps after the warm-up steps. Model FLOPs are
 counted with torch.utils.flop_counter on a forward pass per example (no padding), times 3 for the trained
@@ -74,16 +80,30 @@ class Scale:
 
 
 # on an H200 one cached step at 1024 took ~2 minutes (bench/results/contrast_real_size_h200.json: 8.9 pairs/s):
-# one step there, so that every case fits the 8 minutes of a GPU session
+# one step there, so that every case fits the 8 minutes of a GPU session. The plain loss keeps every
+# mini-batch's graph; there one mini-batch of 32 sequences of up to 650 tokens peaked at 60 GiB, so the plain
+# loss fits ~16 pairs (32 sequences) and the accumulation baseline's mini-batches are 16 pairs
 FULL = Scale(recipe="recipes/th.yaml", base_flags=tuple(REAL_SIZE_FLAGS), pages=128, text_tokens=(300, 1500), queries=256,
              pretrain_batch=4, warmup_steps=1, timed_steps=3, flop_examples=4, contrast_batch=1024, contrast_steps=1,
-             plain_batches=(256, 128, 64, 32, 16, 8), accum_batch=64, matmul_size=8192)
+             plain_batches=(32, 16, 8), accum_batch=32, matmul_size=8192)
 TINY = Scale(recipe="recipes/tiny.yaml", base_flags=(), pages=24, text_tokens=(40, 200), queries=16,
              pretrain_batch=2, warmup_steps=1, timed_steps=2, flop_examples=2, contrast_batch=16, contrast_steps=3,
              plain_batches=(16,), accum_batch=16, matmul_size=512)
-# seconds a case may take at most (the whole run's --budget_s caps them too)
-CASE_LIMITS = {"base_model": 180, "pages": 120, "matmul_peak": 60, "pretrain_ours": 150, "pretrain_plain": 150,
-               "evaluate": 90, "contrast_plain": 120, "contrast_cached": 90, "contrast_stage": 240, "contrast_accum": 90}
+# FULL's recipe, data and batch sizes on the tiny model's dimensions: the GPU run's code paths, tried on a CPU
+DRY_RUN = Scale(recipe="recipes/th.yaml", base_flags=("--max_pixels", "1003520"), pages=128, text_tokens=(300, 1500),
+                queries=32, pretrain_batch=4, warmup_steps=1, timed_steps=1, flop_examples=1, contrast_batch=1024,
+                contrast_steps=1, plain_batches=(32, 16, 8), accum_batch=32, matmul_size=512)
+# pretraining through stages.pretrain with these flags on top of the recipe's (the optimisations tried)
+PRETRAIN_VARIANTS = {
+    "pretrain_ours": [],
+    "pretrain_ours_no_ckpt": ["--gradient_checkpointing", "false"],
+    "pretrain_ours_ckpt_every2": ["--gradient_checkpointing_kwargs", '{"every_n_layers": 2}'],
+}
+# seconds a case may take at most (the whole run's --budget_s caps them too); in the order they run,
+# the issue's targets first
+CASE_LIMITS = {"base_model": 180, "pages": 120, "matmul_peak": 60, "pretrain_plain": 150, "pretrain_ours": 150,
+               "checkpointing": 150, "pretrain_ours_no_ckpt": 150, "evaluate": 90, "contrast_plain": 120,
+               "contrast_cached": 90, "contrast_stage": 240, "contrast_accum": 90, "pretrain_ours_ckpt_every2": 150}
 SETUP = ("base_model", "pages")
 CASES = tuple(name for name in CASE_LIMITS if name not in SETUP)
 
@@ -300,9 +320,10 @@ def case_pages(ctx: dict) -> dict:
             "text_tokens_min": min(lengths), "text_tokens_max": max(lengths), "queries": len(queries)}
 
 
-def case_pretrain_ours(ctx: dict) -> dict:
-    """stages.pretrain's own main, with the bench's meter in place of its Throughput callback, and without
-    writing final/ (7.5 GB at the 3B size, after the measured steps: device time for nothing here)."""
+def pretrain_ours(ctx: dict, name: str) -> dict:
+    """stages.pretrain's own main with the flags of PRETRAIN_VARIANTS[name], the bench's meter in place of its
+    Throughput callback, and without writing final/ (7.5 GB at the 3B size, after the measured steps: device
+    time for nothing here)."""
     import stages.pretrain
     import stages.throughput
 
@@ -310,15 +331,114 @@ def case_pretrain_ours(ctx: dict) -> dict:
     meter = make_step_meter(scale["warmup_steps"], scale["flop_examples"])
     stages.throughput.Throughput = lambda: meter  # main builds its throughput callback from these names
     stages.pretrain.save_final = lambda trainer, args, processor, output_dir, record: records.append(record) or output_dir
-    output_dir = Path(ctx["work"]) / "pretrain_ours"
+    output_dir = Path(ctx["work"]) / name
     stages.pretrain.main([
         "--config", scale["recipe"], "--model_name_or_path", ctx["base"], "--datasets", ctx["pages"],
         "--output_dir", str(output_dir), "--max_steps", str(scale["warmup_steps"] + scale["timed_steps"]),
         "--per_device_train_batch_size", str(scale["pretrain_batch"]), "--gradient_accumulation_steps", "1",
         "--eval_fraction", "0.0", "--eval_strategy", "no", "--save_strategy", "no", "--cer_pages", "0",
-        "--report_to", "none", "--disable_tqdm", "true",
+        "--report_to", "none", "--disable_tqdm", "true", *PRETRAIN_VARIANTS[name],
     ])
-    return {**meter.figures, "batch": scale["pretrain_batch"], "stage_throughput": records[0]["results"]["throughput"]}
+    return {**meter.figures, "batch": scale["pretrain_batch"], "flags": PRETRAIN_VARIANTS[name],
+            "stage_throughput": records[0]["results"]["throughput"]}
+
+
+def case_pretrain_ours(ctx: dict) -> dict:
+    return pretrain_ours(ctx, "pretrain_ours")
+
+
+def case_pretrain_ours_no_ckpt(ctx: dict) -> dict:
+    return pretrain_ours(ctx, "pretrain_ours_no_ckpt")
+
+
+def case_pretrain_ours_ckpt_every2(ctx: dict) -> dict:
+    return pretrain_ours(ctx, "pretrain_ours_ckpt_every2")
+
+
+def case_checkpointing(ctx: dict) -> dict:
+    """Where activation checkpointing's cost goes: forward+backward steps (no optimizer) on one batch of
+    pretraining examples, full fine-tuning vs a frozen vision tower, with and without checkpointing (the
+    Trainer's way: model.activation_checkpointing_enable(), which also makes every input embedding's output
+    require grad, the vision tower's patch embedding included)."""
+    import gc
+
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+    from stages.pretrain import PretrainArguments, freeze, load_examples
+    from stages.recipe import load_recipe
+
+    scale = ctx["scale"]
+    recipe = load_recipe(scale["recipe"])
+    processor = AutoProcessor.from_pretrained(ctx["base"])
+    args = PretrainArguments(model_name_or_path=ctx["base"], datasets=[ctx["pages"]],
+                             max_pixels=recipe["pretrain"]["max_pixels"], eval_fraction=0.0)
+    train, _, _ = load_examples(args, processor, recipe["pretrain"]["max_length"], recipe["seed"])
+    count = scale["pretrain_batch"]
+    collate = DataCollatorForVisionLanguageModeling(processor=processor, completion_only_loss=True)
+    gpu = torch.cuda.is_available()
+    device = "cuda" if gpu else "cpu"
+    # fresh rows for each collation: the collator fills the image placeholders of the examples it is given
+    batch = {key: value.to(device) for key, value in collate([train[i] for i in range(count)]).items()}
+    model = AutoModelForImageTextToText.from_pretrained(ctx["base"], dtype=torch.bfloat16 if gpu else torch.float32)
+    model.to(device).train()
+    visual = model.model.visual
+    flops = vision_flops = 0
+    for i in range(count):  # model FLOPs without padding, as the pretrain cases count them
+        inputs = {key: value.to(device) for key, value in collate([train[i]]).items() if key in FORWARD_KEYS}
+        total, vision = example_flops(model, inputs)
+        flops, vision_flops = flops + total, vision_flops + vision
+    tokens = int(batch["attention_mask"].sum())
+
+    configs = [  # (label, vision: trained | requires_grad_off | freeze, checkpointing: none | all | language)
+        ("full fine-tuning, no checkpointing", "trained", "none"),
+        ("full fine-tuning, checkpointing", "trained", "all"),
+        ("full fine-tuning, checkpointing the language model only", "trained", "language"),
+        ("vision requires_grad off, checkpointing (stages.pretrain before)", "requires_grad_off", "all"),
+        ("vision frozen by stages.pretrain.freeze, checkpointing", "freeze", "all"),
+        ("vision frozen by stages.pretrain.freeze, no checkpointing", "freeze", "none"),
+    ]
+    results = []
+    for label, vision, checkpointing in configs:
+        visual.__dict__.pop("forward", None)  # undo an earlier freeze()
+        if vision == "freeze":
+            freeze(visual)
+        else:
+            visual.requires_grad_(vision == "trained")
+        if checkpointing == "none":
+            model.activation_checkpointing_disable()
+        else:
+            model.activation_checkpointing_enable()
+            if checkpointing == "language":
+                for module in visual.modules():
+                    if hasattr(module, "gradient_checkpointing"):
+                        module.gradient_checkpointing = False
+        model_flops = 3 * flops if vision == "trained" else 3 * (flops - vision_flops) + vision_flops
+        seconds, error = [], None
+        if gpu:
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            for _ in range(1 + scale["timed_steps"]):
+                started = time.perf_counter()
+                model(**batch).loss.backward()
+                device_sync()
+                seconds.append(time.perf_counter() - started)
+        except torch.OutOfMemoryError:
+            error = "out of memory"
+        model.zero_grad(set_to_none=True)
+        gc.collect()
+        if gpu:
+            torch.cuda.empty_cache()
+        result = {"config": label, "vision": vision, "checkpointing": checkpointing}
+        if error:
+            results.append({**result, "error": error})
+            continue
+        step = statistics.median(seconds[1:])
+        results.append({**result, "step_seconds_median": round(step, 4), "tokens_per_second": round(tokens / step, 1),
+                        "model_tflops_per_second": round(model_flops / step / 1e12, 3), **peak_memory()})
+    return {"batch": count, "tokens": tokens, "forward_tflops": round(flops / 1e12, 3),
+            "vision_share_of_forward": round(vision_flops / flops, 3), "configs": results}
 
 
 def case_pretrain_plain(ctx: dict) -> dict:
@@ -420,7 +540,7 @@ def case_contrast_stage(ctx: dict) -> dict:
             "pairs": counts, "loss": results["loss_history"][-1]["loss"], **peak_memory()}
 
 
-def contrast_loop(ctx: dict, loss: str, batch_sizes: list[int], warmup: int, timed: int) -> dict:
+def contrast_loop(ctx: dict, loss: str, batch_sizes: list[int], warmup: int, timed: int, mini_batch: int | None = None) -> dict:
     """LoRA contrastive steps set up as stages.contrast.train sets them up (model, LoRA, bf16 autocast through
     Accelerate, AdamW, clipping, pairs and mini-batches), with `loss`:
     - "cached": stages.contrastive_loss.cached_contrastive_step, as the stage;
@@ -441,6 +561,7 @@ def contrast_loop(ctx: dict, loss: str, batch_sizes: list[int], warmup: int, tim
     from stages.lora import lora_config
 
     recipe_args, args = parse_contrast_arguments(ctx, min(batch_sizes), warmup + timed, f"contrast_{loss}")
+    args.mini_batch_size = mini_batch or args.mini_batch_size
     pairs, _, _ = load_pairs(args, recipe_args.seed)
     gpu = torch.cuda.is_available()
     bf16 = args.bf16 and gpu
@@ -517,7 +638,8 @@ def case_contrast_cached(ctx: dict) -> dict:
 
 def case_contrast_accum(ctx: dict) -> dict:
     scale = ctx["scale"]
-    return contrast_loop(ctx, "accum", [scale["accum_batch"]], 1, scale["timed_steps"])
+    # two mini-batches: per pair, accumulating more of them costs the same
+    return contrast_loop(ctx, "accum", [scale["accum_batch"]], 1, scale["timed_steps"], scale["accum_batch"] // 2)
 
 
 # --- the parent: set-up, one process per case, JSON and table ---
@@ -583,12 +705,15 @@ def ratios(cases: dict) -> dict:
 
     peak = get("matmul_peak", "tflops_per_second")
     found = {}
-    for side in ("ours", "plain"):
-        rate, flops = get(f"pretrain_{side}", "tokens_per_second"), get(f"pretrain_{side}", "flops_per_token")
+    pretrain_cases = [name for name in cases if name.startswith("pretrain_")]
+    for name in pretrain_cases:
+        rate, flops = get(name, "tokens_per_second"), get(name, "flops_per_token")
         if rate and flops and peak:
-            found[f"pretrain_{side}_mfu"] = round(rate * flops / 1e12 / peak, 4)
-    found["pretrain_tokens_per_s_ours_over_plain"] = quotient(
-        get("pretrain_ours", "tokens_per_second"), get("pretrain_plain", "tokens_per_second"))
+            found[f"{name}_mfu"] = round(rate * flops / 1e12 / peak, 4)
+    for name in pretrain_cases:
+        if name != "pretrain_plain":
+            found[f"{name}_tokens_per_s_over_plain"] = quotient(
+                get(name, "tokens_per_second"), get("pretrain_plain", "tokens_per_second"))
     # time per pair is 1 / pairs per second
     found["contrast_cached_over_plain_time_per_pair"] = quotient(
         get("contrast_plain", "pairs_per_second"), get("contrast_cached", "pairs_per_second"))
@@ -618,6 +743,14 @@ def table(report: dict) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
     lines += [f"{key}: {value}" for key, value in report["ratios"].items()]
+    peak = report["cases"].get("matmul_peak", {}).get("tflops_per_second")
+    for config in report["cases"].get("checkpointing", {}).get("configs", []):
+        if "error" in config:
+            lines.append(f"checkpointing: {config['config']}: {config['error']}")
+            continue
+        mfu = f", MFU {100 * config['model_tflops_per_second'] / peak:.1f}%" if peak else ""
+        lines.append(f"checkpointing: {config['config']}: {config['step_seconds_median']} s/step, "
+                     f"{config['tokens_per_second']:g} tokens/s{mfu}, peak GPU {config.get('peak_gpu_memory_gib', 'n/a')} GiB")
     return "\n".join(lines)
 
 
@@ -637,6 +770,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="JSON file for the results; the cases' output goes beside it (.log).")
     parser.add_argument("--tiny", action="store_true", help="The tiny model and data on the CPU: a smoke run.")
+    parser.add_argument("--dry_run", action="store_true",
+                        help="The GPU run's recipe, data and batch sizes on the tiny model: its code paths, on a CPU.")
     parser.add_argument("--budget_s", type=float, default=None,
                         help="Start no case after this many seconds (default 420; with --tiny 300).")
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES),
@@ -658,6 +793,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     budget = args.budget_s or (300.0 if args.tiny else 420.0)
+    # a dry run's set-up and cases take a CPU longer than the GPU's limits
+    limits = {name: limit * (10 if args.dry_run else 1) for name, limit in CASE_LIMITS.items()}
     started = time.monotonic()
     if args.tiny:
         # one thread: the tiny model's ops gain nothing from more, and on a busy 2-core CPU OpenMP threads that
@@ -670,11 +807,11 @@ def main(argv: list[str] | None = None) -> None:
         import stages.contrast  # noqa: F401
         import stages.pretrain  # noqa: F401
     work = Path(tempfile.mkdtemp(prefix="stages-bench-"))
-    scale = TINY if args.tiny else FULL
+    scale = TINY if args.tiny else DRY_RUN if args.dry_run else FULL
     context = {"scale": asdict(scale), "work": str(work), "base": str(work / "base"), "pages": str(work / "pages"),
                "queries": str(work / "queries.json")}
     (work / "context.json").write_text(json.dumps(context))
-    report = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "tiny": args.tiny, "command": " ".join(sys.argv),
+    report = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "tiny": args.tiny, "dry_run": args.dry_run, "command": " ".join(sys.argv),
               "versions": versions(), "scale": asdict(scale), "setup": {}, "cases": {}, "ratios": {}}
 
     def save() -> None:
@@ -685,7 +822,7 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         for name in SETUP:
-            report["setup"][name] = launch(name, work, log, CASE_LIMITS[name], args.tiny)
+            report["setup"][name] = launch(name, work, log, limits[name], args.tiny)
             if "error" in report["setup"][name]:
                 save()
                 sys.exit(f"set-up step {name} failed; see {log}")
@@ -697,7 +834,7 @@ def main(argv: list[str] | None = None) -> None:
             if name == "contrast_cached":  # at the batch the plain loss fitted
                 context["plain_batch"] = report["cases"].get("contrast_plain", {}).get("batch") or min(scale.plain_batches)
                 (work / "context.json").write_text(json.dumps(context))
-            report["cases"][name] = launch(name, work, log, min(CASE_LIMITS[name], left), args.tiny)
+            report["cases"][name] = launch(name, work, log, min(limits[name], left), args.tiny)
             if name == "matmul_peak":
                 report["device"] = report["cases"][name].get("device")
             report["ratios"] = ratios(report["cases"])

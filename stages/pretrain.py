@@ -183,9 +183,19 @@ def load_model(args: PretrainArguments, training, checkpoint: str | None):
         model._weight_conversions = [c for c in model._weight_conversions if c.was_used()]
     processor = AutoProcessor.from_pretrained(args.model_name_or_path)
     if args.freeze_vision:
-        model.model.visual.requires_grad_(False)
+        freeze(model.model.visual)
     peft_config = lora_config(args.lora_r, args.lora_alpha, args.lora_dropout) if args.tuning == "lora" else None
     return model, processor, peft_config
+
+
+def freeze(module) -> None:
+    """Freeze `module` and run its forward without autograd. Frozen weights alone do not spare its backward:
+    activation checkpointing makes every input embedding's output require grad, the vision tower's patch
+    embedding included, so autograd would still back-propagate through the whole tower (and recompute it)."""
+    import torch
+
+    module.requires_grad_(False)
+    module.forward = torch.no_grad()(module.forward)
 
 
 def weight_names(folder: Path) -> set[str]:

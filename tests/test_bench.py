@@ -65,14 +65,17 @@ def test_tiny_run_reports_every_case(tmp_path):
     }
     for name, keys in rates.items():
         assert all(cases[name][key] > 0 for key in keys), (name, cases[name])
-    assert cases["pretrain_ours"]["timed_steps"] == stages_bench.TINY.timed_steps
+    for name in stages_bench.PRETRAIN_VARIANTS:
+        assert cases[name]["tokens_per_second"] > 0 and cases[name]["timed_steps"] == stages_bench.TINY.timed_steps
+    configs = cases["checkpointing"]["configs"]
+    assert len(configs) == 6 and all(config["model_tflops_per_second"] > 0 for config in configs), configs
     # the same first examples; the plain trainer also trains the vision tower (3x its forward, not 1x)
     assert cases["pretrain_plain"]["flops_per_token"] > cases["pretrain_ours"]["flops_per_token"]
     assert cases["contrast_cached"]["batch"] == cases["contrast_plain"]["batch"]
     ratios = report["ratios"]
     for key in ("pretrain_ours_mfu", "pretrain_plain_mfu"):
         assert 0 < ratios[key] < 1, ratios
-    for key in ("pretrain_tokens_per_s_ours_over_plain", "contrast_cached_over_plain_time_per_pair",
+    for key in ("pretrain_ours_tokens_per_s_over_plain", "contrast_cached_over_plain_time_per_pair",
                 "contrast_stage_over_accum_time_per_pair"):
         assert ratios[key] > 0, ratios
     assert ratios["contrast_stage_batch_fits"] is True

@@ -8,7 +8,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
-from stages.pretrain import main as pretrain
+from stages.pretrain import freeze, main as pretrain
 from stages.pretrain_data import CONTINUATION_INSTRUCTION, continuation_example, held_out_documents, page_example
 from stages.errors import run_cli
 from stages.run_record import read_run_record, verify_chain
@@ -55,6 +55,37 @@ def test_examples_fit_max_length_keep_every_image_token_and_mask_the_prompt(tiny
     assert (labels[:first_answer] == -100).all() and (labels[first_answer:] == ids[first_answer:]).all()
     answer = processor.decode(ids[first_answer:])
     assert answer.startswith(example["completion"][0]["content"][0]["text"][:20])
+
+
+def test_a_frozen_vision_tower_is_skipped_by_the_backward_and_the_gradients_stay_the_same(tiny_model):
+    from transformers import AutoModelForImageTextToText
+
+    processor, folder = tiny_model[1], tiny_model[2]
+    row = {"doc_id": "d", "page": 1, "image": Image.new("RGB", (300, 400), "gray"), "text": "ก" * 80}
+    example = page_example(row, processor, max_length=200, max_pixels=40_000, seed=0)
+    batch = DataCollatorForVisionLanguageModeling(processor=processor, completion_only_loss=True)([example])
+
+    def loss_gradients_and_vision_backwards(frozen_by_freeze: bool):
+        model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
+        if frozen_by_freeze:
+            freeze(model.model.visual)
+        else:
+            model.model.visual.requires_grad_(False)
+        model.activation_checkpointing_enable()  # as the Trainer does: hooks every input embedding
+        model.train()
+        backwards = []
+        model.model.visual.blocks[0].register_full_backward_hook(lambda *_: backwards.append(1))
+        loss = model(**batch).loss
+        loss.backward()
+        return loss, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, len(backwards)
+
+    loss, gradients, vision_backwards = loss_gradients_and_vision_backwards(frozen_by_freeze=True)
+    plain_loss, plain_gradients, plain_vision_backwards = loss_gradients_and_vision_backwards(frozen_by_freeze=False)
+    assert plain_vision_backwards > 0 and vision_backwards == 0
+    assert torch.equal(loss, plain_loss)
+    assert gradients.keys() == plain_gradients.keys() and not any("visual" in name for name in gradients)
+    for name, gradient in gradients.items():
+        torch.testing.assert_close(gradient, plain_gradients[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_short_pages_are_not_cut_and_instructions_are_seeded(tiny_model):
