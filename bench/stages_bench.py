@@ -424,7 +424,9 @@ def case_checkpointing(ctx: dict) -> dict:
                 model(**batch).loss.backward()
                 device_sync()
                 seconds.append(time.perf_counter() - started)
-        except torch.OutOfMemoryError:
+        except RuntimeError as exception:  # torch.OutOfMemoryError, or cuBLAS failing to allocate its workspace
+            if not isinstance(exception, torch.OutOfMemoryError) and "ALLOC_FAILED" not in str(exception):
+                raise
             error = "out of memory"
         model.zero_grad(set_to_none=True)
         gc.collect()
