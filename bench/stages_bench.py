@@ -665,7 +665,7 @@ def _forked_case(name: str, work: Path, log: Path) -> None:
 
 def launch(name: str, work: Path, log: Path, timeout: float, fork: bool) -> dict:
     """Run a case in a process of its own; its figures, or {"error": ...} with the end of its log."""
-    started = time.monotonic()
+    started, started_unix = time.monotonic(), round(time.time(), 1)  # the latter matches GPU utilisation samples
     with open(log, "a") as handle:
         handle.write(f"\n===== {name} =====\n")
         offset = handle.tell()
@@ -689,7 +689,7 @@ def launch(name: str, work: Path, log: Path, timeout: float, fork: bool) -> dict
     seconds = round(time.monotonic() - started, 1)
     result = work / "results" / f"{name}.json"
     if code == 0 and result.is_file():
-        return {**json.loads(result.read_text()), "case_wall_s": seconds}
+        return {**json.loads(result.read_text()), "case_wall_s": seconds, "case_started_unix": started_unix}
     with open(log, "rb") as handle:
         handle.seek(offset)
         tail = handle.read().decode(errors="replace").splitlines()[-15:]
