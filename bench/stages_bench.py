@@ -132,11 +132,14 @@ def example_flops(model, inputs: dict) -> tuple[int, int]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-    # the CPU's fused attention kernel is not in the counter's table (the GPU's flash/efficient ones are)
-    def cpu_attention(query, key, value, *args, out_shape=None, **kwargs):
-        return sdpa_flop_count(query, key, value)
+    # grouped-query attention (Qwen2.5-VL's 16 query heads share 2 key/value heads): the counter's formula wants
+    # as many key/value heads as query heads, and the CPU's fused kernel is not in its table at all
+    def attention(query, key, value, *args, out_shape=None, **kwargs):
+        return sdpa_flop_count(query, (*key[:1], query[1], *key[2:]), (*value[:1], query[1], *value[2:]))
 
-    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention}
+    kernels = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+               "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
+    mapping = {getattr(torch.ops.aten, kernel): attention for kernel in kernels}
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         model(**inputs)
     counts = counter.get_flop_counts()  # module path -> {op: flops}; "Global" holds everything

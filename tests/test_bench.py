@@ -35,6 +35,19 @@ def test_flop_count_matches_the_closed_form(tiny_model, thai_khmer_page):
     assert 0 < vision < total
 
 
+def test_flop_count_of_grouped_query_attention():
+    """Qwen2.5-VL's 16 query heads share 2 key/value heads; on a GPU the attention kernel gets them unrepeated."""
+    class Attention(torch.nn.Module):
+        def forward(self, query, key, value):
+            return torch.nn.functional.scaled_dot_product_attention(query, key, value, enable_gqa=True)
+
+    batch, heads, kv_heads, length, head_dim = 2, 8, 2, 16, 4
+    query = torch.randn(batch, heads, length, head_dim)
+    key, value = (torch.randn(batch, kv_heads, length, head_dim) for _ in range(2))
+    total, vision = stages_bench.example_flops(Attention(), {"query": query, "key": key, "value": value})
+    assert (total, vision) == (2 * 2 * batch * heads * length * length * head_dim, 0)
+
+
 def test_a_case_runs_in_a_fresh_interpreter(tmp_path):
     """The launcher of GPU runs (the --tiny run forks instead)."""
     (tmp_path / "context.json").write_text(json.dumps({"scale": asdict(stages_bench.TINY)}))
