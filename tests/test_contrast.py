@@ -16,7 +16,7 @@ from transformers import AutoModelForImageTextToText
 from stages.contrast import main as contrast
 from stages.contrast_data import passages, read_jsonl_pairs
 from stages.contrastive_loss import cached_contrastive_step, info_nce
-from stages.embedder import Embedder, EmbeddingModel, Item, model_inputs
+from stages.embedder import Embedder, EmbeddingModel, Item, encode_items, model_inputs
 from stages.errors import UsageError, run_cli
 from stages.lora import lora_config
 from stages.run_record import read_run_record, verify_chain
@@ -126,6 +126,16 @@ def test_images_and_texts_embed_together(tiny_model, thai_khmer_page):
         mixed = model(**model_inputs(processor, [Item(TEXTS[1]), Item(image=thai_khmer_page)], 64, 200))
         image_alone = model(**model_inputs(processor, [Item(image=thai_khmer_page)], 64, 200))
     torch.testing.assert_close(mixed[1:], image_alone, rtol=1e-4, atol=1e-5)
+
+
+def test_encoding_with_worker_processes_gives_the_same_embeddings_in_the_same_order(tiny_model, thai_khmer_page):
+    processor, model = tiny_model[1], EmbeddingModel(tiny_model[0])
+    items = [Item(text) for text in TEXTS] + [Item(image=thai_khmer_page), Item(TEXTS[0], thai_khmer_page)]
+    settings = dict(batch_size=3, max_text_tokens=64, image_max_side=200)
+    inline = encode_items(model, processor, items, workers=0, **settings)
+    prefetched = encode_items(model, processor, items, workers=2, **settings)
+    assert inline.shape == (len(items), model.model.config.text_config.hidden_size)
+    torch.testing.assert_close(prefetched, inline)
 
 
 def test_passages_drop_page_numbers_and_keep_every_line():
