@@ -127,6 +127,13 @@ def peak_memory() -> dict:
     return figures
 
 
+def is_out_of_memory(error: RuntimeError) -> bool:
+    """torch.OutOfMemoryError, or cuBLAS failing to allocate its workspace."""
+    import torch
+
+    return isinstance(error, torch.OutOfMemoryError) or "ALLOC_FAILED" in str(error)
+
+
 def example_flops(model, inputs: dict) -> tuple[int, int]:
     """(all, vision tower's) FLOPs of one forward pass on `inputs`, counted by torch.utils.flop_counter."""
     import torch
@@ -427,8 +434,8 @@ def case_checkpointing(ctx: dict) -> dict:
                 model(**batch).loss.backward()
                 device_sync()
                 seconds.append(time.perf_counter() - started)
-        except RuntimeError as exception:  # torch.OutOfMemoryError, or cuBLAS failing to allocate its workspace
-            if not isinstance(exception, torch.OutOfMemoryError) and "ALLOC_FAILED" not in str(exception):
+        except RuntimeError as exception:
+            if not is_out_of_memory(exception):
                 raise
             error = "out of memory"
         model.zero_grad(set_to_none=True)
@@ -616,8 +623,8 @@ def contrast_loop(ctx: dict, loss: str, batch_sizes: list[int], warmup: int, tim
                 started = time.perf_counter()
                 step(groups[index % len(groups)])
                 seconds.append(time.perf_counter() - started)
-        except RuntimeError as error:  # torch.OutOfMemoryError, or cuBLAS failing to allocate its workspace
-            if not isinstance(error, torch.OutOfMemoryError) and "ALLOC_FAILED" not in str(error):
+        except RuntimeError as error:
+            if not is_out_of_memory(error):
                 raise
             out_of_memory = True
         if out_of_memory:  # outside the except block, so the traceback's tensors are freed
