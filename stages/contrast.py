@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import random
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -208,21 +209,35 @@ def embed(model, processor, sides, args: ContrastArguments):
                         max_text_tokens=args.max_text_tokens, image_max_side=args.image_max_side)
 
 
-def held_out_accuracy(model, processor, pairs, args: ContrastArguments, seed: int) -> float | None:
-    """Share of held-out anchors whose nearest positive, among the positives of their batch of
-    `contrastive_batch_size` held-out pairs (seeded order; a shorter one if there are fewer), is their own."""
-    import torch
+def held_out_accuracy(model, processor, pairs, args: ContrastArguments, seed: int) -> dict | None:
+    """Share of held-out anchors whose nearest positive, among those of their group of `contrastive_batch_size`
+    held-out pairs (seeded order; the last group shorter), is their own: overall and by kind of pair.
 
-    from .contrast_data import batches
+    Positives of other pairs cut from the same source (the crop of a passage and the next passage after
+    it, say) are left out of an anchor's candidates: they match it too, and would count as misses."""
+    import torch
 
     if len(pairs) < 2:
         return None
-    hits = []
-    for group in batches(pairs, min(args.contrastive_batch_size, len(pairs)), homogeneous=False, seed=seed):
+    order = list(pairs)
+    random.Random(seed).shuffle(order)
+    size = min(args.contrastive_batch_size, len(order))
+    hits, kinds = [], []
+    for group in (order[start : start + size] for start in range(0, len(order), size)):
+        if len(group) < 2:
+            continue
         anchors = embed(model, processor, [pair.anchor for pair in group], args)
         positives = embed(model, processor, [pair.positive for pair in group], args)
-        hits.append((anchors @ positives.T).argmax(dim=1) == torch.arange(len(group), device=anchors.device))
-    return round(torch.cat(hits).float().mean().item(), 4)
+        scores = anchors @ positives.T
+        shared = torch.tensor([[i != j and not a.sources.isdisjoint(b.sources) for j, b in enumerate(group)] for i, a in enumerate(group)])
+        scores[shared] = float("-inf")
+        hits += (scores.argmax(dim=1) == torch.arange(len(group))).tolist()
+        kinds += [pair.kind for pair in group]
+    accuracy = {"in_batch_accuracy": round(sum(hits) / len(hits), 4)}
+    for kind in sorted(set(kinds)):
+        of_kind = [hit for hit, k in zip(hits, kinds) if k == kind]
+        accuracy[f"{kind}_pairs"] = {"accuracy": round(sum(of_kind) / len(of_kind), 4), "count": len(of_kind)}
+    return accuracy
 
 
 def mine_hard_negatives(model, processor, pairs, args: ContrastArguments):
@@ -241,7 +256,8 @@ def mine_hard_negatives(model, processor, pairs, args: ContrastArguments):
         scores = anchors[start : start + 1024] @ positives.T
         scores[documents[start : start + 1024, None] == documents[None, :]] = float("-inf")
         chosen += scores.argmax(dim=1).tolist()
-    return [replace(pair, negative=pairs[j].positive) for pair, j in zip(pairs, chosen)]
+    # the negative is another pair's positive: the two pairs must not share a batch, where it would be both
+    return [replace(pair, negative=pairs[j].positive, sources=pair.sources | pairs[j].sources) for pair, j in zip(pairs, chosen)]
 
 
 def train(args: ContrastArguments, train_pairs, held_out, seed: int):
@@ -279,7 +295,13 @@ def train(args: ContrastArguments, train_pairs, held_out, seed: int):
         mixed_precision="bf16" if bf16 else "no",
     )
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    steps_per_epoch = len(train_pairs) // args.contrastive_batch_size
+    steps_per_epoch = len(batches(train_pairs, args.contrastive_batch_size, homogeneous=args.homogeneous_batches, seed=seed))
+    if not steps_per_epoch:
+        raise UsageError(
+            f"no batch of {args.contrastive_batch_size} pairs from different sources can be made from the "
+            f"{len(train_pairs)} training pairs (too many are cut from the same passages); lower --contrastive_batch_size "
+            "or give more data."
+        )
     total_steps = args.max_steps or math.ceil(args.num_train_epochs * steps_per_epoch)
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate)
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=total_steps)
@@ -302,7 +324,7 @@ def train(args: ContrastArguments, train_pairs, held_out, seed: int):
     def evaluate(step: int) -> None:
         if accelerator.is_main_process:
             accuracy = held_out_accuracy(accelerator.unwrap_model(model), processor, held_out, args, seed)
-            accuracy_history.append({"step": step, "in_batch_accuracy": accuracy})
+            accuracy_history.append({"step": step, **(accuracy or {"in_batch_accuracy": None})})
             logger.info("held-out in-batch retrieval accuracy at step %d: %s", step, accuracy)
         accelerator.wait_for_everyone()
 
@@ -416,10 +438,14 @@ def main(argv: list[str] | None = None) -> None:
     final = save(accelerator, model, processor, args, record)
     if accelerator.is_main_process:
         losses, accuracy = results["loss_history"], results["held_out_accuracy"]
+        by_kind = "".join(
+            f", {kind} {accuracy[0][f'{kind}_pairs']['accuracy']} -> {accuracy[-1][f'{kind}_pairs']['accuracy']}"
+            for kind in ("text", "multimodal") if f"{kind}_pairs" in accuracy[0]
+        )
         print(
             f"contrast: {results['steps']} steps in {results['wall_time_s']}s; loss {losses[0]['loss']:.3f} -> "
             f"{losses[-1]['loss']:.3f}; held-out in-batch accuracy {accuracy[0]['in_batch_accuracy']} -> "
-            f"{accuracy[-1]['in_batch_accuracy']}; model in {final}"
+            f"{accuracy[-1]['in_batch_accuracy']}{by_kind}; model in {final}"
         )
         print(f"contrast: {results['pairs_per_second']} pairs/s, peak GPU memory {results['peak_gpu_memory_gib']} GiB")
 

@@ -7,6 +7,10 @@ From a pages dataset (pages cut into passages of about `passage_chars` character
 - text pairs: consecutive passages of a document; two overlapping random crops of a passage (Contriever's
   independent cropping, Izacard et al. 2022); and each bookmark title with the passage it heads;
 - multimodal pairs: a passage of a page's text -> that page's image (the retrieval direction).
+
+A passage takes part in several pairs. Two pairs cut from the same passage in one batch would each be
+scored as the other's negative although they match (a false negative): batches never hold two pairs
+that share a source.
 """
 
 import io
@@ -43,6 +47,12 @@ class Pair:
     negative: Side | None
     document: str  # held-out splits are by document
     kind: str  # "text" (both sides text only) or "multimodal"
+    sources: frozenset = frozenset()  # what the sides were cut from (passages, pages); default: the sides themselves
+
+    def __post_init__(self):
+        if not self.sources:
+            sides = (self.anchor, self.positive, self.negative)
+            object.__setattr__(self, "sources", frozenset(value for side in sides if side for value in (side.text, side.image) if value))
 
 
 def _kind(*sides: Side | None) -> str:
@@ -140,15 +150,16 @@ def pages_pairs(folder: str, passage_chars: int, seed: int) -> tuple[list[Pair],
             continue
         for passage in page_passages:
             if doc in previous:
-                text_pairs.append(Pair(Side(previous[doc]), Side(passage), None, doc, "text"))
+                text_pairs.append(Pair(Side(previous[doc]), Side(passage), None, doc, "text", frozenset({previous[doc], passage})))
             previous[doc] = passage
-            text_pairs.append(Pair(Side(crop(passage, rng)), Side(crop(passage, rng)), None, doc, "text"))
+            text_pairs.append(Pair(Side(crop(passage, rng)), Side(crop(passage, rng)), None, doc, "text", frozenset({passage})))
         for _level, title, page in outlines.get(doc, []):
             if page == row["page"]:
                 heads = [p for p in page_passages if title in p]
                 if heads and heads[0].strip() != title:
-                    text_pairs.append(Pair(Side(title), Side(heads[0]), None, doc, "text"))
-        image_pairs.append(Pair(Side(rng.choice(page_passages)), Side(image=row["image"]["bytes"]), None, doc, "multimodal"))
+                    text_pairs.append(Pair(Side(title), Side(heads[0]), None, doc, "text", frozenset({heads[0]})))
+        page = frozenset({*page_passages, f"{doc} page {row['page']}"})  # the image shows every passage of the page
+        image_pairs.append(Pair(Side(rng.choice(page_passages)), Side(image=row["image"]["bytes"]), None, doc, "multimodal", page))
     return text_pairs, image_pairs
 
 
@@ -166,13 +177,29 @@ def mix(text_pairs: list[Pair], image_pairs: list[Pair], multimodal_fraction: fl
 
 
 def batches(pairs: list[Pair], batch_size: int, *, homogeneous: bool, seed: int) -> list[list[Pair]]:
-    """One epoch of full batches in a seeded order; with `homogeneous`, each batch is text-only or
-    multimodal throughout (ZeRO-3 hangs when ranks disagree about having images)."""
+    """One epoch of full batches in a seeded order, no two pairs of a batch sharing a source (a pair that
+    would is put off to a later batch; those left when no full batch can be made are dropped, as are the
+    last pairs of an epoch); with `homogeneous`, each batch is text-only or multimodal throughout (ZeRO-3
+    hangs when ranks disagree about having images)."""
     rng = random.Random(seed)
     pools = [[p for p in pairs if p.kind == kind] for kind in ("text", "multimodal")] if homogeneous else [list(pairs)]
     result = []
     for pool in pools:
         rng.shuffle(pool)
-        result.extend(pool[start : start + batch_size] for start in range(0, len(pool) - batch_size + 1, batch_size))
+        while len(pool) >= batch_size:
+            batch, taken, put_off = [], set(), []
+            for index, pair in enumerate(pool):
+                if taken.isdisjoint(pair.sources):
+                    batch.append(pair)
+                    taken |= pair.sources
+                    if len(batch) == batch_size:
+                        put_off += pool[index + 1 :]
+                        break
+                else:
+                    put_off.append(pair)
+            if len(batch) < batch_size:
+                break
+            result.append(batch)
+            pool = put_off
     rng.shuffle(result)
     return result

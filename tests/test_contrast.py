@@ -280,6 +280,58 @@ def test_mix_and_homogeneous_batches():
     mixed = mix(text, images, 0.2, seed=0)
     assert len(mixed) == 20 and sum(p.kind == "multimodal" for p in mixed) == 4  # 4 of 20: sampled with replacement
     assert mix(text, images, 0.0, seed=0) == text and mix(text, images, 1.0, seed=0) == images
+    # a pair drawn twice never shares a batch with itself: of these 4 multimodal pairs, no full batch of 4
+    assert len(batches(mixed, 4, homogeneous=True, seed=0)) == 4
+    images = [Pair(Side(f"p{i}"), Side(image=f"png {i}".encode()), None, f"d{i}", "multimodal") for i in range(5)]
+    mixed = mix(text, images, 0.2, seed=0)
     every = batches(mixed, 4, homogeneous=True, seed=0)
     assert len(every) == 5 and all(len({p.kind for p in batch}) == 1 for batch in every)
     assert batches(mixed, 4, homogeneous=True, seed=0) == every != batches(mixed, 4, homogeneous=True, seed=1)
+
+
+def test_no_batch_holds_two_pairs_cut_from_the_same_source():
+    from stages.contrast_data import Pair, Side, batches
+
+    # passage k gives a crop pair and the consecutive pair (k-1 -> k): two pairs per source, which in one
+    # batch would each be the other's false negative
+    crops = [Pair(Side(f"c{k}"), Side(f"d{k}"), None, "doc", "text", frozenset({f"p{k}"})) for k in range(12)]
+    following = [Pair(Side(f"p{k - 1}"), Side(f"p{k}"), None, "doc", "text", frozenset({f"p{k - 1}", f"p{k}"})) for k in range(1, 12)]
+    every = batches(crops + following, 4, homogeneous=False, seed=0)
+    assert every and all(len(batch) == 4 for batch in every)
+    for batch in every:
+        assert all(a.sources.isdisjoint(b.sources) for i, a in enumerate(batch) for b in batch[i + 1 :])
+    assert len({id(p) for batch in every for p in batch}) == 4 * len(every)  # a pair at most once per epoch
+    assert len(every) >= 4  # pairs put off are used by later batches, not dropped
+
+
+def test_pairs_without_sources_of_their_own_are_kept_apart_by_their_sides():
+    from stages.contrast_data import Pair, Side, batches
+
+    assert Pair(Side("a"), Side("b"), Side("n"), "doc", "text").sources == {"a", "b", "n"}
+    duplicated = [Pair(Side(f"q{k}"), Side("the same answer" if k < 2 else f"a{k}"), None, "doc", "text") for k in range(6)]
+    for batch in batches(duplicated, 3, homogeneous=False, seed=1):
+        assert sum(p.positive.text == "the same answer" for p in batch) <= 1
+
+
+def test_held_out_accuracy_leaves_positives_of_the_same_source_out_of_the_candidates(monkeypatch):
+    from stages import contrast
+    from stages.contrast_data import Pair, Side
+
+    vectors = {  # anchor "a1" is nearest to "p2", which was cut from a1's source: a match, not a miss
+        "a1": [1.0, 0.0, 0.0], "p1": [0.8, 0.6, 0.0], "p2": [1.0, 0.0, 0.0],
+        "a2": [0.0, 1.0, 0.0], "p3": [0.0, 0.9, 0.1],  # ...while a2's nearest, p3, is a real miss
+        "a3": [0.0, 0.0, 1.0],
+    }
+    monkeypatch.setattr(contrast, "embed", lambda model, processor, sides, args: torch.tensor([vectors[s.text] for s in sides]))
+    pairs = [
+        Pair(Side("a1"), Side("p1"), None, "doc", "text", frozenset({"s"})),
+        Pair(Side("a2"), Side("p2"), None, "doc", "text", frozenset({"s", "t"})),
+        Pair(Side("a3"), Side("p3"), None, "doc", "multimodal", frozenset({"u"})),
+    ]
+    accuracy = contrast.held_out_accuracy(None, None, pairs, contrast.ContrastArguments(contrastive_batch_size=8), seed=0)
+    # a1: p2 left out, p1 wins (hit); a2: p1 left out, p3 beats p2 (miss); a3: p3 is its own and the only one left
+    assert accuracy == {
+        "in_batch_accuracy": round(2 / 3, 4),
+        "multimodal_pairs": {"accuracy": 1.0, "count": 1},
+        "text_pairs": {"accuracy": 0.5, "count": 2},
+    }
