@@ -256,8 +256,7 @@ def mine_hard_negatives(model, processor, pairs, args: ContrastArguments):
         scores = anchors[start : start + 1024] @ positives.T
         scores[documents[start : start + 1024, None] == documents[None, :]] = float("-inf")
         chosen += scores.argmax(dim=1).tolist()
-    # the negative is another pair's positive: the two pairs must not share a batch, where it would be both
-    return [replace(pair, negative=pairs[j].positive, sources=pair.sources | pairs[j].sources) for pair, j in zip(pairs, chosen)]
+    return [replace(pair, negative=pairs[j].positive) for pair, j in zip(pairs, chosen)]
 
 
 def train(args: ContrastArguments, train_pairs, held_out, seed: int):
