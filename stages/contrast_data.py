@@ -51,8 +51,8 @@ class Pair:
 
     def __post_init__(self):
         if not self.sources:
-            sides = (self.anchor, self.positive, self.negative)
-            object.__setattr__(self, "sources", frozenset(value for side in sides if side for value in (side.text, side.image) if value))
+            sides = [side for side in (self.anchor, self.positive, self.negative) if side is not None]
+            object.__setattr__(self, "sources", frozenset(value for side in sides for value in (side.text, side.image) if value))
 
 
 def _kind(*sides: Side | None) -> str:
