@@ -229,7 +229,9 @@ def held_out_accuracy(model, processor, pairs, args: ContrastArguments, seed: in
         anchors = embed(model, processor, [pair.anchor for pair in group], args)
         positives = embed(model, processor, [pair.positive for pair in group], args)
         scores = anchors @ positives.T
-        shared = torch.tensor([[i != j and not a.sources.isdisjoint(b.sources) for j, b in enumerate(group)] for i, a in enumerate(group)])
+        shared = torch.tensor(
+            [[i != j and not a.sources.isdisjoint(b.sources) for j, b in enumerate(group)] for i, a in enumerate(group)]
+        )
         scores[shared] = float("-inf")
         hits += (scores.argmax(dim=1) == torch.arange(len(group))).tolist()
         kinds += [pair.kind for pair in group]
@@ -294,12 +296,14 @@ def train(args: ContrastArguments, train_pairs, held_out, seed: int):
         mixed_precision="bf16" if bf16 else "no",
     )
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    steps_per_epoch = len(batches(train_pairs, args.contrastive_batch_size, homogeneous=args.homogeneous_batches, seed=seed))
+    steps_per_epoch = len(
+        batches(train_pairs, args.contrastive_batch_size, homogeneous=args.homogeneous_batches, seed=seed)
+    )
     if not steps_per_epoch:
         raise UsageError(
             f"no batch of {args.contrastive_batch_size} pairs from different sources can be made from the "
-            f"{len(train_pairs)} training pairs (too many are cut from the same passages); lower --contrastive_batch_size "
-            "or give more data."
+            f"{len(train_pairs)} training pairs (too many are cut from the same passages); "
+            "lower --contrastive_batch_size or give more data."
         )
     total_steps = args.max_steps or math.ceil(args.num_train_epochs * steps_per_epoch)
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate)

@@ -52,7 +52,8 @@ class Pair:
     def __post_init__(self):
         if not self.sources:
             sides = [side for side in (self.anchor, self.positive, self.negative) if side is not None]
-            object.__setattr__(self, "sources", frozenset(value for side in sides for value in (side.text, side.image) if value))
+            values = (value for side in sides for value in (side.text, side.image) if value)
+            object.__setattr__(self, "sources", frozenset(values))
 
 
 def _kind(*sides: Side | None) -> str:
@@ -150,16 +151,19 @@ def pages_pairs(folder: str, passage_chars: int, seed: int) -> tuple[list[Pair],
             continue
         for passage in page_passages:
             if doc in previous:
-                text_pairs.append(Pair(Side(previous[doc]), Side(passage), None, doc, "text", frozenset({previous[doc], passage})))
+                pair = Pair(Side(previous[doc]), Side(passage), None, doc, "text", frozenset({previous[doc], passage}))
+                text_pairs.append(pair)
             previous[doc] = passage
-            text_pairs.append(Pair(Side(crop(passage, rng)), Side(crop(passage, rng)), None, doc, "text", frozenset({passage})))
+            pair = Pair(Side(crop(passage, rng)), Side(crop(passage, rng)), None, doc, "text", frozenset({passage}))
+            text_pairs.append(pair)
         for _level, title, page in outlines.get(doc, []):
             if page == row["page"]:
                 heads = [p for p in page_passages if title in p]
                 if heads and heads[0].strip() != title:
                     text_pairs.append(Pair(Side(title), Side(heads[0]), None, doc, "text", frozenset({heads[0]})))
         page = frozenset({*page_passages, f"{doc} page {row['page']}"})  # the image shows every passage of the page
-        image_pairs.append(Pair(Side(rng.choice(page_passages)), Side(image=row["image"]["bytes"]), None, doc, "multimodal", page))
+        image = Side(image=row["image"]["bytes"])
+        image_pairs.append(Pair(Side(rng.choice(page_passages)), image, None, doc, "multimodal", page))
     return text_pairs, image_pairs
 
 

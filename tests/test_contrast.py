@@ -295,7 +295,8 @@ def test_no_batch_holds_two_pairs_cut_from_the_same_source():
     # passage k gives a crop pair and the consecutive pair (k-1 -> k): two pairs per source, which in one
     # batch would each be the other's false negative
     crops = [Pair(Side(f"c{k}"), Side(f"d{k}"), None, "doc", "text", frozenset({f"p{k}"})) for k in range(12)]
-    following = [Pair(Side(f"p{k - 1}"), Side(f"p{k}"), None, "doc", "text", frozenset({f"p{k - 1}", f"p{k}"})) for k in range(1, 12)]
+    following = [Pair(Side(f"p{k - 1}"), Side(f"p{k}"), None, "doc", "text", frozenset({f"p{k - 1}", f"p{k}"}))
+                 for k in range(1, 12)]
     every = batches(crops + following, 4, homogeneous=False, seed=0)
     assert every and all(len(batch) == 4 for batch in every)
     for batch in every:
@@ -308,7 +309,8 @@ def test_pairs_without_sources_of_their_own_are_kept_apart_by_their_sides():
     from stages.contrast_data import Pair, Side, batches
 
     assert Pair(Side("a"), Side("b"), Side("n"), "doc", "text").sources == {"a", "b", "n"}
-    duplicated = [Pair(Side(f"q{k}"), Side("the same answer" if k < 2 else f"a{k}"), None, "doc", "text") for k in range(6)]
+    answers = ["the same answer", "the same answer", "a2", "a3", "a4", "a5"]
+    duplicated = [Pair(Side(f"q{k}"), Side(answer), None, "doc", "text") for k, answer in enumerate(answers)]
     for batch in batches(duplicated, 3, homogeneous=False, seed=1):
         assert sum(p.positive.text == "the same answer" for p in batch) <= 1
 
@@ -322,13 +324,15 @@ def test_held_out_accuracy_leaves_positives_of_the_same_source_out_of_the_candid
         "a2": [0.0, 1.0, 0.0], "p3": [0.0, 0.9, 0.1],  # ...while a2's nearest, p3, is a real miss
         "a3": [0.0, 0.0, 1.0],
     }
-    monkeypatch.setattr(contrast, "embed", lambda model, processor, sides, args: torch.tensor([vectors[s.text] for s in sides]))
+    monkeypatch.setattr(contrast, "embed", lambda _model, _processor, sides, _args:
+                        torch.tensor([vectors[side.text] for side in sides]))
     pairs = [
         Pair(Side("a1"), Side("p1"), None, "doc", "text", frozenset({"s"})),
         Pair(Side("a2"), Side("p2"), None, "doc", "text", frozenset({"s", "t"})),
         Pair(Side("a3"), Side("p3"), None, "doc", "multimodal", frozenset({"u"})),
     ]
-    accuracy = contrast.held_out_accuracy(None, None, pairs, contrast.ContrastArguments(contrastive_batch_size=8), seed=0)
+    args = contrast.ContrastArguments(contrastive_batch_size=8)
+    accuracy = contrast.held_out_accuracy(None, None, pairs, args, seed=0)
     # a1: p2 left out, p1 wins (hit); a2: p1 left out, p3 beats p2 (miss); a3: p3 is its own and the only one left
     assert accuracy == {
         "in_batch_accuracy": round(2 / 3, 4),
