@@ -94,13 +94,29 @@ def main() -> None:
                 else:
                     base_s = timed(pool_map, baseline, pdfs, settings, workers)
                 ours_s = timed(
-                    build_pages_dataset, [str(tmp / ("layer" if mode == "never" else "ocr"))],
-                    str(tmp / f"out-{mode}-{workers}"), settings,
-                    workers=workers, resume=False, max_skip_fraction=0.0,
+                    build_pages_dataset,
+                    [str(tmp / ("layer" if mode == "never" else "ocr"))],
+                    str(tmp / f"out-{mode}-{workers}"),
+                    settings,
+                    workers=workers,
+                    resume=False,
+                    max_skip_fraction=0.0,
                 )
-                rows.append((f"render + {'text layer' if mode == 'never' else 'OCR'}", workers, n_pages,
-                             n_pages / ours_s, baseline_name, n_pages / base_s, ours_s / base_s))
-    print(f"\n{'path':<22} {'workers':>7} {'pages':>6} {'pages/s':>8}   {'baseline':<26} {'pages/s':>8} {'time ratio':>10}")
+                rows.append(
+                    (
+                        f"render + {'text layer' if mode == 'never' else 'OCR'}",
+                        workers,
+                        n_pages,
+                        n_pages / ours_s,
+                        baseline_name,
+                        n_pages / base_s,
+                        ours_s / base_s,
+                    )
+                )
+    print(
+        f"\n{'path':<22} {'workers':>7} {'pages':>6} {'pages/s':>8}   {'baseline':<26} {'pages/s':>8} "
+        f"{'time ratio':>10}"
+    )
     for name, workers, pages, ours, base_name, base, ratio in rows:
         print(f"{name:<22} {workers:>7} {pages:>6} {ours:>8.2f}   {base_name:<26} {base:>8.2f} {ratio:>10.2f}")
 

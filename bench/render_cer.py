@@ -12,9 +12,9 @@ from pathlib import Path
 import datasets
 import jiwer
 
+from common.recipe import load_recipe
 from data_prep.pages import PageSettings, build_pages_dataset
 from data_prep.render import parse_blocks, render_documents
-from stages.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 OCR_LANGS = ("th", "lo", "km", "my")
@@ -38,17 +38,25 @@ def measure(lang: str, folder: Path, png_folder: Path | None, ocr_dpis: list[int
     settings_section = load_recipe(REPO / f"recipes/{lang}.yaml")["data_prep"]
     source = folder / f"{lang}.md"
     source.write_text(sample_document(lang), encoding="utf-8")
-    render_documents([str(source)], str(folder / f"{lang}-pdf"), lang=lang, fonts=settings_section["fonts"][:1], seed=0, workers=1)
+    render_documents(
+        [str(source)], str(folder / f"{lang}-pdf"), lang=lang, fonts=settings_section["fonts"][:1], seed=0, workers=1
+    )
     reference = no_space("".join(text for _, text in parse_blocks(source.read_text(encoding="utf-8"))))
     cers = []
     for ocr, ocr_dpi in [*(("always", dpi) for dpi in ocr_dpis), ("never", 0)]:
         settings = PageSettings(
-            lang=lang, dpi=settings_section["dpi"], max_pixels=settings_section["max_pixels"], ocr=ocr,
-            ocr_dpi=ocr_dpi or settings_section["dpi"], tesseract_langs=settings_section["tesseract_langs"],
+            lang=lang,
+            dpi=settings_section["dpi"],
+            max_pixels=settings_section["max_pixels"],
+            ocr=ocr,
+            ocr_dpi=ocr_dpi or settings_section["dpi"],
+            tesseract_langs=settings_section["tesseract_langs"],
             script_ranges=tuple(settings_section["script_ranges"]),
         )
         out = folder / f"{lang}-pages-{ocr}-{ocr_dpi}"
-        build_pages_dataset([str(folder / f"{lang}-pdf")], str(out), settings, workers=1, resume=False, max_skip_fraction=0.0)
+        build_pages_dataset(
+            [str(folder / f"{lang}-pdf")], str(out), settings, workers=1, resume=False, max_skip_fraction=0.0
+        )
         pages = datasets.load_from_disk(str(out))
         # the page number Chromium prints at the foot of the page is not part of the source text
         text = pages[0]["text"].strip().removesuffix("1").removeprefix("1")

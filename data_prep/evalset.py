@@ -19,8 +19,8 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from stages.artifacts import atomic_directory
-from stages.errors import UsageError
+from common.artifacts import atomic_directory
+from common.errors import UsageError
 
 from .pages import read_pages_manifest
 
@@ -66,7 +66,12 @@ def build_evalset(
                 for row in dataset:
                     corpus_id = page_id(row["doc_id"], row["page"])
                     (tmp / "images" / f"{corpus_id}.png").write_bytes(row["image"]["bytes"])
-                    record = {"_id": corpus_id, "image": f"images/{corpus_id}.png", "text": row["text"], "lang": row["lang"]}
+                    record = {
+                        "_id": corpus_id,
+                        "image": f"images/{corpus_id}.png",
+                        "text": row["text"],
+                        "lang": row["lang"],
+                    }
                     corpus.write(json.dumps(record, ensure_ascii=False) + "\n")
         _write_queries_and_qrels(tmp, queries, qrels)
         summary = {
@@ -74,10 +79,28 @@ def build_evalset(
             "queries": len(queries),
             "qrels": len(qrels),
             "unmatched_documents": unmatched,
+            # the documents the eval set covers, by content: training stages keep them out (--exclude_evalsets)
+            "documents": [{"doc_id": doc["doc_id"], "sha256": doc["sha256"]} for doc in documents],
             "source": {"pages": pages_folders, "parallel_source": parallel_source, "outline_level": outline_level},
         }
         (tmp / "evalset.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return summary
+
+
+def evaluated_documents(folder: str | Path, flag: str) -> set[str]:
+    """The sha256 of every document an eval set written by `build_evalset` covers."""
+    summary = Path(folder) / "evalset.json"
+    if not summary.is_file():
+        raise UsageError(
+            f"{flag} {folder} has no evalset.json: it is not an eval set written by `python -m data_prep evalset`."
+        )
+    documents = json.loads(summary.read_text(encoding="utf-8")).get("documents")
+    if documents is None:
+        raise UsageError(
+            f"{flag} {folder} does not list its documents (a converted parquet set, or one written before they were "
+            "recorded); rebuild it with `python -m data_prep evalset --pages ...`."
+        )
+    return {doc["sha256"] for doc in documents}
 
 
 def page_id(doc_id: str, page: int) -> str:
@@ -135,16 +158,26 @@ def read_parquet_evalset(source: str) -> tuple[list[dict], list[dict], list[tupl
         raise UsageError(f"{folder}: no {' or '.join(names)} parquet files (expected {names[0]}/*.parquet).")
 
     corpus = [
-        {"_id": str(_first(row, "corpus-id", "_id", "id", "docid")), "image": (row.get("image") or {}).get("bytes"),
-         "text": row.get("text") or "", "lang": row.get("language") or row.get("lang") or ""}
+        {
+            "_id": str(_first(row, "corpus-id", "_id", "id", "docid")),
+            "image": (row.get("image") or {}).get("bytes"),
+            "text": row.get("text") or "",
+            "lang": row.get("language") or row.get("lang") or "",
+        }
         for row in table("corpus")
     ]
     queries = [
-        {"_id": str(_first(row, "query-id", "_id", "id", "query_id")), "text": _first(row, "query", "text"),
-         "lang": row.get("language") or row.get("lang") or ""}
+        {
+            "_id": str(_first(row, "query-id", "_id", "id", "query_id")),
+            "text": _first(row, "query", "text"),
+            "lang": row.get("language") or row.get("lang") or "",
+        }
         for row in table("query", "queries")
     ]
-    qrels = [(str(_first(r, "query-id", "query_id")), str(_first(r, "corpus-id", "corpus_id")), int(r.get("score", 1))) for r in table("qrels")]
+    qrels = [
+        (str(_first(r, "query-id", "query_id")), str(_first(r, "corpus-id", "corpus_id")), int(r.get("score", 1)))
+        for r in table("qrels")
+    ]
     return corpus, queries, qrels
 
 

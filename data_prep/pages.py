@@ -21,7 +21,7 @@ import time
 import unicodedata
 from collections.abc import Callable
 from contextlib import closing
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from multiprocessing.connection import wait
 from pathlib import Path
 
@@ -29,9 +29,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from stages.artifacts import atomic_directory, naming_full_disk, prepare_work_folder, write_text_atomic
-from stages.errors import UsageError
-from stages.run_record import sha256_file
+from common.artifacts import atomic_directory, naming_full_disk, prepare_work_folder, write_text_atomic
+from common.errors import RunFailed, UsageError
+from common.run_record import sha256_file
 
 from .settings import DataPrepSettings
 from .text_quality import parse_ranges, text_layer_problem
@@ -52,7 +52,7 @@ ROW_SCHEMA = pa.schema(
 )
 
 
-class SkipThresholdExceeded(Exception):
+class SkipThresholdExceeded(RunFailed):
     def __init__(self, n_skipped, n_inputs, skipped, max_skip_fraction):
         self.skipped = skipped
         super().__init__(
@@ -71,6 +71,12 @@ class PageSettings:
     tesseract_langs: str
     script_ranges: tuple[str, ...]
 
+    @classmethod
+    def from_recipe(cls, lang: str, settings: DataPrepSettings) -> "PageSettings":
+        """The recipe's settings that decide a page's image and text (the rest say how the work is run)."""
+        shared = {f.name: getattr(settings, f.name) for f in fields(cls) if f.name != "lang"}
+        return cls(lang=lang, **shared | {"script_ranges": tuple(settings.script_ranges)})
+
 
 def read_pages_manifest(folder: str | Path, flag: str) -> dict:
     """The manifest of a finished pages dataset; a clear error for anything else."""
@@ -81,6 +87,13 @@ def read_pages_manifest(folder: str | Path, flag: str) -> dict:
             "write one with `python -m data_prep pages`."
         )
     return json.loads(manifest.read_text(encoding="utf-8"))
+
+
+def document_hashes(folder: str | Path, flag: str) -> dict[str, str]:
+    """doc_id -> sha256 of the PDF, for every document of a finished pages dataset."""
+    return {
+        entry["doc_id"]: entry["sha256"] for entry in read_pages_manifest(folder, flag)["inputs"] if "doc_id" in entry
+    }
 
 
 def find_pdfs(inputs: list[str]) -> list[Path]:
@@ -159,8 +172,15 @@ def process_document(
                     text, source = clean_text(ocr_pixmap(full, settings.tesseract_langs)), "ocr"
                 # MuPDF's PNG encoder: ~30% faster than PIL's default, and the largest cost of this path
                 rows.append(
-                    dict(doc_id=entry["doc_id"], page=number, image={"bytes": pixmap.tobytes("png"), "path": None}, text=text,
-                         text_source=source, lang=settings.lang, source=str(path))
+                    dict(
+                        doc_id=entry["doc_id"],
+                        page=number,
+                        image={"bytes": pixmap.tobytes("png"), "path": None},
+                        text=text,
+                        text_source=source,
+                        lang=settings.lang,
+                        source=str(path),
+                    )
                 )
                 on_page()
         except Exception as error:  # a broken page object: the document is skipped, the run goes on
@@ -186,7 +206,13 @@ def limit_ocr_threads() -> None:
 
 
 def build_pages_dataset(
-    inputs: list[str], output: str, settings: PageSettings, *, workers: int, resume: bool, max_skip_fraction: float,
+    inputs: list[str],
+    output: str,
+    settings: PageSettings,
+    *,
+    workers: int,
+    resume: bool,
+    max_skip_fraction: float,
     page_timeout_s: float = DataPrepSettings.page_timeout_s,
     document_memory_mb: int = DataPrepSettings.document_memory_mb,
 ) -> dict:
@@ -213,9 +239,11 @@ def build_pages_dataset(
 
     # no page total: counting pages means parsing the PDFs, which only the children do
     # (pyarrow and datasets report a full disk without a path: name the output)
-    with naming_full_disk(output_dir), tqdm(unit="page", desc="pages") as bar, closing(
-        _run(todo, settings, workers, page_timeout_s, document_memory_mb, on_page=bar.update)
-    ) as results:
+    with (
+        naming_full_disk(output_dir),
+        tqdm(unit="page", desc="pages") as bar,
+        closing(_run(todo, settings, workers, page_timeout_s, document_memory_mb, on_page=bar.update)) as results,
+    ):
         for finished, (path, rows, entry) in enumerate(results, start=1):
             if rows:
                 pq.write_table(pa.Table.from_pylist(rows, schema=ROW_SCHEMA), work / f"{_key(path)}.parquet")
@@ -250,8 +278,14 @@ class _Child:
         return exitcode
 
 
-def _run(paths: list[Path], settings: PageSettings, workers: int, page_timeout_s: float, memory_mb: int,
-         on_page: Callable[[], None]):
+def _run(
+    paths: list[Path],
+    settings: PageSettings,
+    workers: int,
+    page_timeout_s: float,
+    memory_mb: int,
+    on_page: Callable[[], None],
+):
     """(path, rows, manifest entry) for each document as it is done.
 
     A child sends None as each page is done, then its rows and entry. One that dies first (killed by its own
@@ -348,13 +382,19 @@ def _assemble(work, output_dir, paths, entries, settings, max_skip_fraction, ela
     kept = [(path, entry) for path, entry in zip(paths, entries) if "reason" not in entry]
     files = [work / f"{_key(path)}.parquet" for path, _ in kept]
     features = datasets.Features(
-        doc_id=datasets.Value("string"), page=datasets.Value("int32"), image=datasets.Image(),
-        text=datasets.Value("string"), text_source=datasets.Value("string"), lang=datasets.Value("string"),
+        doc_id=datasets.Value("string"),
+        page=datasets.Value("int32"),
+        image=datasets.Image(),
+        text=datasets.Value("string"),
+        text_source=datasets.Value("string"),
+        lang=datasets.Value("string"),
         source=datasets.Value("string"),
     )
     # streamed from the per-document files into a memory-mapped table: corpora larger than memory work
     if files:
-        loaded = datasets.Dataset.from_parquet([str(f) for f in files], features=features, cache_dir=str(work / "cache"))
+        loaded = datasets.Dataset.from_parquet(
+            [str(f) for f in files], features=features, cache_dir=str(work / "cache")
+        )
     else:
         loaded = datasets.Dataset.from_list([], features=features)
     fingerprint = _fingerprint(files, settings)
@@ -369,8 +409,12 @@ def _assemble(work, output_dir, paths, entries, settings, max_skip_fraction, ela
         "inputs": [entry for _, entry in kept],
         "skipped": skipped,
         "counts": {
-            "inputs": len(entries), "documents": len(kept), "skipped": len(skipped), "pages": len(dataset),
-            "pages_layer": sources.count("layer"), "pages_ocr": sources.count("ocr"),
+            "inputs": len(entries),
+            "documents": len(kept),
+            "skipped": len(skipped),
+            "pages": len(dataset),
+            "pages_layer": sources.count("layer"),
+            "pages_ocr": sources.count("ocr"),
         },
         "elapsed_s": round(elapsed, 1),
     }

@@ -19,15 +19,22 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.artifacts import atomic_directory, prepare_work_folder, write_text_atomic
-from stages.errors import UsageError
-from stages.run_record import sha256_file
+from common.artifacts import atomic_directory, prepare_work_folder, write_text_atomic
+from common.errors import UsageError
+from common.run_record import sha256_file
 
 TEXT_SUFFIXES = (".md", ".txt")
 CHROMIUM_FLAGS = (
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--no-pdf-header-footer", "--generate-pdf-document-outline",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-pdf-header-footer",
+    "--generate-pdf-document-outline",
 )
 CHROMIUM_TIMEOUT_S = 120
 
@@ -96,7 +103,7 @@ def choose_style(fonts: list[str], seed: int, name: str) -> Style:
     )
 
 
-def document_html(blocks: list[tuple[str, str]], lang: str, style: Style) -> str:
+def document_html(blocks: list[tuple[str, str]], lang: str, style: Style, section_pages: bool = False) -> str:
     body, in_list = [], False
     for kind, text in blocks:
         if kind == "li" and not in_list:
@@ -112,7 +119,8 @@ def document_html(blocks: list[tuple[str, str]], lang: str, style: Style) -> str
     css = f"""
 @page {{ size: {style.page_size}; margin: 20mm 18mm 22mm 18mm;
   @bottom-center {{ content: counter(page); font-family: "{style.font}", sans-serif; font-size: 9pt; color: #444; }} }}
-html {{ font-family: "{style.font}", "Noto Sans", sans-serif; font-size: {style.font_size_pt}pt; line-height: normal; color: #111; }}
+html {{ font-family: "{style.font}", "Noto Sans", sans-serif; font-size: {style.font_size_pt}pt;
+       line-height: normal; color: #111; }}
 body {{ margin: 0; }}
 .columns {{ column-count: {style.columns}; column-gap: 8mm; }}
 h1 {{ font-size: 1.7em; margin: 0 0 0.6em 0; column-span: all; color: {style.heading_color}; }}
@@ -120,9 +128,12 @@ h2 {{ font-size: 1.2em; margin: 1em 0 0.3em 0; break-after: avoid; color: {style
 p {{ margin: 0 0 0.5em 0; text-align: {style.align}; orphans: 2; widows: 2; }}
 ul {{ margin: 0 0 0.5em 0; padding-left: 1.4em; }}
 """
+    if section_pages:  # every section after the first on a page of its own (the first shares the title's); Chromium
+        # breaks pages inside a multi-column box only at its end, so such documents flow in one column
+        css += ".columns { columns: auto; }\nh2 ~ h2 { break-before: page; }\n"
     return (
         f'<!DOCTYPE html>\n<html lang="{lang}"><head><meta charset="utf-8"><title>{title}</title>'
-        f"<style>{css}</style></head>\n<body><div class=\"columns\">\n" + "\n".join(body) + "\n</div></body></html>\n"
+        f'<style>{css}</style></head>\n<body><div class="columns">\n' + "\n".join(body) + "\n</div></body></html>\n"
     )
 
 
@@ -134,7 +145,13 @@ def print_pdf(chromium: str, html_text: str, pdf_path: Path) -> None:
         page, printed = Path(tmp) / "document.html", Path(tmp) / "printed.pdf"
         page.write_text(html_text, encoding="utf-8")
         # a profile folder of its own: parallel Chromiums sharing one refuse to start
-        command = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp}/profile", f"--print-to-pdf={printed}", page.as_uri()]
+        command = [
+            chromium,
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={tmp}/profile",
+            f"--print-to-pdf={printed}",
+            page.as_uri(),
+        ]
         result = subprocess.run(command, capture_output=True, text=True, timeout=CHROMIUM_TIMEOUT_S)
         if result.returncode != 0 or not printed.is_file():
             raise RuntimeError(f"chromium exited with {result.returncode}: {result.stderr.strip()[-300:]}")
@@ -145,7 +162,15 @@ def print_pdf(chromium: str, html_text: str, pdf_path: Path) -> None:
 
 
 def render_documents(
-    inputs: list[str], output: str, *, lang: str, fonts: list[str], seed: int, workers: int, resume: bool = False
+    inputs: list[str],
+    output: str,
+    *,
+    lang: str,
+    fonts: list[str],
+    seed: int,
+    workers: int,
+    resume: bool = False,
+    section_pages: bool = False,
 ) -> dict:
     """Render every text file to `output/<name>.pdf`; write `render_manifest.json`. Returns the manifest.
 
@@ -155,7 +180,7 @@ def render_documents(
     texts = find_texts(inputs)
     names = _unique_names(texts)
     work = Path(output).with_name(f".{Path(output).name}.work")
-    prepare_work_folder(work, {"lang": lang, "fonts": fonts, "seed": seed}, resume)
+    prepare_work_folder(work, {"lang": lang, "fonts": fonts, "seed": seed, "section_pages": section_pages}, resume)
 
     def render_one(path: Path) -> dict:
         name = names[path]
@@ -169,7 +194,8 @@ def render_documents(
             entry |= {"reason": "no text"}
         else:
             try:
-                print_pdf(chromium, document_html(blocks, lang, style), work / f".{name}.tmp.pdf")
+                html_text = document_html(blocks, lang, style, section_pages)
+                print_pdf(chromium, html_text, work / f".{name}.tmp.pdf")
                 os.replace(work / f".{name}.tmp.pdf", work / f"{name}.pdf")
                 entry |= {"style": vars(style)}
             except (RuntimeError, subprocess.TimeoutExpired, OSError) as error:
@@ -183,6 +209,7 @@ def render_documents(
     manifest = {
         "lang": lang,
         "seed": seed,
+        "section_pages": section_pages,
         "tools": {"chromium": version},
         "documents": [e for e in entries if "reason" not in e],
         "skipped": [{"path": e["path"], "reason": e["reason"]} for e in entries if "reason" in e],
@@ -190,7 +217,9 @@ def render_documents(
     with atomic_directory(output) as tmp:
         for entry in manifest["documents"]:
             shutil.copyfile(work / entry["pdf"], tmp / entry["pdf"])
-        (tmp / "render_manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        (tmp / "render_manifest.json").write_text(
+            json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
     shutil.rmtree(work)
     return manifest
 
@@ -199,6 +228,8 @@ def _unique_names(paths: list[Path]) -> dict[Path, str]:
     """File stems, disambiguated by a short hash of the path when two inputs share a stem."""
     stems = [path.stem for path in paths]
     return {
-        path: path.stem if stems.count(path.stem) == 1 else f"{path.stem}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+        path: path.stem
+        if stems.count(path.stem) == 1
+        else f"{path.stem}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
         for path in paths
     }

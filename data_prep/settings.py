@@ -4,7 +4,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from stages.errors import UsageError
+from common.errors import UsageError
 
 SCRIPT_RANGE = re.compile(r"^[0-9A-Fa-f]{4,6}-[0-9A-Fa-f]{4,6}$")
 

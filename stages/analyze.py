@@ -25,10 +25,10 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .artifacts import check_input_paths, finished_checkpoints, write_text_atomic
-from .errors import UsageError, run_cli
-from .recipe import parse_stage_arguments
-from .run_record import RUN_RECORD, read_run_record, run_is_up_to_date, write_run_record
+from common.artifacts import check_input_paths, finished_checkpoints, write_text_atomic
+from common.errors import UsageError, run_cli
+from common.recipe import parse_stage_arguments
+from common.run_record import RUN_RECORD, read_run_record, run_is_up_to_date, write_run_record
 
 COMMANDS = ("scaling", "diagnostics")
 
@@ -39,19 +39,24 @@ class AnalyzeArguments:
     pretrain_run: str | None = field(
         default=None, metadata={"help": "scaling: a finished stages.pretrain output_dir (checkpoint-* and final/)."}
     )
-    evalset: str | None = field(default=None, metadata={"help": "scaling: the eval set every refined model is scored on."})
+    evalset: str | None = field(
+        default=None, metadata={"help": "scaling: the eval set every refined model is scored on."}
+    )
     models: list[str] = field(
         default_factory=list, metadata={"help": "diagnostics: models as name=folder, e.g. base=checkpoints/tiny/base."}
     )
     pages: list[str] = field(
-        default_factory=list, metadata={"help": "diagnostics: pages datasets whose (page image, page text) pairs are embedded."}
+        default_factory=list,
+        metadata={"help": "diagnostics: pages datasets whose (page image, page text) pairs are embedded."},
     )
     max_pages: int = field(default=128, metadata={"help": "diagnostics: pages drawn (seeded) from --pages."})
     knn: int = field(default=10, metadata={"help": "diagnostics: neighbours compared by the mutual k-NN alignment."})
     batch_size: int = 8
     max_text_tokens: int = 650
     image_max_side: int = 700
-    rebuild: bool = field(default=False, metadata={"help": "scaling: refine every checkpoint again, even those already done."})
+    rebuild: bool = field(
+        default=False, metadata={"help": "scaling: refine every checkpoint again, even those already done."}
+    )
 
     def validate(self) -> None:
         if self.output_dir is None:
@@ -73,9 +78,13 @@ class Point:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
-        raise UsageError(f"give a command first: python -m stages.analyze {{{','.join(COMMANDS)}}} ... (--help after it).")
+        raise UsageError(
+            f"give a command first: python -m stages.analyze {{{','.join(COMMANDS)}}} ... (--help after it)."
+        )
     command, rest = argv[0], argv[1:]
-    recipe_args, args = parse_stage_arguments("analyze", (AnalyzeArguments,), rest, prog=f"python -m stages.analyze {command}")
+    recipe_args, args = parse_stage_arguments(
+        "analyze", (AnalyzeArguments,), rest, prog=f"python -m stages.analyze {command}"
+    )
     if command == "scaling":
         scaling(recipe_args, args)
     else:
@@ -86,25 +95,44 @@ def scaling(recipe_args, args: AnalyzeArguments) -> None:
     from .contrast import ContrastArguments
     from .contrast import main as contrast_main
     from .evaluate import main as evaluate_main
+    from .evaluate import record_path
 
     if recipe_args.config is None:
         raise UsageError("scaling refines with a recipe's contrast section: give --config recipes/<recipe>.yaml.")
     if not args.pretrain_run or not args.evalset:
-        raise UsageError("scaling needs --pretrain_run (a stages.pretrain output_dir) and --evalset (an eval set folder).")
+        raise UsageError(
+            "scaling needs --pretrain_run (a stages.pretrain output_dir) and --evalset (an eval set folder)."
+        )
     check_input_paths([args.pretrain_run, args.evalset], "--pretrain_run/--evalset")
     points = pretraining_points(Path(args.pretrain_run))
     folder = Path(args.output_dir) / "scaling"
-    print(f"analyze scaling: {len(points)} pretraining lengths (steps {', '.join(str(p.step) for p in points)}) -> {folder}")
+    print(
+        f"analyze scaling: {len(points)} pretraining lengths (steps {', '.join(str(p.step) for p in points)}) -> "
+        f"{folder}"
+    )
 
     recipe = ["--config", recipe_args.config, "--seed", str(recipe_args.seed)]
     refined = []
     for number, point in enumerate(points, start=1):
-        contrast_argv = [*recipe, "--model_name_or_path", point.model, "--output_dir", str(folder / f"step-{point.step}"), "--overwrite"]
+        contrast_argv = [
+            *recipe,
+            "--model_name_or_path",
+            point.model,
+            "--output_dir",
+            str(folder / f"step-{point.step}"),
+            "--overwrite",
+        ]
         _, contrast_args = parse_stage_arguments("contrast", (ContrastArguments,), contrast_argv)
         final = Path(contrast_args.output_dir) / "final"
         print(f"[{number}/{len(points)}] stages.contrast of {point.model} (pretraining step {point.step}) -> {final}")
         if not args.rebuild and run_is_up_to_date(
-            final, "contrast", recipe_args.config, recipe_args.seed, contrast_args, contrast_args.input_files(), point.model
+            final,
+            "contrast",
+            recipe_args.config,
+            recipe_args.seed,
+            contrast_args,
+            contrast_args.input_files(),
+            point.model,
         ):
             print(f"      {final}: complete, same settings and data; reusing it")
         else:
@@ -112,28 +140,49 @@ def scaling(recipe_args, args: AnalyzeArguments) -> None:
         refined.append(str(final))
 
     evaluation = folder / "evaluation.json"
-    evaluation.unlink(missing_ok=True)  # this command's own output; the embeddings stay cached, so re-scoring is quick
+    # this command's own output; the embeddings stay cached, so re-scoring is quick
+    for path in (evaluation, record_path(evaluation)):
+        path.unlink(missing_ok=True)
     evaluate_main([*recipe, "--model", *refined, "--data", args.evalset, "--output", str(evaluation)])
-    results = json.loads(evaluation.read_text(encoding="utf-8"))["results"]
+    evaluated = json.loads(evaluation.read_text(encoding="utf-8"))
+    results = evaluated["results"]
     rows = [
-        {**asdict(point), "refined": model, **{metric: results[model]["all"][metric] for metric in ("ndcg@10", "recall@10", "mrr@10")},
-         "held_out_accuracy": [entry["in_batch_accuracy"] for entry in read_run_record(model)["results"]["held_out_accuracy"]]}
+        {
+            **asdict(point),
+            "refined": model,
+            **{metric: results[model]["all"][metric] for metric in ("ndcg@10", "recall@10", "mrr@10")},
+            "ndcg@10_interval": evaluated["intervals"][model]["all"]["ndcg@10"],  # 95%, bootstrap over queries
+            "held_out_accuracy": [
+                entry["in_batch_accuracy"] for entry in read_run_record(model)["results"]["held_out_accuracy"]
+            ],
+        }
         for point, model in zip(points, refined)
     ]
     baselines = {name: results[name]["all"]["ndcg@10"] for name in ("bm25 (page text)", "random")}
     correlations = {
-        quality: spearman([row[quality] for row in rows], [row["ndcg@10"] for row in rows]) for quality in ("cer", "eval_loss")
+        quality: spearman([row[quality] for row in rows], [row["ndcg@10"] for row in rows])
+        for quality in ("cer", "eval_loss")
     }
-    summary = {"pretrain_run": args.pretrain_run, "evalset": args.evalset, "seed": recipe_args.seed,
-               "points": rows, "baselines_ndcg@10": baselines, "spearman_with_ndcg@10": correlations}
+    summary = {
+        "pretrain_run": args.pretrain_run,
+        "evalset": args.evalset,
+        "seed": recipe_args.seed,
+        "points": rows,
+        "baselines_ndcg@10": baselines,
+        "spearman_with_ndcg@10": correlations,
+    }
     table = scaling_table(rows, baselines, correlations)
     write_text_atomic(folder / "scaling.md", table + "\n")
     save_figure(scaling_figure(rows, baselines, correlations), folder / "scaling.png")
     write_text_atomic(folder / "scaling.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     write_run_record(
-        folder, stage="analyze", config={"recipe": vars(recipe_args), "analyze": asdict(args), "command": "scaling"},
-        seed=recipe_args.seed, inputs=[Path(model) / RUN_RECORD for model in refined] + [evaluation],
-        parent=Path(args.pretrain_run) / "final", results={"spearman_with_ndcg@10": correlations},
+        folder,
+        stage="analyze",
+        config={"recipe": vars(recipe_args), "analyze": asdict(args), "command": "scaling"},
+        seed=recipe_args.seed,
+        inputs=[Path(model) / RUN_RECORD for model in refined] + [evaluation],
+        parent=Path(args.pretrain_run) / "final",
+        results={"spearman_with_ndcg@10": correlations},
     )
     print(table)
     print(f"analyze scaling: table, plot and JSON in {folder}/scaling.{{md,png,json}}")
@@ -152,7 +201,11 @@ def pretraining_points(run: Path) -> list[Point]:
             f"{run} was pretrained with LoRA, whose checkpoints hold adapters, not models; the scaling analysis "
             "refines each checkpoint, so pretrain with `tuning: full`."
         )
-    points = [Point(step, models[step], quality[step]["cer"], quality[step]["eval_loss"]) for step in sorted(models) if step in quality]
+    points = [
+        Point(step, models[step], quality[step]["cer"], quality[step]["eval_loss"])
+        for step in sorted(models)
+        if step in quality
+    ]
     if len(points) < 3:
         raise UsageError(
             f"{run} has {len(points)} checkpoints with a held-out CER (steps {sorted(set(models) & set(quality))}); "
@@ -173,19 +226,32 @@ def spearman(x: list[float], y: list[float]) -> dict:
 
 def scaling_table(rows: list[dict], baselines: dict, correlations: dict) -> str:
     lines = [
-        "| pretraining steps | held-out CER | eval loss | nDCG@10 | Recall@10 | MRR@10 | contrast: held-out in-batch accuracy, start -> end |",
+        "| pretraining steps | held-out CER | eval loss | nDCG@10 [95% interval] | Recall@10 | MRR@10 | contrast: "
+        "held-out in-batch accuracy, start -> end |",
         "|---|---|---|---|---|---|---|",
-        *(f"| {r['step']} | {r['cer']:.3f} | {r['eval_loss']:.3f} | {r['ndcg@10']:.3f} | {r['recall@10']:.3f} | {r['mrr@10']:.3f} | "
-          f"{r['held_out_accuracy'][0]} -> {r['held_out_accuracy'][-1]} |" for r in rows),
+        *(
+            f"| {r['step']} | {r['cer']:.3f} | {r['eval_loss']:.3f} | {r['ndcg@10']:.3f}{_interval(r)} | "
+            f"{r['recall@10']:.3f} | {r['mrr@10']:.3f} | {r['held_out_accuracy'][0]} -> {r['held_out_accuracy'][-1]} |"
+            for r in rows
+        ),
         "",
         "Baselines, nDCG@10: " + ", ".join(f"{name} {value:.3f}" for name, value in baselines.items()),
     ]
     for quality, label in (("cer", "held-out CER"), ("eval_loss", "eval loss")):
         found = correlations[quality]
-        value = "undefined (constant input)" if found["rho"] is None else f"{found['rho']:+.3f} (p = {found['p_value']:.3f})"
+        value = (
+            "undefined (constant input)"
+            if found["rho"] is None
+            else f"{found['rho']:+.3f} (p = {found['p_value']:.3f})"
+        )
         lines.append(f"Spearman rank correlation of {label} with nDCG@10 over {found['points']} points: {value}")
     lines.append("(the scaling law predicts a negative one: lower CER and loss, better retrieval after refinement)")
     return "\n".join(lines)
+
+
+def _interval(row: dict) -> str:
+    found = row["ndcg@10_interval"]
+    return f" [{found[0]:.3f}, {found[1]:.3f}]" if found else ""
 
 
 def scaling_figure(rows: list[dict], baselines: dict, correlations: dict):
@@ -197,15 +263,26 @@ def scaling_figure(rows: list[dict], baselines: dict, correlations: dict):
     figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True, constrained_layout=True)
     for axis, quality, label in zip(axes, ("cer", "eval_loss"), ("held-out CER", "held-out eval loss")):
         x, y = [row[quality] for row in rows], [row["ndcg@10"] for row in rows]
-        axis.plot(x, y, "o", color="tab:blue")
+        # error bars: each point's 95% bootstrap interval over queries (none under two queries)
+        bounds = [row["ndcg@10_interval"] or [row["ndcg@10"]] * 2 for row in rows]
+        # max(0, ...): matplotlib refuses a negative bar, which 4-decimal rounding could make of a bound at the mean
+        below = [max(0.0, v - low) for v, (low, _) in zip(y, bounds)]
+        above = [max(0.0, high - v) for v, (_, high) in zip(y, bounds)]
+        axis.errorbar(x, y, yerr=[below, above], fmt="o", color="tab:blue", capsize=3)
         for row in rows:
-            axis.annotate(f"step {row['step']}", (row[quality], row["ndcg@10"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            axis.annotate(
+                f"step {row['step']}",
+                (row[quality], row["ndcg@10"]),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=8,
+            )
         for (name, value), style in zip(baselines.items(), ("--", ":")):
             axis.axhline(value, color="gray", linestyle=style, label=name)
         rho = correlations[quality]["rho"]
         axis.set_title(f"Spearman rho = {rho:+.2f}" if rho is not None else "Spearman rho undefined")
         axis.set_xlabel(f"{label} after pretraining (lower = better generation)")
-    axes[0].set_ylabel("nDCG@10 after contrastive refinement")
+    axes[0].set_ylabel("nDCG@10 after contrastive refinement\n(bars: 95% interval over queries)")
     axes[0].legend(loc="best", fontsize=8)
     return figure
 
@@ -214,8 +291,8 @@ def diagnostics(recipe_args, args: AnalyzeArguments) -> None:
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from .embedder import Item
-    from .representation import anisotropy, layer_states, linear_cka, mutual_knn
+    from lco.embedder import Item
+    from lco.representation import anisotropy, layer_states, linear_cka, mutual_knn
 
     models = named_models(args.models)
     if not args.pages:
@@ -229,7 +306,9 @@ def diagnostics(recipe_args, args: AnalyzeArguments) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     images = [Item(image=row["image"]) for row in rows]
     texts = [Item(text=row["text"]) for row in rows]
-    settings = dict(batch_size=args.batch_size, max_text_tokens=args.max_text_tokens, image_max_side=args.image_max_side)
+    settings = dict(
+        batch_size=args.batch_size, max_text_tokens=args.max_text_tokens, image_max_side=args.image_max_side
+    )
     per_model = {}
     for name, path in models.items():
         model = AutoModelForImageTextToText.from_pretrained(path).to(device).eval()
@@ -239,8 +318,13 @@ def diagnostics(recipe_args, args: AnalyzeArguments) -> None:
         per_model[name] = {
             "path": path,
             "layers": [
-                {"layer": layer, "anisotropy_image": round(anisotropy(i), 4), "anisotropy_text": round(anisotropy(t), 4),
-                 "mutual_knn": round(mutual_knn(i, t, k), 4), "cka": round(linear_cka(i, t), 4)}
+                {
+                    "layer": layer,
+                    "anisotropy_image": round(anisotropy(i), 4),
+                    "anisotropy_text": round(anisotropy(t), 4),
+                    "mutual_knn": round(mutual_knn(i, t, k), 4),
+                    "cka": round(linear_cka(i, t), 4),
+                }
                 # from layer 1: at layer 0 the last position holds the same prompt token's embedding for every item
                 for layer, (i, t) in enumerate(zip(image_states[1:], text_states[1:]), start=1)
             ],
@@ -248,15 +332,23 @@ def diagnostics(recipe_args, args: AnalyzeArguments) -> None:
         del model
 
     chance = round(k / (len(rows) - 1), 4)  # the mutual k-NN of unrelated representations
-    summary = {"pages": args.pages, "page_count": len(rows), "knn": k, "mutual_knn_chance": chance, "seed": recipe_args.seed,
-               "models": per_model}
+    summary = {
+        "pages": args.pages,
+        "page_count": len(rows),
+        "knn": k,
+        "mutual_knn_chance": chance,
+        "seed": recipe_args.seed,
+        "models": per_model,
+    }
     table = diagnostics_table(per_model)
     folder.mkdir(parents=True, exist_ok=True)
     write_text_atomic(folder / "diagnostics.md", table + "\n")
     save_figure(diagnostics_figure(per_model, k, chance), folder / "diagnostics.png")
     write_text_atomic(folder / "diagnostics.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     write_run_record(
-        folder, stage="analyze", config={"recipe": vars(recipe_args), "analyze": asdict(args), "command": "diagnostics"},
+        folder,
+        stage="analyze",
+        config={"recipe": vars(recipe_args), "analyze": asdict(args), "command": "diagnostics"},
         seed=recipe_args.seed,
         inputs=[Path(path) / RUN_RECORD for path in models.values() if (Path(path) / RUN_RECORD).is_file()]
         + [Path(path) / "manifest.json" for path in args.pages],
@@ -327,7 +419,12 @@ def diagnostics_figure(per_model: dict, k: int, chance: float):
     figure, axes = plt.subplots(1, len(panels), figsize=(16, 3.8), constrained_layout=True)
     for axis, (key, title) in zip(axes, panels):
         for name, result in per_model.items():
-            axis.plot([row["layer"] for row in result["layers"]], [row[key] for row in result["layers"]], marker="o", label=name)
+            axis.plot(
+                [row["layer"] for row in result["layers"]],
+                [row[key] for row in result["layers"]],
+                marker="o",
+                label=name,
+            )
         if key == "mutual_knn":
             axis.axhline(chance, color="gray", linestyle=":", label="chance")
             axis.legend(handles=axis.get_lines()[-1:], fontsize=8)

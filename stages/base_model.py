@@ -15,15 +15,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .artifacts import atomic_directory, check_output_dir
-from .errors import UsageError, run_cli
-from .recipe import parse_stage_arguments
-from .run_record import write_run_record
+from common.artifacts import atomic_directory, check_output_dir
+from common.errors import UsageError, run_cli
+from common.recipe import parse_stage_arguments
+from common.run_record import write_run_record
 
 QWEN_SPECIAL_TOKENS = (
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
 )
 CORPUS_SUFFIXES = (".md", ".txt")
 
@@ -48,9 +59,14 @@ class BaseModelArguments:
     vision_intermediate_size: int = 64
     embedding_rows: int = field(
         default=0,
-        metadata={"help": "Rows of the embedding matrix, at least the vocabulary (0: the vocabulary). Qwen2.5-VL pads to 151936."},
+        metadata={
+            "help": "Rows of the embedding matrix, at least the vocabulary (0: the vocabulary). "
+            "Qwen2.5-VL pads to 151936."
+        },
     )
-    tie_word_embeddings: bool = field(default=False, metadata={"help": "Share the input and output embeddings (Qwen2.5-VL-3B does)."})
+    tie_word_embeddings: bool = field(
+        default=False, metadata={"help": "Share the input and output embeddings (Qwen2.5-VL-3B does)."}
+    )
     dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={"help": "Dtype of the saved weights."})
     min_pixels: int = field(default=56 * 56, metadata={"help": "Smallest image the processor keeps, in pixels."})
     max_pixels: int = field(
@@ -79,7 +95,9 @@ class BaseModelArguments:
         if self.vocab_size < 256 + len(QWEN_SPECIAL_TOKENS):
             raise UsageError(f"vocab_size ({self.vocab_size}) must be at least 270: 256 bytes + 14 special tokens.")
         if self.embedding_rows and self.embedding_rows < self.vocab_size:
-            raise UsageError(f"embedding_rows ({self.embedding_rows}) must be 0 or at least vocab_size ({self.vocab_size}).")
+            raise UsageError(
+                f"embedding_rows ({self.embedding_rows}) must be 0 or at least vocab_size ({self.vocab_size})."
+            )
         if not 0 < self.min_pixels <= self.max_pixels:
             raise UsageError(f"need 0 < min_pixels ({self.min_pixels}) <= max_pixels ({self.max_pixels}).")
         check_output_dir(self.output_dir, overwrite=self.overwrite)
@@ -169,7 +187,10 @@ def build_config(tokenizer, args: BaseModelArguments):
             fullatt_block_indexes=[i for i in range(7, args.vision_depth, 8)] or [args.vision_depth - 1],
         )
         return Qwen2_5_VLConfig(
-            text_config=text_config, vision_config=vision_config, tie_word_embeddings=args.tie_word_embeddings, **special_ids
+            text_config=text_config,
+            vision_config=vision_config,
+            tie_word_embeddings=args.tie_word_embeddings,
+            **special_ids,
         )
     vision_config = dict(
         depth=args.vision_depth,
@@ -179,7 +200,10 @@ def build_config(tokenizer, args: BaseModelArguments):
         num_heads=args.vision_num_heads,
     )
     return Qwen2VLConfig(
-        text_config=text_config, vision_config=vision_config, tie_word_embeddings=args.tie_word_embeddings, **special_ids
+        text_config=text_config,
+        vision_config=vision_config,
+        tie_word_embeddings=args.tie_word_embeddings,
+        **special_ids,
     )
 
 
@@ -217,7 +241,10 @@ def main(argv: list[str] | None = None) -> None:
             inputs=args.corpus_files(),
             results={"parameters": n_parameters},
         )
-    print(f"wrote a randomly initialised {args.family} model ({n_parameters:,} parameters, vocabulary {len(processor.tokenizer)}) to {args.output_dir}")
+    print(
+        f"wrote a randomly initialised {args.family} model ({n_parameters:,} parameters, vocabulary "
+        f"{len(processor.tokenizer)}) to {args.output_dir}"
+    )
 
 
 if __name__ == "__main__":

@@ -15,20 +15,25 @@ with the loss history and the in-batch retrieval accuracy on held-out pairs.
 import json
 import logging
 import math
-import os
 import random
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .artifacts import (
-    atomic_directory, check_input_paths, check_model_source, check_output_dir, finished_checkpoints, write_text_atomic,
+from common.artifacts import (
+    atomic_directory,
+    check_input_paths,
+    check_model_source,
+    check_output_dir,
+    finished_checkpoints,
+    staged_output,
+    write_text_atomic,
 )
-from .errors import UsageError, run_cli
-from .pretrain import deepspeed_stage
-from .recipe import parse_stage_arguments, recipe_section
-from .run_record import RUN_RECORD, read_run_record, write_run_record
+from common.errors import UsageError, run_cli
+from common.recipe import parse_stage_arguments
+from common.run_record import RUN_RECORD, parent_run, read_run_record, stage_record, write_run_record
+from lco.distributed import deepspeed_stage, local_rank, rank, world_size
 
 logger = logging.getLogger(__name__)
 PROGRESS = "progress.json"  # in a checkpoint: where training was, and the curves so far
@@ -45,6 +50,10 @@ class ContrastArguments:
     pages_datasets: list[str] = field(
         default_factory=list, metadata={"help": "Pages datasets to build multimodal pairs from."}
     )
+    exclude_evalsets: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Eval sets (`data_prep evalset` folders) whose documents no pair is built from."},
+    )
     output_dir: str | None = None
     multimodal_fraction: float = field(default=0.2, metadata={"help": "Share of page-image pairs; the rest is text."})
     lora_r: int = 64
@@ -58,7 +67,10 @@ class ContrastArguments:
     learning_rate: float = 4.0e-4
     num_train_epochs: float = 2.0
     max_steps: int = field(default=0, metadata={"help": "Optimizer steps; 0 = num_train_epochs over the pairs."})
-    warmup_steps: int = 100
+    warmup_ratio: float = field(
+        default=0.1, metadata={"help": "Share of the steps over which the learning rate rises linearly from 0."}
+    )
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (the reference uses none)."})
     max_text_tokens: int = 650
     image_max_side: int = field(default=700, metadata={"help": "Images are thumbnailed to fit this square, in pixels."})
     passage_chars: int = field(default=400, metadata={"help": "Length of the passages cut from page text for pairs."})
@@ -67,12 +79,16 @@ class ContrastArguments:
     logging_steps: int = 10
     save_steps: int = field(
         default=0,
-        metadata={"help": "Save a checkpoint to continue from (LoRA, optimizer, scheduler, RNG) every N steps; 0: none."},
+        metadata={
+            "help": "Save a checkpoint to continue from (LoRA, optimizer, scheduler, RNG) every N steps; 0: none."
+        },
     )
     mine_hard_negatives: bool = field(
         default=False,
-        metadata={"help": "Before training, give each pair as hard negative the positive of another document that the "
-                  "starting model finds most similar to its anchor."},
+        metadata={
+            "help": "Before training, give each pair as hard negative the positive of another document that the "
+            "starting model finds most similar to its anchor."
+        },
     )
     homogeneous_batches: bool = field(
         default=False, metadata={"help": "Each step all text or all multimodal (needed under ZeRO-3)."}
@@ -87,22 +103,33 @@ class ContrastArguments:
         if not self.train_files and not self.pages_datasets:
             raise UsageError("no training data: give --train_files (JSONL pairs) and/or --pages_datasets.")
         check_input_paths([*self.train_files, *self.pages_datasets], "--train_files/--pages_datasets")
+        check_input_paths(self.exclude_evalsets, "--exclude_evalsets")
         if not 0.0 <= self.multimodal_fraction <= 1.0:
             raise UsageError(f"--multimodal_fraction must be in [0, 1], got {self.multimodal_fraction}.")
         if self.temperature <= 0:
             raise UsageError(f"--temperature must be positive, got {self.temperature}.")
         if self.contrastive_batch_size < 2 or self.mini_batch_size < 1:
             raise UsageError("--contrastive_batch_size must be >= 2 and --mini_batch_size >= 1.")
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        if self.contrastive_batch_size % world_size:
+        if self.contrastive_batch_size % world_size():
             raise UsageError(
-                f"--contrastive_batch_size {self.contrastive_batch_size} does not split evenly over {world_size} processes."
+                f"--contrastive_batch_size {self.contrastive_batch_size} does not split evenly over {world_size()} "
+                "processes."
+            )
+        if not 0.0 <= self.warmup_ratio < 1.0 or self.weight_decay < 0:
+            raise UsageError(
+                f"--warmup_ratio must be in [0, 1) and --weight_decay >= 0; got {self.warmup_ratio} and "
+                f"{self.weight_decay}."
             )
         if not 0.0 <= self.eval_fraction < 1.0:
             raise UsageError(f"--eval_fraction must be in [0, 1), got {self.eval_fraction}.")
         if self.deepspeed and not Path(self.deepspeed).is_file():
             raise UsageError(f"--deepspeed {self.deepspeed} not found; see recipes/deepspeed/.")
-        if self.deepspeed and deepspeed_stage(self.deepspeed) == 3 and 0 < self.multimodal_fraction < 1 and not self.homogeneous_batches:
+        if (
+            self.deepspeed
+            and deepspeed_stage(self.deepspeed) == 3
+            and 0 < self.multimodal_fraction < 1
+            and not self.homogeneous_batches
+        ):
             raise UsageError(
                 "ZeRO-3 with mixed text and image batches hangs (ranks disagree about running the vision tower); "
                 "set --homogeneous_batches true, or use recipes/deepspeed/zero2.json."
@@ -118,7 +145,11 @@ class ContrastArguments:
 
     def input_files(self) -> list[str]:
         """The files whose content the run depends on, hashed into its run record."""
-        return [*self.train_files, *(str(Path(path) / "manifest.json") for path in self.pages_datasets)]
+        return [
+            *self.train_files,
+            *(str(Path(path) / "manifest.json") for path in self.pages_datasets),
+            *(str(Path(path) / "evalset.json") for path in self.exclude_evalsets),
+        ]
 
 
 def last_checkpoint(output_dir: str) -> Path | None:
@@ -144,8 +175,8 @@ def announce_base(model: str, lang: str) -> str | None:
 
 def load_pairs(args: ContrastArguments, seed: int):
     """(train pairs, held-out pairs); held-out pairs come from whole documents never trained on."""
-    from .contrast_data import mix, pages_pairs, read_jsonl_pairs
-    from .pretrain_data import held_out_documents
+    from lco.contrast_data import mix, pages_pairs, read_jsonl_pairs
+    from lco.pretrain_data import evaluated_in, held_out_documents
 
     given = [pair for path in args.train_files for pair in read_jsonl_pairs(path)]
     text_pairs = [pair for pair in given if pair.kind == "text"]
@@ -154,13 +185,19 @@ def load_pairs(args: ContrastArguments, seed: int):
         built_text, built_images = pages_pairs(folder, args.passage_chars, seed)
         text_pairs += built_text
         image_pairs += built_images
+    excluded = evaluated_in(args.pages_datasets, args.exclude_evalsets)
+    text_pairs = [pair for pair in text_pairs if pair.document not in excluded]
+    image_pairs = [pair for pair in image_pairs if pair.document not in excluded]
     pairs = mix(text_pairs, image_pairs, args.multimodal_fraction, seed)
     held_out = held_out_documents([pair.document for pair in pairs], args.eval_fraction, seed)
     train = [pair for pair in pairs if pair.document not in held_out]
     evaluation = [pair for pair in pairs if pair.document in held_out]
     with_negative = sum(pair.negative is not None for pair in train)
     if 0 < with_negative < len(train):
-        print(f"contrast: only {with_negative} of {len(train)} training pairs have a hard negative; negatives are not used")
+        print(
+            f"contrast: only {with_negative} of {len(train)} training pairs have a hard negative; negatives are not "
+            "used"
+        )
         train = [replace(pair, negative=None) for pair in train]
     if len(train) < args.contrastive_batch_size:
         raise UsageError(
@@ -168,10 +205,13 @@ def load_pairs(args: ContrastArguments, seed: int):
             "lower it or give more data."
         )
     counts = {
-        "train_pairs": len(train), "train_text": sum(p.kind == "text" for p in train),
+        "train_pairs": len(train),
+        "train_text": sum(p.kind == "text" for p in train),
         "train_multimodal": sum(p.kind == "multimodal" for p in train),
         "train_with_negative": sum(p.negative is not None for p in train),
-        "held_out_pairs": len(evaluation), "held_out_documents": len(held_out),
+        "held_out_pairs": len(evaluation),
+        "held_out_documents": len(held_out),
+        "excluded_documents": len(excluded),  # covered by --exclude_evalsets
     }
     logger.info("pairs: %s", counts)
     return train, evaluation, counts
@@ -182,11 +222,10 @@ def deepspeed_plugin(path: str, mini_batch_size: int, accumulation: int, bf16: b
     from accelerate.utils import DeepSpeedPlugin
 
     config = json.loads(Path(path).read_text(encoding="utf-8"))
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     resolved = {
         "train_micro_batch_size_per_gpu": mini_batch_size,
         "gradient_accumulation_steps": accumulation,
-        "train_batch_size": mini_batch_size * accumulation * world_size,
+        "train_batch_size": mini_batch_size * accumulation * world_size(),
         "gradient_clipping": 1.0,
     }
     for key, value in resolved.items():
@@ -202,11 +241,19 @@ def deepspeed_plugin(path: str, mini_batch_size: int, accumulation: int, bf16: b
 
 
 def embed(model, processor, sides, args: ContrastArguments):
-    """Embeddings of pair sides (on the CPU), `mini_batch_size` at a time, without a graph."""
-    from .embedder import encode_items
+    """Embeddings of pair sides (on the CPU), `mini_batch_size` at a time, without a graph; images are opened
+    batch by batch."""
+    from lco.contrast_data import Side
+    from lco.embedder import LazyItems, encode_items
 
-    return encode_items(model, processor, [side.item() for side in sides], batch_size=args.mini_batch_size,
-                        max_text_tokens=args.max_text_tokens, image_max_side=args.image_max_side)
+    return encode_items(
+        model,
+        processor,
+        LazyItems(sides, Side.item),
+        batch_size=args.mini_batch_size,
+        max_text_tokens=args.max_text_tokens,
+        image_max_side=args.image_max_side,
+    )
 
 
 def held_out_accuracy(model, processor, pairs, args: ContrastArguments, seed: int) -> dict | None:
@@ -261,196 +308,282 @@ def mine_hard_negatives(model, processor, pairs, args: ContrastArguments):
     return [replace(pair, negative=pairs[j].positive) for pair, j in zip(pairs, chosen)]
 
 
-def train(args: ContrastArguments, train_pairs, held_out, seed: int):
-    """The training loop; returns (accelerator, trained model, processor, results)."""
+def load_model(args: ContrastArguments, seed: int):
+    """(the base model with fresh LoRA adapters, as an `EmbeddingModel`; its processor)."""
     import torch
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
     from peft import get_peft_model
-    from transformers import AutoModelForImageTextToText, AutoProcessor, get_scheduler
+    from transformers import AutoModelForImageTextToText, AutoProcessor, set_seed
 
-    from .contrast_data import batches
-    from .contrastive_loss import cached_contrastive_step
-    from .embedder import EmbeddingModel, model_inputs
-    from .lora import lora_config
+    from lco.embedder import EmbeddingModel
+    from lco.lora import lora_config
 
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_batch = args.contrastive_batch_size // world_size
-    on_gpu = torch.cuda.is_available()
-    bf16 = args.bf16 and on_gpu
     set_seed(seed)  # before the LoRA initialisation
-    base = AutoModelForImageTextToText.from_pretrained(args.model_name_or_path, dtype=torch.bfloat16 if bf16 else torch.float32)
+    dtype = torch.bfloat16 if uses_bf16(args) else torch.float32
+    base = AutoModelForImageTextToText.from_pretrained(args.model_name_or_path, dtype=dtype)
     processor = AutoProcessor.from_pretrained(args.model_name_or_path)
     model = EmbeddingModel(get_peft_model(base, lora_config(args.lora_r, args.lora_alpha, args.lora_dropout)))
-    if args.mine_hard_negatives:
-        # every process mines the same negatives from the same pairs: no communication needed
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if on_gpu else "cpu"
-        train_pairs = mine_hard_negatives(model.to(device), processor, train_pairs, args)
-        logger.info("mined a hard negative for each of the %d training pairs", len(train_pairs))
+    return model, processor
 
-    roles = ("anchor", "positive", "negative") if train_pairs[0].negative is not None else ("anchor", "positive")
-    accumulation = len(roles) * math.ceil(local_batch / args.mini_batch_size)  # one backward per mini-batch
-    plugin = deepspeed_plugin(args.deepspeed, args.mini_batch_size, accumulation, bf16) if args.deepspeed else None
-    accelerator = Accelerator(
-        cpu=not on_gpu, gradient_accumulation_steps=accumulation, deepspeed_plugin=plugin,
-        mixed_precision="bf16" if bf16 else "no",
-    )
-    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    steps_per_epoch = len(
-        batches(train_pairs, args.contrastive_batch_size, homogeneous=args.homogeneous_batches, seed=seed)
-    )
-    if not steps_per_epoch:
-        raise UsageError(
-            f"no batch of {args.contrastive_batch_size} pairs from different sources can be made from the "
-            f"{len(train_pairs)} training pairs (too many are cut from the same passages); "
-            "lower --contrastive_batch_size or give more data."
+
+def uses_bf16(args: ContrastArguments) -> bool:
+    import torch
+
+    return args.bf16 and torch.cuda.is_available()
+
+
+@dataclass
+class TrainState:
+    """Where training is and the curves so far: what a checkpoint keeps beside Accelerate's state."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_done: int = 0  # of the current epoch
+    loss_history: list[dict] = field(default_factory=list)
+    accuracy_history: list[dict] = field(default_factory=list)
+
+
+class ContrastiveTraining:
+    """One contrastive run under Accelerate (plain, DDP or DeepSpeed): the cached InfoNCE step, the held-out
+    accuracy, and the checkpoints that `--resume` continues from."""
+
+    def __init__(
+        self, args: ContrastArguments, model, processor, train_pairs, seed: int, output_dir: Path | None = None
+    ):
+        import torch
+        from accelerate import Accelerator
+        from transformers import get_scheduler
+
+        self.args, self.processor, self.train_pairs, self.seed = args, processor, train_pairs, seed
+        self.output_dir = Path(output_dir or args.output_dir)  # where checkpoints go (a staging folder, see main)
+        self.local_batch = args.contrastive_batch_size // world_size()
+        with_negative = train_pairs[0].negative is not None
+        self.roles = ("anchor", "positive", "negative") if with_negative else ("anchor", "positive")
+        # one backward per mini-batch of each role
+        self.accumulation = len(self.roles) * math.ceil(self.local_batch / args.mini_batch_size)
+        bf16 = uses_bf16(args)
+        plugin = (
+            deepspeed_plugin(args.deepspeed, args.mini_batch_size, self.accumulation, bf16) if args.deepspeed else None
         )
-    total_steps = args.max_steps or math.ceil(args.num_train_epochs * steps_per_epoch)
-    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate)
-    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=total_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    if accelerator.is_main_process:
-        print(
-            f"contrast: {total_steps} steps of {args.contrastive_batch_size} anchors ({local_batch} per process x "
-            f"{world_size}), mini-batches of {args.mini_batch_size}; "
-            f"{sum(p.numel() for p in trainable):,} trainable (LoRA) parameters"
+        self.accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(),
+            gradient_accumulation_steps=self.accumulation,
+            deepspeed_plugin=plugin,
+            mixed_precision="bf16" if bf16 else "no",
+            # the schedule moves once per optimizer step; by default Accelerate steps it once per process
+            # (it assumes each process's data loader ran through its own share of the steps), N times too fast
+            step_scheduler_with_optimizer=False,
+        )
+        self.trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+        steps_per_epoch = len(self.epoch_batches(0))
+        if not steps_per_epoch:
+            raise UsageError(
+                f"no batch of {args.contrastive_batch_size} pairs from different sources can be made from the "
+                f"{len(train_pairs)} training pairs (too many are cut from the same passages); "
+                "lower --contrastive_batch_size or give more data."
+            )
+        self.total_steps = args.max_steps or math.ceil(args.num_train_epochs * steps_per_epoch)
+        optimizer = torch.optim.AdamW(self.trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
+        warmup = math.ceil(args.warmup_ratio * self.total_steps)
+        scheduler = get_scheduler("linear", optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps)
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+
+    def epoch_batches(self, epoch: int) -> list:
+        from lco.contrast_data import batches
+
+        args = self.args
+        return batches(
+            self.train_pairs, args.contrastive_batch_size, homogeneous=args.homogeneous_batches, seed=self.seed + epoch
         )
 
-    def encode(inputs):
-        return model(**inputs.to(accelerator.device))
+    def describe(self) -> str:
+        args = self.args
+        return (
+            f"{self.total_steps} steps of {args.contrastive_batch_size} anchors ({self.local_batch} per process x "
+            f"{world_size()}), mini-batches of {args.mini_batch_size}; "
+            f"{sum(p.numel() for p in self.trainable):,} trainable (LoRA) parameters"
+        )
 
-    def backward(surrogate):
-        with accelerator.accumulate(model):
+    def encode(self, inputs):
+        return self.model(**inputs.to(self.accelerator.device))
+
+    def backward_chunk(self, inputs, grad) -> None:
+        """Re-encode a mini-batch with a graph and backpropagate the loss's cached gradient through it. Both under
+        `accumulate`, which syncs gradients across processes on the step's last mini-batch only: DDP decides in
+        the forward whether the backward all-reduces."""
+        from lco.contrastive_loss import backpropagate
+
+        with self.accelerator.accumulate(self.model):
             # both DeepSpeed and Accelerate divide by the accumulation steps; the cached gradients are already whole
-            accelerator.backward(surrogate * accumulation)
+            self.accelerator.backward(backpropagate(self.encode(inputs), grad) * self.accumulation)
 
-    def evaluate(step: int) -> None:
-        if accelerator.is_main_process:
-            accuracy = held_out_accuracy(accelerator.unwrap_model(model), processor, held_out, args, seed)
-            accuracy_history.append({"step": step, **(accuracy or {"in_batch_accuracy": None})})
+    def step(self, batch) -> dict:
+        """One optimizer step on this process's share of `batch`: {loss (mean over processes), candidates, lr}."""
+        import torch
+
+        from lco.contrastive_loss import cached_contrastive_step
+        from lco.embedder import model_inputs
+
+        args, rank = self.args, self.accelerator.process_index
+        mine = batch[rank * self.local_batch : (rank + 1) * self.local_batch]
+        chunks_by_role = [
+            [
+                model_inputs(
+                    self.processor,
+                    [getattr(pair, role).item() for pair in mine[i : i + args.mini_batch_size]],
+                    args.max_text_tokens,
+                    args.image_max_side,
+                )
+                for i in range(0, len(mine), args.mini_batch_size)
+            ]
+            for role in self.roles
+        ]
+        loss, candidates = cached_contrastive_step(self.encode, chunks_by_role, self.backward_chunk, args.temperature)
+        self.accelerator.clip_grad_norm_(self.trainable, 1.0)  # DeepSpeed clips by its config's gradient_clipping
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad()
+        loss = self.accelerator.reduce(torch.tensor(loss, device=self.accelerator.device), reduction="mean").item()
+        return {"loss": round(loss, 4), "candidates": candidates, "lr": self.scheduler.get_last_lr()[0]}
+
+    def held_out_accuracy(self, pairs, step: int) -> dict:
+        """The held-out accuracy entry of `step` (measured on the main process; the others wait)."""
+        entry = None
+        if self.accelerator.is_main_process:
+            model = self.accelerator.unwrap_model(self.model)
+            accuracy = held_out_accuracy(model, self.processor, pairs, self.args, self.seed)
+            entry = {"step": step, **(accuracy or {"in_batch_accuracy": None})}
             logger.info("held-out in-batch retrieval accuracy at step %d: %s", step, accuracy)
-        accelerator.wait_for_everyone()
+        self.accelerator.wait_for_everyone()
+        return entry
 
-    def save_checkpoint() -> None:
-        folder = Path(args.output_dir) / f"checkpoint-{step}"
-        accelerator.save_state(str(folder))  # every process: DeepSpeed saves its own shards
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            progress = {"step": step, "epoch": epoch, "batches_done": batches_done, "loss_history": loss_history,
-                        "accuracy_history": accuracy_history}
-            write_text_atomic(folder / PROGRESS, json.dumps(progress) + "\n")
-            for older in Path(args.output_dir).glob("checkpoint-*"):  # one checkpoint is enough to continue
+    def save_checkpoint(self, state: TrainState) -> None:
+        """`checkpoint-<step>/`: Accelerate's state (LoRA, optimizer, scheduler, RNG), then the progress file,
+        written last: a checkpoint without it was cut short. Older checkpoints go: one is enough to continue."""
+        folder = self.output_dir / f"checkpoint-{state.step}"
+        self.accelerator.save_state(str(folder))  # every process: DeepSpeed saves its own shards
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            write_text_atomic(folder / PROGRESS, json.dumps(asdict(state)) + "\n")
+            for older in self.output_dir.glob("checkpoint-*"):
                 if older != folder:
                     shutil.rmtree(older)
-        accelerator.wait_for_everyone()
+        self.accelerator.wait_for_everyone()
 
-    loss_history, accuracy_history, step_seconds = [], [], []
-    started, step, epoch, batches_done = time.monotonic(), 0, 0, 0
+    def restore(self, checkpoint: Path) -> TrainState:
+        """The state saved in `checkpoint`, with weights, optimizer, scheduler and RNG states loaded."""
+        self.accelerator.load_state(str(checkpoint))
+        state = TrainState(**json.loads((checkpoint / PROGRESS).read_text(encoding="utf-8")))
+        logger.info("resuming from %s at step %d", checkpoint, state.step)
+        return state
+
+
+def train(args: ContrastArguments, train_pairs, held_out, seed: int, output_dir: Path | None = None):
+    """The training loop, checkpoints in `output_dir` (default: --output_dir); returns (the run, its results)."""
+    import torch
+
+    model, processor = load_model(args, seed)
+    if args.mine_hard_negatives:
+        # every process mines the same negatives from the same pairs: no communication needed
+        device = f"cuda:{local_rank()}" if torch.cuda.is_available() else "cpu"
+        train_pairs = mine_hard_negatives(model.to(device), processor, train_pairs, args)
+        logger.info("mined a hard negative for each of the %d training pairs", len(train_pairs))
+    run = ContrastiveTraining(args, model, processor, train_pairs, seed, output_dir)
+    if run.accelerator.is_main_process:
+        print(f"contrast: {run.describe()}")
+
+    started, step_seconds = time.monotonic(), []
     if args.resume:
-        checkpoint = last_checkpoint(args.output_dir)
-        accelerator.load_state(str(checkpoint))  # weights, optimizer, scheduler and the RNG states saved with them
-        progress = json.loads((checkpoint / PROGRESS).read_text(encoding="utf-8"))
-        step, epoch, batches_done = progress["step"], progress["epoch"], progress["batches_done"]
-        loss_history, accuracy_history = progress["loss_history"], progress["accuracy_history"]
-        logger.info("resuming from %s at step %d", checkpoint, step)
+        state = run.restore(last_checkpoint(run.output_dir))
     else:
-        evaluate(0)
-    while step < total_steps:
-        epoch_batches = batches(train_pairs, args.contrastive_batch_size, homogeneous=args.homogeneous_batches, seed=seed + epoch)
-        for batch in epoch_batches[batches_done:]:
-            if step == total_steps:
+        state = TrainState(accuracy_history=[run.held_out_accuracy(held_out, 0)])
+    while state.step < run.total_steps:
+        for batch in run.epoch_batches(state.epoch)[state.batches_done :]:
+            if state.step == run.total_steps:
                 break
             step_started = time.perf_counter()
-            mine = batch[accelerator.process_index * local_batch : (accelerator.process_index + 1) * local_batch]
-            chunks_by_role = [
-                [
-                    model_inputs(processor, [getattr(pair, role).item() for pair in mine[i : i + args.mini_batch_size]],
-                                 args.max_text_tokens, args.image_max_side)
-                    for i in range(0, len(mine), args.mini_batch_size)
-                ]
-                for role in roles
-            ]
-            loss, candidates = cached_contrastive_step(encode, chunks_by_role, backward, args.temperature)
-            accelerator.clip_grad_norm_(trainable, 1.0)  # DeepSpeed clips by its config's gradient_clipping instead
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-            step += 1
-            if on_gpu:
+            logged = run.step(batch)
+            if torch.cuda.is_available():
                 torch.cuda.synchronize()
             step_seconds.append(time.perf_counter() - step_started)
-            loss = accelerator.reduce(torch.tensor(loss, device=accelerator.device), reduction="mean").item()
-            loss_history.append({"step": step, "loss": round(loss, 4), "candidates": candidates, "lr": scheduler.get_last_lr()[0]})
-            if accelerator.is_main_process and (step % args.logging_steps == 0 or step == 1):
-                logger.info("step %d/%d: loss %.4f, %d candidates per anchor", step, total_steps, loss, candidates)
-            batches_done += 1
-            if args.eval_steps and step % args.eval_steps == 0 and step < total_steps:
-                evaluate(step)
-            if args.save_steps and step % args.save_steps == 0 and step < total_steps:
-                save_checkpoint()  # after the evaluation: the RNG state saved is the one the next step starts from
-        epoch, batches_done = epoch + 1, 0
-    evaluate(step)
+            state.step += 1
+            state.batches_done += 1
+            state.loss_history.append({"step": state.step, **logged})
+            if run.accelerator.is_main_process and (state.step % args.logging_steps == 0 or state.step == 1):
+                logger.info(
+                    "step %d/%d: loss %.4f, %d candidates per anchor",
+                    state.step, run.total_steps, logged["loss"], logged["candidates"],
+                )  # fmt: skip
+            if args.eval_steps and state.step % args.eval_steps == 0 and state.step < run.total_steps:
+                state.accuracy_history.append(run.held_out_accuracy(held_out, state.step))
+            if args.save_steps and state.step % args.save_steps == 0 and state.step < run.total_steps:
+                run.save_checkpoint(state)  # after the evaluation: the RNG state saved is the next step's
+        state.epoch, state.batches_done = state.epoch + 1, 0
+    state.accuracy_history.append(run.held_out_accuracy(held_out, state.step))
+    # over the steps after the first (warm-up), evaluation excluded
+    timed = step_seconds[1:]
+    on_gpu = torch.cuda.is_available()
     results = {
-        "steps": step, "wall_time_s": round(time.monotonic() - started, 1),
-        "candidates_per_anchor": loss_history[-1]["candidates"], "mined_negatives": args.mine_hard_negatives,
-        "loss_history": loss_history,
-        "held_out_accuracy": accuracy_history,
-        # over the steps after the first (warm-up), evaluation excluded
-        "pairs_per_second": round(args.contrastive_batch_size * len(step_seconds[1:]) / sum(step_seconds[1:]), 2) if len(step_seconds) > 1 else None,
+        "steps": state.step,
+        "wall_time_s": round(time.monotonic() - started, 1),
+        "candidates_per_anchor": state.loss_history[-1]["candidates"],
+        "mined_negatives": args.mine_hard_negatives,
+        "loss_history": state.loss_history,
+        "held_out_accuracy": state.accuracy_history,
+        "pairs_per_second": round(args.contrastive_batch_size * len(timed) / sum(timed), 2) if timed else None,
         "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None,
     }
-    return accelerator, model, processor, results
+    return run, results
 
 
-def save(accelerator, model, processor, args: ContrastArguments, record: dict) -> Path:
+def save(run: ContrastiveTraining, args: ContrastArguments, record: dict) -> Path:
     """`adapter/` and `final/` (LoRA merged into the base weights in their own dtype; complete folder)."""
-    from .lora import save_merged
+    from lco.lora import save_merged
 
-    output_dir = Path(args.output_dir)
+    output_dir = run.output_dir
     final = output_dir / "final"
-    if accelerator.is_main_process:
+    if run.accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         with atomic_directory(output_dir / "adapter") as tmp:
-            accelerator.unwrap_model(model).model.save_pretrained(tmp)
+            run.accelerator.unwrap_model(run.model).model.save_pretrained(tmp)
         with atomic_directory(final) as tmp:
             save_merged(args.model_name_or_path, output_dir / "adapter", tmp)
-            processor.save_pretrained(tmp)
-            parent = args.model_name_or_path if (Path(args.model_name_or_path) / RUN_RECORD).is_file() else None
-            write_run_record(tmp, parent=parent, **record)
-    accelerator.wait_for_everyone()
+            run.processor.save_pretrained(tmp)
+            write_run_record(tmp, parent=parent_run(args.model_name_or_path), **record)
+    run.accelerator.wait_for_everyone()
     return final
 
 
+def summary(results: dict, final: Path) -> str:
+    losses, accuracy = results["loss_history"], results["held_out_accuracy"]
+    by_kind = "".join(
+        f", {kind} {accuracy[0][f'{kind}_pairs']['accuracy']} -> {accuracy[-1][f'{kind}_pairs']['accuracy']}"
+        for kind in ("text", "multimodal")
+        if f"{kind}_pairs" in accuracy[0]
+    )
+    return (
+        f"contrast: {results['steps']} steps in {results['wall_time_s']}s; loss {losses[0]['loss']:.3f} -> "
+        f"{losses[-1]['loss']:.3f}; held-out in-batch accuracy {accuracy[0]['in_batch_accuracy']} -> "
+        f"{accuracy[-1]['in_batch_accuracy']}{by_kind}; model in {final}\n"
+        f"contrast: {results['pairs_per_second']} pairs/s, peak GPU memory {results['peak_gpu_memory_gib']} GiB"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
+    from lco.pretrain_data import document_sha256
+
     recipe_args, args = parse_stage_arguments("contrast", (ContrastArguments,), argv)
-    logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING, format="%(message)s")
+    logging.basicConfig(level=logging.INFO if rank() == 0 else logging.WARNING, format="%(message)s")
     announce_base(args.model_name_or_path, recipe_args.lang)
-    if args.overwrite and Path(args.output_dir).exists() and int(os.environ.get("RANK", "0")) == 0:
-        shutil.rmtree(args.output_dir)
     train_pairs, held_out, counts = load_pairs(args, recipe_args.seed)
 
-    accelerator, model, processor, results = train(args, train_pairs, held_out, recipe_args.seed)
-
-    record = dict(
-        stage="contrast",
-        config={"recipe": vars(recipe_args), "recipe_section": recipe_section(recipe_args.config, "contrast"), "contrast": asdict(args)},
-        seed=recipe_args.seed,
-        inputs=[*([recipe_args.config] if recipe_args.config else []), *args.input_files()],
-        results={"pairs": counts, **results},
-    )
-    final = save(accelerator, model, processor, args, record)
-    if accelerator.is_main_process:
-        losses, accuracy = results["loss_history"], results["held_out_accuracy"]
-        by_kind = "".join(
-            f", {kind} {accuracy[0][f'{kind}_pairs']['accuracy']} -> {accuracy[-1][f'{kind}_pairs']['accuracy']}"
-            for kind in ("text", "multimodal") if f"{kind}_pairs" in accuracy[0]
-        )
-        print(
-            f"contrast: {results['steps']} steps in {results['wall_time_s']}s; loss {losses[0]['loss']:.3f} -> "
-            f"{losses[-1]['loss']:.3f}; held-out in-batch accuracy {accuracy[0]['in_batch_accuracy']} -> "
-            f"{accuracy[-1]['in_batch_accuracy']}{by_kind}; model in {final}"
-        )
-        print(f"contrast: {results['pairs_per_second']} pairs/s, peak GPU memory {results['peak_gpu_memory_gib']} GiB")
+    with staged_output(args.output_dir, overwrite=args.overwrite, is_main=rank() == 0) as output_dir:
+        run, results = train(args, train_pairs, held_out, recipe_args.seed, output_dir)
+        record = stage_record("contrast", recipe_args, {"contrast": asdict(args)}, args.input_files())
+        # by content: `stages.evaluate` checks them against the documents of the eval sets it scores
+        trained = document_sha256(args.pages_datasets, {pair.document for pair in train_pairs})
+        save(run, args, {**record, "results": {"pairs": counts, "training_documents": trained, **results}})
+    if run.accelerator.is_main_process:
+        print(summary(results, Path(args.output_dir) / "final"))
 
 
 if __name__ == "__main__":

@@ -1,27 +1,52 @@
 """Visual-document retrieval evaluation (text query -> page image), SeaDoc/ViDoRe style.
 
-    python -m stages.evaluate --config recipes/km.yaml --model checkpoints/km/contrast/final --data checkpoints/km/evalset
+    python -m stages.evaluate --config recipes/km.yaml --model checkpoints/km/contrast/final \
+        --data checkpoints/km/evalset
     python -m stages.evaluate --config recipes/tiny.yaml --model checkpoints/tiny/base checkpoints/tiny/contrast/final \
         --data checkpoints/tiny/evalset --output results.json --report report/ [--run other_system.trec]
 
 Scores every model given, BM25 over the pages' text and a random ranking (and a TREC run file) on the
 same queries with trec_eval's measures: nDCG@1/5/10, Recall@1/5/10/100, MRR@10, MAP, overall and per
-language of the relevant pages. Embeddings are cached on disk, keyed by the model's weights, the
-eval data and the encoding settings, so scoring again is instant.
+language of the relevant pages, with 95% bootstrap intervals over queries and paired randomization tests
+of nDCG@10 (each model against BM25 and the others, Holm-adjusted). Embeddings are cached on disk, keyed
+by the model's weights, the eval data and the encoding settings, so scoring again is instant.
 """
 
 import hashlib
 import io
+import itertools
 import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .artifacts import check_model_source, write_bytes_atomic, write_text_atomic
-from .errors import UsageError, run_cli
-from .recipe import parse_stage_arguments
-from .retrieval import BEIR_FILES, METRICS, bm25_rankings, load_evalset, random_rankings, read_trec_run, score, search
-from .run_record import sha256_file
+from common.artifacts import check_model_source, write_bytes_atomic, write_text_atomic
+from common.errors import UsageError, run_cli
+from common.recipe import parse_stage_arguments
+from common.run_record import (
+    chain_training_documents,
+    model_fingerprint,
+    parent_run,
+    sha256_file,
+    stage_record,
+    write_run_record,
+)
+from lco.retrieval import (
+    BEIR_FILES,
+    METRICS,
+    bm25_rankings,
+    load_evalset,
+    mean_scores,
+    per_query_scores,
+    random_rankings,
+    read_trec_run,
+    search,
+)
+from lco.significance import ALPHA, CONFIDENCE, RESAMPLES, bootstrap_interval, compare_systems
+
+BASELINES = ("random", "bm25 (page text)")
+INTERVAL_METRICS = ("ndcg@5", "ndcg@10", "recall@10")  # the table's; each gets a 95% bootstrap interval
+COMPARED_METRIC = "ndcg@10"  # the primary metric, the one the paired tests compare systems on
 
 
 @dataclass
@@ -58,18 +83,36 @@ class EvaluateInputs:
             )
         if self.run and not Path(self.run).is_file():
             raise UsageError(f"--run {self.run} not found.")
-        if self.output and Path(self.output).exists():
-            raise UsageError(f"--output {self.output} already exists; choose another file or remove it.")
+        for path in (self.output, self.output and record_path(self.output)):
+            if path and Path(path).exists():
+                raise UsageError(f"--output {path} already exists; choose another file or remove it.")
         if self.report and Path(self.report).exists():
             raise UsageError(f"--report {self.report} already exists; choose another folder or remove it.")
 
 
-def model_fingerprint(model: str) -> str:
-    """sha256 over the model's config and weight files (content, not dates)."""
-    digest = hashlib.sha256()
-    for path in sorted(Path(model).glob("*.safetensors")) + [Path(model) / "config.json"]:
-        digest.update(path.name.encode() + sha256_file(path).encode())
-    return digest.hexdigest()[:16]
+def record_path(output: str) -> Path:
+    """The run record beside a results file: `results.json` -> `results.run_record.json`."""
+    return Path(output).with_suffix(".run_record.json")
+
+
+def evalset_files(folder: str) -> list[Path]:
+    """The files an eval set's scores depend on (images are fingerprinted apart, in the embedding cache key)."""
+    root = Path(folder)
+    if all((root / name).is_file() for name in BEIR_FILES):
+        return [root / name for name in BEIR_FILES]
+    return sorted(root.rglob("*.parquet"))
+
+
+def save_results(output: str, summary: dict, recipe_args, inputs: EvaluateInputs) -> None:
+    """`output` (every metric and setting) and its run record: which code, recipe, eval data and models."""
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(output, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    models = {model: {"fingerprint": summary["models"][model]["fingerprint"], "parent": parent_run(model)}
+              for model in inputs.model}  # fmt: skip
+    record = stage_record("evaluate", recipe_args, {"evaluate": summary["settings"]}, evalset_files(inputs.data))
+    record["config"]["inputs"] = asdict(inputs)
+    results = {"models": models, "results_file": str(output), "results_sha256": sha256_file(output)}
+    write_run_record(record_path(output).parent, **record, results=results, name=record_path(output).name)
 
 
 def data_fingerprint(evalset, part: str) -> str:
@@ -77,7 +120,10 @@ def data_fingerprint(evalset, part: str) -> str:
     if part == "pages":
         for page_id, page in evalset.pages.items():
             image = page["image"]
-            digest.update(page_id.encode() + (hashlib.sha256(image).hexdigest() if isinstance(image, bytes) else sha256_file(image)).encode())
+            digest.update(
+                page_id.encode()
+                + (hashlib.sha256(image).hexdigest() if isinstance(image, bytes) else sha256_file(image)).encode()
+            )
     else:
         for query_id, query in evalset.queries.items():
             digest.update(json.dumps([query_id, query["text"]], ensure_ascii=False).encode())
@@ -103,7 +149,7 @@ def cached_embeddings(key: dict, cache_dir: str, compute):
 
 def model_rankings(model: str, evalset, tasks: dict, args: EvaluateArguments) -> tuple[dict, dict]:
     """({task: rankings}, encoding facts) of one model; embeddings come from the cache when present."""
-    from .embedder import Embedder
+    from lco.embedder import Embedder, Item, LazyItems
 
     embedder = None
 
@@ -117,13 +163,25 @@ def model_rankings(model: str, evalset, tasks: dict, args: EvaluateArguments) ->
     settings = {"max_text_tokens": args.max_text_tokens, "image_max_side": args.image_max_side}
     started = time.monotonic()
     pages, pages_cached = cached_embeddings(
-        {"model": fingerprint, "pages": data_fingerprint(evalset, "pages"), **settings}, args.cache_dir,
-        lambda: get_embedder().encode_images([evalset.open_image(pid) for pid in page_ids], args.batch_size, progress="pages"),
+        {"model": fingerprint, "pages": data_fingerprint(evalset, "pages"), **settings},
+        args.cache_dir,
+        lambda: get_embedder().encode(
+            LazyItems(page_ids, lambda pid: Item(image=evalset.open_image(pid))), args.batch_size, progress="pages"
+        ),
     )
     queries, queries_cached = cached_embeddings(
-        {"model": fingerprint, "queries": data_fingerprint(evalset, "queries"), "instruction": args.query_instruction, **settings},
+        {
+            "model": fingerprint,
+            "queries": data_fingerprint(evalset, "queries"),
+            "instruction": args.query_instruction,
+            **settings,
+        },
         args.cache_dir,
-        lambda: get_embedder().encode_texts([args.query_instruction + evalset.queries[qid]["text"] for qid in query_ids], args.batch_size, progress="queries"),
+        lambda: get_embedder().encode_texts(
+            [args.query_instruction + evalset.queries[qid]["text"] for qid in query_ids],
+            args.batch_size,
+            progress="queries",
+        ),
     )
     page_row = {pid: i for i, pid in enumerate(page_ids)}
     query_row = {qid: i for i, qid in enumerate(query_ids)}
@@ -131,29 +189,122 @@ def model_rankings(model: str, evalset, tasks: dict, args: EvaluateArguments) ->
     for name, task in tasks.items():
         task_pages, task_queries = list(task.pages), list(task.queries)
         runs[name] = search(
-            queries[[query_row[q] for q in task_queries]], pages[[page_row[p] for p in task_pages]],
-            task_pages, task_queries, use_faiss=args.faiss,
+            queries[[query_row[q] for q in task_queries]],
+            pages[[page_row[p] for p in task_pages]],
+            task_pages,
+            task_queries,
+            use_faiss=args.faiss,
         )
-    facts = {"fingerprint": fingerprint, "cached": pages_cached and queries_cached, "encode_and_search_s": round(time.monotonic() - started, 1)}
+    facts = {
+        "fingerprint": fingerprint,
+        "cached": pages_cached and queries_cached,
+        "encode_and_search_s": round(time.monotonic() - started, 1),
+    }
     return runs, facts
 
 
-def markdown_table(results: dict) -> str:
+def significance(per_query: dict, contenders: list[str], seed: int) -> tuple[dict, list[dict]]:
+    """({system: {task: {metric: [low, high] or None}}}, the paired tests): a 95% bootstrap interval of each
+    INTERVAL_METRICS for every system and task, and COMPARED_METRIC on all pages compared between each
+    contender (a model or --run) and BM25 and between every two contenders, Holm-adjusted as one family."""
+
+    def interval(values: dict, metric: str) -> list[float] | None:
+        found = bootstrap_interval([scores[metric] for scores in values.values()], seed)
+        return found and [round(bound, 4) for bound in found]
+
+    intervals = {
+        system: {
+            task: {metric: interval(values, metric) for metric in INTERVAL_METRICS} for task, values in per_task.items()
+        }
+        for system, per_task in per_query.items()
+    }
+    compared = {
+        system: [scores[COMPARED_METRIC] for scores in per_task["all"].values()]
+        for system, per_task in per_query.items()
+    }
+    pairs = [(system, BASELINES[1]) for system in contenders] + list(itertools.combinations(contenders, 2))
+    return intervals, compare_systems(compared, pairs, seed)
+
+
+def markdown_table(results: dict, intervals: dict | None = None) -> str:
+    """One row per system; nDCG@10 on all pages with its 95% interval when `intervals` are given."""
     langs = sorted({lang for per_lang in results.values() for lang in per_lang if lang != "all"})
     header = ["system", "nDCG@5", "nDCG@10", "Recall@10", "MRR@10", *[f"nDCG@10 {lang}" for lang in langs]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, per_lang in results.items():
         overall = per_lang["all"]
         cells = [name, *(f"{overall[m]:.3f}" for m in ("ndcg@5", "ndcg@10", "recall@10", "mrr@10"))]
+        found = intervals and intervals[name]["all"]["ndcg@10"]
+        cells[2] += f" [{found[0]:.3f}, {found[1]:.3f}]" if found else ""
         cells += [f"{per_lang[lang]['ndcg@10']:.3f}" if lang in per_lang else "" for lang in langs]
         lines.append("| " + " | ".join(cells) + " |")
+    if intervals:
+        lines.append(f"\n(nDCG@10: mean [{CONFIDENCE:.0%} bootstrap interval over queries])")
     return "\n".join(lines)
 
 
+def comparison_table(comparisons: list[dict]) -> str:
+    """The paired tests, `*` where the Holm-adjusted p is under ALPHA."""
+    lines = [
+        "| system | against | nDCG@10 difference | p | p (Holm) |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {c['system']} | {c['baseline']} | {c['difference']:+.3f} | {c['p_value']:.4f} | "
+            f"{c['p_holm']:.4f}{' *' if c['significant'] else ''} |"
+            for c in comparisons
+        ),
+        f"\n(paired randomization test over queries; * Holm-adjusted p < {ALPHA} over the {len(comparisons)} tests)",
+    ]
+    return "\n".join(lines)
+
+
+def given_run(path: str, evalset, tasks: dict) -> dict:
+    """A TREC run file as rankings for every task (scoring keeps each task's own pages)."""
+    given = read_trec_run(path)
+    unknown, unranked = set(given) - set(evalset.queries), set(evalset.qrels) - set(given)
+    if unknown == set(given):
+        raise UsageError(
+            f"--run {path} ranks none of the eval set's queries (e.g. {sorted(unknown)[:3]}); wrong eval set?"
+        )
+    if unknown or unranked:
+        print(
+            f"evaluate: --run ranks {len(unknown)} unknown queries (ignored) and leaves {len(unranked)} judged "
+            "ones out (scored 0)"
+        )
+    return dict.fromkeys(tasks, given)
+
+
+def training_overlap(models: list[str], data: str) -> dict[str, int | None]:
+    """Per model, the number of the eval set's documents that its run-record chain trained on, with a warning for
+    each model that did: its scores are not held-out scores. None where either side is not known."""
+    from data_prep.evalset import evaluated_documents
+
+    try:
+        covered = evaluated_documents(data, "--data")
+    except UsageError:  # a converted parquet set lists no documents
+        print(f"evaluate: {data} does not list its documents; whether a model trained on them is not checked")
+        return dict.fromkeys(models)
+    overlap = {}
+    for model in models:
+        trained = chain_training_documents(model)
+        overlap[model] = len(covered & trained) if trained is not None else None
+        if overlap[model]:
+            print(
+                f"evaluate: WARNING: {model} was trained on {overlap[model]} of the {len(covered)} documents this "
+                "eval set covers: its scores are not held-out scores (train with --exclude_evalsets)"
+            )
+    return overlap
+
+
 def main(argv: list[str] | None = None) -> None:
-    recipe_args, args, inputs = parse_stage_arguments("evaluate", (EvaluateArguments,), argv, cli_only_types=(EvaluateInputs,))
+    recipe_args, args, inputs = parse_stage_arguments(
+        "evaluate", (EvaluateArguments,), argv, cli_only_types=(EvaluateInputs,)
+    )
     evalset = load_evalset(inputs.data)
-    print(f"evaluate: {len(evalset.queries)} queries, {len(evalset.pages)} pages, {sum(map(len, evalset.qrels.values()))} judgements")
+    print(
+        f"evaluate: {len(evalset.queries)} queries, {len(evalset.pages)} pages, "
+        f"{sum(map(len, evalset.qrels.values()))} judgements"
+    )
 
     tasks = evalset.tasks()
     runs = {
@@ -161,34 +312,65 @@ def main(argv: list[str] | None = None) -> None:
         "bm25 (page text)": {name: bm25_rankings(task) for name, task in tasks.items()},
     }
     if inputs.run:
-        given = read_trec_run(inputs.run)
-        unknown, unranked = set(given) - set(evalset.queries), set(evalset.qrels) - set(given)
-        if unknown == set(given):
-            raise UsageError(f"--run {inputs.run} ranks none of the eval set's queries (e.g. {sorted(unknown)[:3]}); wrong eval set?")
-        if unknown or unranked:
-            print(f"evaluate: --run ranks {len(unknown)} unknown queries (ignored) and leaves {len(unranked)} judged ones out (scored 0)")
-        runs[f"run {Path(inputs.run).name}"] = dict.fromkeys(tasks, given)  # score() keeps each task's own pages
+        runs[f"run {Path(inputs.run).name}"] = given_run(inputs.run, evalset, tasks)
+    trained_on = training_overlap(inputs.model, inputs.data)
     encoding = {}
     for model in inputs.model:
         runs[model], encoding[model] = model_rankings(model, evalset, tasks, args)
-        print(f"evaluate: {model}: {'embeddings from the cache' if encoding[model]['cached'] else 'encoded'} "
-              f"in {encoding[model]['encode_and_search_s']}s")
-    results = {system: {name: score(run[name], tasks[name]) for name in tasks} for system, run in runs.items()}
+        print(
+            f"evaluate: {model}: {'embeddings from the cache' if encoding[model]['cached'] else 'encoded'} "
+            f"in {encoding[model]['encode_and_search_s']}s"
+        )
+    per_query = {
+        system: {name: per_query_scores(run[name], tasks[name]) for name in tasks} for system, run in runs.items()
+    }
+    results = {
+        system: {name: mean_scores(values) for name, values in per_task.items()}
+        for system, per_task in per_query.items()
+    }
+    contenders = [system for system in runs if system not in BASELINES]
+    intervals, comparisons = significance(per_query, contenders, recipe_args.seed)
 
     summary = {
-        "data": inputs.data, "settings": asdict(args), "seed": recipe_args.seed, "metrics": list(METRICS),
+        "data": inputs.data,
+        "settings": asdict(args),
+        "seed": recipe_args.seed,
+        "metrics": list(METRICS),
         "tasks": {name: {"queries": len(task.qrels), "pages": len(task.pages)} for name, task in tasks.items()},
-        "models": encoding, "results": results,
+        "models": encoding,
+        "results": results,
+        "significance": {
+            "intervals": f"percentile bootstrap over queries, {RESAMPLES} resamples, {CONFIDENCE:.0%}, seeded",
+            "comparisons": f"{COMPARED_METRIC} on all pages: paired two-sided randomization test ({RESAMPLES} "
+            "sign flips, exact when fewer), each model (and --run) against BM25 and every other one, "
+            f"Holm-adjusted as one family; significant when p_holm < {ALPHA}",
+        },
+        "intervals": intervals,
+        "comparisons": comparisons,
+        # per model, how many of the eval set's documents its run-record chain trained on (None: not known)
+        "trained_on_evaluated_documents": trained_on,
     }
     if inputs.output:
-        Path(inputs.output).parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(inputs.output, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+        save_results(inputs.output, summary, recipe_args, inputs)
     if inputs.report:
-        from .report import write_report
+        from lco.report import write_report
 
-        write_report(inputs.report, evalset, {name: runs[name]["all"] for name in inputs.model}, args.report_queries, recipe_args.seed)
+        write_report(
+            inputs.report,
+            evalset,
+            {name: runs[name]["all"] for name in inputs.model},
+            args.report_queries,
+            recipe_args.seed,
+            scores={
+                system: (results[system]["all"][COMPARED_METRIC], intervals[system]["all"][COMPARED_METRIC])
+                for system in runs
+            },
+            comparisons=comparisons,
+        )
         print(f"evaluate: report in {inputs.report}/index.html")
-    print(markdown_table(results))
+    print(markdown_table(results, intervals))
+    if comparisons:
+        print("\n" + comparison_table(comparisons))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     python -m stages.export --model checkpoints/km/contrast/final --output checkpoints/km/sentence-transformers
 
 The output loads with `SentenceTransformer(folder)` from built-in modules only (no custom code, no
-`trust_remote_code`) and embeds like `stages.embedder.Embedder`: a Transformer module whose chat template
+`trust_remote_code`) and embeds like `lco.embedder.Embedder`: a Transformer module whose chat template
 appends the LCO prompt suffix to the user turn and adds the generation prompt, left padding, last-token
 pooling, L2 normalisation. The suffix template lives in the module's `processing_kwargs`, not in the
 saved processor, so the folder still works unchanged with `Embedder` and `python -m stages.evaluate`.
@@ -11,7 +11,7 @@ saved processor, so the folder still works unchanged with `Embedder` and `python
 The embeddings equal Embedder's for texts up to its `max_text_tokens` (650) and images whose longer side
 is at most its `image_max_side` (700 px): Embedder cuts longer texts before templating and thumbnails
 larger images, sentence-transformers leaves both to the processor. Thumbnail pages with
-`stages.embedder.thumbnail` before `encode` to keep them equal. For bfloat16 weights sentence-transformers
+`lco.embedder.thumbnail` before `encode` to keep them equal. For bfloat16 weights sentence-transformers
 pools and normalises in bfloat16, Embedder in float32, so the two agree to about 1e-3.
 
 `LcoEncoder` runs Embedder under mteb: `mteb.evaluate(LcoEncoder("checkpoints/km/contrast/final"), tasks)`.
@@ -23,11 +23,10 @@ from pathlib import Path
 
 import torch
 
-from .artifacts import atomic_directory, check_model_source, check_output_dir
-from .embedder import IMAGE_PROMPT, IMAGE_TEXT_PROMPT, TEXT_PROMPT, Embedder, Item, item_messages
-from .errors import UsageError, run_cli
-from .evaluate import model_fingerprint
-from .run_record import RUN_RECORD, write_run_record
+from common.artifacts import atomic_directory, check_model_source, check_output_dir
+from common.errors import UsageError, run_cli
+from common.run_record import model_fingerprint, parent_run, write_run_record
+from lco.embedder import IMAGE_PROMPT, IMAGE_TEXT_PROMPT, TEXT_PROMPT, Embedder, Item, item_messages
 
 # Put before the model's own chat template: adds to each user turn the text item with the prompt that Embedder
 # appends (see `lco_template`). It renders nothing itself; the model's template renders the changed messages.
@@ -92,11 +91,14 @@ def sentence_transformer(model_dir: str):
     template = AutoProcessor.from_pretrained(model_dir).chat_template
     if template is None:
         raise UsageError(f"--model {model_dir} has no chat template; export needs the one Embedder wraps inputs in.")
-    transformer = Transformer(model_dir, processing_kwargs={
-        "chat_template": {"chat_template": lco_template(template), "add_generation_prompt": True},
-        # the last position must be a real token for every input, as in Embedder
-        "text": {"padding_side": "left"},
-    })
+    transformer = Transformer(
+        model_dir,
+        processing_kwargs={
+            "chat_template": {"chat_template": lco_template(template), "add_generation_prompt": True},
+            # the last position must be a real token for every input, as in Embedder
+            "text": {"padding_side": "left"},
+        },
+    )
     check_prompts(transformer)
     pooling = Pooling(transformer.get_embedding_dimension(), pooling_mode="lasttoken")
     return SentenceTransformer(modules=[transformer, pooling, Normalize()], device="cpu", similarity_fn_name="cosine")
@@ -122,30 +124,39 @@ def check_prompts(transformer) -> None:
 
 
 class LcoEncoder:
-    """An mteb encoder (`mteb.models.EncoderProtocol`) that embeds with `stages.embedder.Embedder`.
+    """An mteb encoder (`mteb.models.EncoderProtocol`) that embeds with `lco.embedder.Embedder`.
 
     Not a subclass of mteb's AbsEncoder, so that importing this module (and the export command) does not
     import mteb. Task prompts are not used: the model was trained without instructions. `query_instruction`
     is prefixed to query texts, as `python -m stages.evaluate --query_instruction` does.
     """
 
-    def __init__(self, model_name: str, revision: str | None = None, *, device: str | None = None,
-                 query_instruction: str = "", **embedder_kwargs) -> None:
+    def __init__(
+        self,
+        model_name: str,
+        revision: str | None = None,
+        *,
+        device: str | None = None,
+        query_instruction: str = "",
+        **embedder_kwargs,
+    ) -> None:
         from mteb.models import ModelMeta
         from mteb.models.model_meta import ScoringFunction
 
         self.model = Embedder(model_name, device=device, **embedder_kwargs)
         self.query_instruction = query_instruction
         # mteb caches results by name and revision: the weights' fingerprint tells two `final/` folders apart
-        self.mteb_model_meta = ModelMeta.create_empty({
-            "name": f"local/{Path(model_name).resolve().name}",
-            "revision": revision or model_fingerprint(model_name),
-            "embed_dim": self.model.model.model.config.text_config.hidden_size,
-            "modalities": ["image", "text"],
-            "similarity_fn_name": ScoringFunction.COSINE,
-            "use_instructions": False,
-            "framework": ["PyTorch"],
-        })
+        self.mteb_model_meta = ModelMeta.create_empty(
+            {
+                "name": f"local/{Path(model_name).resolve().name}",
+                "revision": revision or model_fingerprint(model_name),
+                "embed_dim": self.model.model.model.config.text_config.hidden_size,
+                "modalities": ["image", "text"],
+                "similarity_fn_name": ScoringFunction.COSINE,
+                "use_instructions": False,
+                "framework": ["PyTorch"],
+            }
+        )
 
     def encode(self, inputs, *, task_metadata, hf_split: str, hf_subset: str, prompt_type=None, **kwargs):
         """Embed every batch of an mteb DataLoader: `text`, `image` (PIL) or both per input."""
@@ -185,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     dimension = model.get_embedding_dimension()
     with atomic_directory(args.output) as tmp:
         model.save(str(tmp))
-        parent = args.model if (Path(args.model) / RUN_RECORD).is_file() else None
+        parent = parent_run(args.model)
         # nothing in an export is random: the seed is recorded as 0
         write_run_record(
             tmp, stage="export", config=asdict(args), seed=0, parent=parent, results={"embedding_dimension": dimension}

@@ -2,10 +2,11 @@
 
     python -m stages.pipeline --config recipes/tiny.yaml [--languages th km] [--rebuild]
 
-Sample texts are rendered to PDFs, read back into pages datasets (each language with its own recipe,
-recipes/<lang>.yaml) and turned into a cross-lingual eval set. For pretraining, each sample is also cut
-at its sections into several documents, so that the held-out pages (whole documents, never trained
-on) are in languages the model trains on. Then pretraining, contrastive refinement of the pretrained
+Each sample text is split at its sections: the last `eval_sections` are rendered to PDFs, read back into
+pages datasets (each language with its own recipe, recipes/<lang>.yaml) and turned into a cross-lingual
+eval set, whose documents every training stage excludes; no stage trains on that text. The rest is cut
+into several documents for training, so that the held-out pages of pretraining (whole documents, never
+trained on) are in languages the model trains on. Then pretraining, contrastive refinement of the pretrained
 model and of the base model (the no-pretraining baseline), and evaluation of all of them. A step whose
 output is complete and whose run record shows the same settings, data and parent run is reused;
 `--rebuild` redoes everything.
@@ -19,20 +20,19 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from data_prep.__main__ import main as data_prep_main
+from common.artifacts import write_text_atomic
+from common.errors import UsageError, run_cli
+from common.recipe import parse_stage_arguments
+from common.run_record import read_run_record, run_is_up_to_date, sha256_file
+from data_prep.cli import main as data_prep_main
 
 from .base_model import BaseModelArguments
 from .base_model import main as build_base_model
-from .artifacts import write_text_atomic
 from .contrast import ContrastArguments
 from .contrast import main as contrast_main
-from .errors import UsageError, run_cli
 from .evaluate import main as evaluate_main
 from .pretrain import CPU_DEFAULTS, PretrainArguments
 from .pretrain import main as pretrain_main
-from .recipe import parse_stage_arguments
-from .run_record import read_run_record, run_is_up_to_date, sha256_file
-
 
 
 @dataclass
@@ -46,6 +46,10 @@ class PipelineArguments:
         default="samples/udhr/en.md", metadata={"help": "Text whose sections query the samples' pages."}
     )
     data_dir: str = field(default="checkpoints/tiny", metadata={"help": "Where the prepared data goes."})
+    eval_sections: int = field(
+        default=10,
+        metadata={"help": "Last `## ` sections of each sample that only the eval set holds: no stage trains on them."},
+    )
     pretrain_documents: int = field(
         default=4, metadata={"help": "Documents each sample is cut into (at `## ` sections) for pretraining."}
     )
@@ -69,17 +73,22 @@ def main(argv: list[str] | None = None) -> None:
     else:
         build_base_model([*recipe, "--overwrite"])
 
-    print(f"[2/5] data_prep: render, pages and evalset for {', '.join(pipeline_args.languages)} -> {pipeline_args.data_dir}")
+    print(
+        f"[2/5] data_prep: render, pages and evalset for {', '.join(pipeline_args.languages)} -> "
+        f"{pipeline_args.data_dir}"
+    )
     pretrain_pages = prepare_data(recipe_args.seed, pipeline_args)
+    evalset = str(Path(pipeline_args.data_dir) / "evalset")
 
-    # pretrain on exactly the pages prepared above
-    pretrain_argv = [*recipe, "--model_name_or_path", base_args.output_dir, "--datasets", *pretrain_pages, "--overwrite"]
+    # pretrain on exactly the pages prepared above; the eval set's documents are kept out of every training stage
+    pretrain_argv = [*recipe, "--model_name_or_path", base_args.output_dir, "--datasets", *pretrain_pages]
+    pretrain_argv += ["--exclude_evalsets", evalset, "--overwrite"]
     _, pretrain_args, training = parse_stage_arguments(
         "pretrain", (PretrainArguments, SFTConfig), pretrain_argv, machine_defaults=CPU_DEFAULTS
     )
     pretrained = Path(training.output_dir) / "final"
     print(f"[3/5] stages.pretrain -> {pretrained}")
-    inputs = [str(Path(path) / "manifest.json") for path in pretrain_pages]
+    inputs = [*(str(Path(path) / "manifest.json") for path in pretrain_pages), str(Path(evalset) / "evalset.json")]
     if not pipeline_args.rebuild and run_is_up_to_date(
         pretrained, "pretrain", recipe_args.config, recipe_args.seed, pretrain_args, inputs, base_args.output_dir
     ):
@@ -91,7 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     # (the comparison the method is about), with the same recipe, seed and pairs
     refined = {}
     for label, parent, suffix in (("4a", str(pretrained), ""), ("4b", base_args.output_dir, "-only")):
-        contrast_argv = [*recipe, "--model_name_or_path", parent, "--pages_datasets", *pretrain_pages, "--overwrite"]
+        contrast_argv = [*recipe, "--model_name_or_path", parent, "--pages_datasets", *pretrain_pages]
+        contrast_argv += ["--exclude_evalsets", evalset, "--overwrite"]
         _, contrast_args = parse_stage_arguments("contrast", (ContrastArguments,), contrast_argv)
         contrast_argv += ["--output_dir", contrast_args.output_dir + suffix]
         _, contrast_args = parse_stage_arguments("contrast", (ContrastArguments,), contrast_argv)
@@ -109,19 +119,36 @@ def main(argv: list[str] | None = None) -> None:
     print(f"[5/5] stages.evaluate -> {evaluation}")
     if evaluation.exists():
         shutil.rmtree(evaluation)  # the pipeline's own output; embeddings stay cached, so re-scoring is quick
-    evaluate_main([
-        *recipe, "--model", base_args.output_dir, str(pretrained), str(refined[""]), str(refined["-only"]),
-        "--data", str(Path(pipeline_args.data_dir) / "evalset"),
-        "--output", str(evaluation / "results.json"), "--report", str(evaluation / "report"),
-    ])
-    print(f"pipeline: done in {time.monotonic() - started:.0f}s; results in {evaluation}/results.json, report in {evaluation}/report/index.html")
-    print(f"pipeline: the paper's analyses of these runs: python -m stages.analyze {{scaling,diagnostics}} --config {recipe_args.config}")
+    evaluate_main(
+        [
+            *recipe,
+            "--model",
+            base_args.output_dir,
+            str(pretrained),
+            str(refined[""]),
+            str(refined["-only"]),
+            "--data",
+            evalset,
+            "--output",
+            str(evaluation / "results.json"),
+            "--report",
+            str(evaluation / "report"),
+        ]
+    )
+    print(
+        f"pipeline: done in {time.monotonic() - started:.0f}s; results in {evaluation}/results.json, report in "
+        f"{evaluation}/report/index.html"
+    )
+    print(
+        f"pipeline: the paper's analyses of these runs: python -m stages.analyze {{scaling,diagnostics}} --config "
+        f"{recipe_args.config}"
+    )
 
 
 def prepare_data(seed: int, args: PipelineArguments) -> list[str]:
     """Render, read back and build the eval set for the sample languages; return the pretraining pages datasets."""
-    if args.pretrain_documents < 1:
-        raise UsageError(f"--pretrain_documents must be at least 1, got {args.pretrain_documents}.")
+    if args.pretrain_documents < 1 or args.eval_sections < 1:
+        raise UsageError("--pretrain_documents and --eval_sections must be at least 1.")
     root = Path(args.data_dir)
 
     def step(argv: list[str], output: Path, done_file: str) -> None:
@@ -131,21 +158,48 @@ def prepare_data(seed: int, args: PipelineArguments) -> list[str]:
             data_prep_main([*argv, "--output", str(output), "--overwrite", "--seed", str(seed)])
 
     for lang in args.languages:
-        text = Path(args.samples) / f"{lang}.md"
-        step(["render", "--lang", lang, "--input", str(text)], root / "pdfs" / lang, "render_manifest.json")
+        train_text, eval_text = split_sample(Path(args.samples) / f"{lang}.md", root / "texts", args.eval_sections)
+        # an article a page: each query's relevant pages are few among many (a random ranking scores low)
+        eval_render = ["render", "--lang", lang, "--input", str(eval_text), "--section_pages", "true"]
+        step(eval_render, root / "pdfs" / lang, "render_manifest.json")
         step(["pages", "--lang", lang, "--input", str(root / "pdfs" / lang)], root / "pages" / lang, "manifest.json")
-        parts = write_parts(text, root / "pretrain-texts" / lang, args.pretrain_documents)
-        step(["render", "--lang", lang, "--input", *map(str, parts)], root / "pretrain-pdfs" / lang, "render_manifest.json")
+        parts = write_parts(train_text, root / "pretrain-texts" / lang, args.pretrain_documents)
+        step(
+            ["render", "--lang", lang, "--input", *map(str, parts)],
+            root / "pretrain-pdfs" / lang,
+            "render_manifest.json",
+        )
         step(
             ["pages", "--lang", lang, "--input", str(root / "pretrain-pdfs" / lang)],
-            root / "pretrain-pages" / lang, "manifest.json",
+            root / "pretrain-pages" / lang,
+            "manifest.json",
         )
     pages = [str(root / "pages" / lang) for lang in args.languages]
+    _, parallel_source = split_sample(Path(args.parallel_source), root / "texts", args.eval_sections)
     step(
-        ["evalset", "--lang", "en", "--pages", *pages, "--parallel_source", args.parallel_source],
-        root / "evalset", "evalset.json",
+        ["evalset", "--lang", "en", "--pages", *pages, "--parallel_source", str(parallel_source)],
+        root / "evalset",
+        "evalset.json",
     )
     return [str(root / "pretrain-pages" / lang) for lang in args.languages]
+
+
+def split_sample(text_file: Path, folder: Path, eval_sections: int) -> tuple[Path, Path]:
+    """(training text, eval text) of a Markdown sample: its title and all but the last `eval_sections` `## `
+    sections, and its title and those last sections, written under `folder/train/` and `folder/eval/` (rewritten
+    only when their content changes, so that the renders made from them stay reusable)."""
+    head, *sections = re.split(r"^(?=## )", text_file.read_text(encoding="utf-8"), flags=re.M)
+    if len(sections) <= eval_sections:
+        raise UsageError(
+            f"{text_file} has {len(sections)} `## ` sections; it cannot keep {eval_sections} for evaluation."
+        )
+    paths = (folder / "train" / text_file.name, folder / "eval" / text_file.name)
+    contents = (head + "".join(sections[:-eval_sections]), head + "".join(sections[-eval_sections:]))
+    for path, content in zip(paths, contents):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.is_file() or path.read_text(encoding="utf-8") != content:
+            write_text_atomic(path, content)
+    return paths
 
 
 def write_parts(text_file: Path, folder: Path, count: int) -> list[Path]:

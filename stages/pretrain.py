@@ -13,9 +13,7 @@ with the held-out transcription CER and eval loss at the start, at each evaluati
 
 import json
 import logging
-import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,13 +22,20 @@ from typing import Literal
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from common.artifacts import (
+    atomic_directory,
+    check_input_paths,
+    check_model_source,
+    check_output_dir,
+    finished_checkpoints,
+    staged_output,
+)
+from common.errors import UsageError, run_cli
+from common.recipe import parse_stage_arguments
+from common.run_record import RUN_RECORD, parent_run, read_run_record, stage_record, write_run_record
 from data_prep.pages import read_pages_manifest
-
-from .artifacts import atomic_directory, check_input_paths, check_model_source, check_output_dir, finished_checkpoints
-from .errors import UsageError, run_cli
-from .lora import lora_config, save_merged
-from .recipe import parse_stage_arguments, recipe_section
-from .run_record import RUN_RECORD, read_run_record, write_run_record
+from lco.distributed import deepspeed_stage, world_size
+from lco.lora import lora_config, save_merged
 
 logger = logging.getLogger(__name__)
 # on the CPU: no bf16, and without use_cpu several processes may silently not synchronise
@@ -55,7 +60,13 @@ class PretrainArguments:
         default=0.0, metadata={"help": "Share of training examples that are text-only continuations of page text."}
     )
     eval_fraction: float = field(default=0.05, metadata={"help": "Share of documents held out (never trained on)."})
-    cer_pages: int = field(default=16, metadata={"help": "Held-out pages transcribed greedily for the CER."})
+    exclude_evalsets: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Eval sets (`data_prep evalset` folders) whose documents are left out of training."},
+    )
+    cer_pages: int = field(
+        default=16, metadata={"help": "Held-out pages transcribed greedily for the CER (drawn across documents)."}
+    )
     resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint in --output_dir."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing --output_dir."})
 
@@ -64,6 +75,7 @@ class PretrainArguments:
         if not self.datasets:
             raise UsageError("--datasets is empty; give pages datasets written by `python -m data_prep pages`.")
         check_input_paths(self.datasets, "--datasets")
+        check_input_paths(self.exclude_evalsets, "--exclude_evalsets")
         for name in ("text_only_fraction", "eval_fraction"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise UsageError(f"--{name} must be in [0, 1), got {getattr(self, name)}.")
@@ -74,14 +86,17 @@ def validate_run(args: PretrainArguments, training, lang: str) -> None:
     for dataset in args.datasets:
         dataset_lang = read_pages_manifest(dataset, "--datasets").get("lang")
         if lang != "multi" and dataset_lang != lang:
-            raise UsageError(f"--datasets {dataset} holds `{dataset_lang}` pages but the recipe's language is `{lang}`.")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+            raise UsageError(
+                f"--datasets {dataset} holds `{dataset_lang}` pages but the recipe's language is `{lang}`."
+            )
     if training.per_device_train_batch_size < 1 or training.gradient_accumulation_steps < 1:
         raise UsageError("per_device_train_batch_size and gradient_accumulation_steps must be at least 1.")
     logger.info(
         "global batch: %d per device x %d accumulation x %d processes = %d pages per step",
-        training.per_device_train_batch_size, training.gradient_accumulation_steps, world_size,
-        training.per_device_train_batch_size * training.gradient_accumulation_steps * world_size,
+        training.per_device_train_batch_size,
+        training.gradient_accumulation_steps,
+        world_size(),
+        training.per_device_train_batch_size * training.gradient_accumulation_steps * world_size(),
     )
     if args.text_only_fraction > 0 and deepspeed_stage(training.deepspeed) == 3:
         raise UsageError(
@@ -89,19 +104,17 @@ def validate_run(args: PretrainArguments, training, lang: str) -> None:
             "use recipes/deepspeed/zero2.json, or set text_only_fraction to 0."
         )
     if training.max_length is None or training.max_length < 64:
-        raise UsageError(f"--max_length must be set, and at least 64 tokens (image tokens included); got {training.max_length}.")
+        raise UsageError(
+            f"--max_length must be set, and at least 64 tokens (image tokens included); got {training.max_length}."
+        )
     if training.output_dir is None or training.output_dir == "trainer_output":
         raise UsageError("--output_dir is not set (recipe `pretrain.output_dir` or the flag).")
     check_output_dir(training.output_dir, resume=args.resume, overwrite=args.overwrite)
 
 
-def prepare_output_dir(args: PretrainArguments, training) -> str | None:
-    """The checkpoint to resume from (`--resume`), after clearing an earlier run (`--overwrite`)."""
+def resume_checkpoint(args: PretrainArguments, training) -> str | None:
+    """The checkpoint to continue from with `--resume`: the newest finished one."""
     output_dir = Path(training.output_dir)
-    if args.overwrite and output_dir.exists():
-        with training.main_process_first():
-            if training.process_index == 0:
-                shutil.rmtree(output_dir)  # old checkpoint-* folders would otherwise be mixed with the new ones
     if not args.resume:
         return None
     finished = finished_checkpoints(output_dir, RUN_RECORD)  # a checkpoint gets its run record last
@@ -113,21 +126,22 @@ def prepare_output_dir(args: PretrainArguments, training) -> str | None:
     return str(finished[-1])
 
 
-def deepspeed_stage(config) -> int | None:
-    if not config:
-        return None
-    if isinstance(config, str):
-        config = json.loads(Path(config).read_text(encoding="utf-8"))
-    return config.get("zero_optimization", {}).get("stage")
-
-
 def load_examples(args: PretrainArguments, processor, max_length: int, seed: int):
     """(train, held_out) datasets of prompt/completion examples; held-out pages are whole documents."""
     import datasets
 
-    from .pretrain_data import continuation_example, held_out_documents, page_example
+    from lco.pretrain_data import continuation_example, evaluated_in, held_out_documents, page_example
 
     pages = datasets.concatenate_datasets([datasets.load_from_disk(path) for path in args.datasets])
+    excluded = evaluated_in(args.datasets, args.exclude_evalsets)
+    all_pages = len(pages)
+    if excluded:
+        pages = pages.filter(lambda doc_id: doc_id not in excluded, input_columns="doc_id", keep_in_memory=True)
+    if not len(pages):
+        raise UsageError(
+            f"every page of --datasets belongs to a document of --exclude_evalsets {' '.join(args.exclude_evalsets)}; "
+            "train on other documents than the ones you evaluate on."
+        )
     held_out = held_out_documents(pages["doc_id"], args.eval_fraction, seed)
     examples = pages.map(
         lambda row: page_example(row, processor, max_length=max_length, max_pixels=args.max_pixels, seed=seed),
@@ -135,10 +149,22 @@ def load_examples(args: PretrainArguments, processor, max_length: int, seed: int
         keep_in_memory=True,  # no cache files written into the input datasets' folders
         features=datasets.Features(
             images=datasets.Sequence(datasets.Image()),
-            prompt=[{"role": datasets.Value("string"), "content": [{"type": datasets.Value("string"), "text": datasets.Value("string")}]}],
-            completion=[{"role": datasets.Value("string"), "content": [{"type": datasets.Value("string"), "text": datasets.Value("string")}]}],
-            doc_id=datasets.Value("string"), page=datasets.Value("int32"),
-            image_tokens=datasets.Value("int32"), truncated=datasets.Value("bool"),
+            prompt=[
+                {
+                    "role": datasets.Value("string"),
+                    "content": [{"type": datasets.Value("string"), "text": datasets.Value("string")}],
+                }
+            ],
+            completion=[
+                {
+                    "role": datasets.Value("string"),
+                    "content": [{"type": datasets.Value("string"), "text": datasets.Value("string")}],
+                }
+            ],
+            doc_id=datasets.Value("string"),
+            page=datasets.Value("int32"),
+            image_tokens=datasets.Value("int32"),
+            truncated=datasets.Value("bool"),
         ),
         desc="pages to examples",
     )
@@ -152,7 +178,10 @@ def load_examples(args: PretrainArguments, processor, max_length: int, seed: int
         chosen = sorted(random.Random(seed).choices(train_pages, k=count))
         continuations = pages.select(chosen).map(
             lambda row: continuation_example(row, processor, max_length=max_length),
-            remove_columns=pages.column_names, features=examples.features, desc="text-only examples", keep_in_memory=True,
+            remove_columns=pages.column_names,
+            features=examples.features,
+            desc="text-only examples",
+            keep_in_memory=True,
         )
         train = datasets.concatenate_datasets([train, continuations])
     counts = {
@@ -161,6 +190,8 @@ def load_examples(args: PretrainArguments, processor, max_length: int, seed: int
         "held_out_pages": len(evaluation),
         "held_out_documents": len(held_out),
         "truncated_pages": sum(examples["truncated"]),
+        "excluded_documents": len(excluded),  # covered by --exclude_evalsets
+        "excluded_pages": all_pages - len(pages),
     }
     logger.info("examples: %s (max_length=%d)", counts, max_length)
     return train, evaluation, counts
@@ -221,11 +252,6 @@ def check_weight_names(base: Path, final: Path) -> None:
         )
 
 
-def base_parent(args: PretrainArguments) -> str | None:
-    """The base model as the parent run, when it was written by a stage of this project."""
-    return args.model_name_or_path if (Path(args.model_name_or_path) / RUN_RECORD).is_file() else None
-
-
 class CheckpointRecords(TrainerCallback):
     """A run record in each `checkpoint-*` folder, written after the Trainer has saved it, with the
     held-out CER and eval loss up to that step: the checkpoint is then a model a later stage can start
@@ -273,18 +299,20 @@ def save_final(trainer, args: PretrainArguments, processor, output_dir: Path, re
                 (output_dir / ".final-weights").rmdir()
             check_weight_names(Path(args.model_name_or_path), tmp)
             processor.save_pretrained(tmp)
-            write_run_record(tmp, parent=base_parent(args), **record)
+            write_run_record(tmp, parent=parent_run(args.model_name_or_path), **record)
     trainer.accelerator.wait_for_everyone()
     return final
 
 
 def main(argv: list[str] | None = None) -> None:
     import torch
-    import transformers
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     recipe_args, args, training = parse_stage_arguments(
-        "pretrain", (PretrainArguments, SFTConfig), argv, machine_defaults=None if torch.cuda.is_available() else CPU_DEFAULTS
+        "pretrain",
+        (PretrainArguments, SFTConfig),
+        argv,
+        machine_defaults=None if torch.cuda.is_available() else CPU_DEFAULTS,
     )
     if not training.deepspeed:
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
@@ -294,9 +322,6 @@ def main(argv: list[str] | None = None) -> None:
         unset_hf_deepspeed_config()
     validate_run(args, training, recipe_args.lang)
 
-    from .generation_eval import TranscriptionCER
-    from .throughput import Throughput
-
     logging.basicConfig(level=logging.INFO if training.process_index == 0 else logging.WARNING, format="%(message)s")
     training.remove_unused_columns = False  # the collator needs `images`, `prompt`, `completion`
     if training.include_num_input_tokens_seen == "no":
@@ -305,32 +330,57 @@ def main(argv: list[str] | None = None) -> None:
     # (an evaluate() before train() would ask ZeRO-2 for inference, which only ZeRO-3 supports)
     # (on --resume, the curve so far comes from the checkpoint's run record)
     training.eval_on_start = (training.eval_on_start or args.eval_fraction > 0) and not args.resume
-    checkpoint = prepare_output_dir(args, training)
+    checkpoint = resume_checkpoint(args, training)
     if training.deepspeed and not torch.cuda.is_available():
         import deepspeed
 
         # ZeRO-3 partitions the weights while they load, so DeepSpeed's process group must exist first;
         # on the CPU the Trainer would not set it up before then
         deepspeed.init_distributed(dist_backend="gloo")
+    record = stage_record(
+        "pretrain",
+        recipe_args,
+        {"pretrain": asdict(args), "sft": training.to_dict()},
+        [
+            *(Path(path) / "manifest.json" for path in args.datasets),
+            *(Path(path) / "evalset.json" for path in args.exclude_evalsets),
+        ],
+    )
+    # --overwrite: the new run is written beside the earlier one, which it replaces only once complete
+    output_dir = training.output_dir
+    with staged_output(output_dir, overwrite=args.overwrite, is_main=training.process_index == 0) as staging:
+        training.output_dir = str(staging)
+        results = train_and_save(args, training, recipe_args, checkpoint, record)
+    if training.process_index == 0:
+        print(summary(results, Path(output_dir) / "final"))
+
+
+def train_and_save(args: PretrainArguments, training, recipe_args, checkpoint: str | None, record: dict) -> dict:
+    """Load, train, evaluate and save `final/` under `training.output_dir`; return the run record's results."""
+    import transformers
+    from trl import SFTTrainer
+
+    from lco.generation_eval import TranscriptionCER, sample_across_documents
+    from lco.pretrain_data import document_sha256
+    from lco.throughput import Throughput
+
     # SFTTrainer draws the LoRA initialisation before the Trainer seeds anything
     transformers.set_seed(training.seed)
     model, processor, peft_config = load_model(args, training, checkpoint)
     train, held_out, example_counts = load_examples(args, processor, training.max_length, recipe_args.seed)
-    cer = TranscriptionCER(processor, held_out.select(range(min(args.cer_pages, len(held_out)))))
+    cer_sample = sample_across_documents(held_out["doc_id"], args.cer_pages, recipe_args.seed)
+    cer = TranscriptionCER(processor, held_out.select(cer_sample))
     if checkpoint and (Path(checkpoint) / RUN_RECORD).is_file():  # the curve so far, for the records to come
         cer.history = read_run_record(checkpoint, expected_stage="pretrain")["results"]["generation_quality"]
     throughput = Throughput()
-    record = dict(
-        stage="pretrain",
-        config={"recipe": vars(recipe_args), "recipe_section": recipe_section(recipe_args.config, "pretrain"),
-                "pretrain": asdict(args), "sft": training.to_dict()},
-        seed=recipe_args.seed,
-        inputs=[*([recipe_args.config] if recipe_args.config else []), *(Path(path) / "manifest.json" for path in args.datasets)],
-    )
     trainer = SFTTrainer(
-        model=model, args=training, train_dataset=train, eval_dataset=held_out if len(held_out) else None,
-        processing_class=processor, peft_config=peft_config,
-        callbacks=[cer, throughput, CheckpointRecords(record, base_parent(args), cer)],
+        model=model,
+        args=training,
+        train_dataset=train,
+        eval_dataset=held_out if len(held_out) else None,
+        processing_class=processor,
+        peft_config=peft_config,
+        callbacks=[cer, throughput, CheckpointRecords(record, parent_run(args.model_name_or_path), cer)],
     )
 
     started = time.monotonic()
@@ -339,6 +389,8 @@ def main(argv: list[str] | None = None) -> None:
         trainer.evaluate()
     record["results"] = {
         "examples": example_counts,
+        # by content: `stages.evaluate` checks them against the documents of the eval sets it scores
+        "training_documents": document_sha256(args.datasets, set(train["doc_id"])),
         "train_loss": result.training_loss,
         "steps": result.global_step,
         "wall_time_s": round(time.monotonic() - started, 1),
@@ -346,16 +398,20 @@ def main(argv: list[str] | None = None) -> None:
         "generation_quality": cer.history,
         "loss_history": [entry for entry in trainer.state.log_history if "loss" in entry],
     }
-    final = save_final(trainer, args, processor, Path(training.output_dir), record)
-    if trainer.accelerator.is_main_process and cer.history:
-        first, last = cer.history[0], cer.history[-1]
-        print(
-            f"pretrain: {result.global_step} steps in {record['results']['wall_time_s']}s; held-out CER "
-            f"{first['cer']:.3f} -> {last['cer']:.3f}, eval loss {first['eval_loss']:.3f} -> {last['eval_loss']:.3f}; "
-            f"model in {final}"
+    save_final(trainer, args, processor, Path(training.output_dir), record)
+    return record["results"]
+
+
+def summary(results: dict, final: Path) -> str:
+    lines = [f"pretrain: throughput {json.dumps(results['throughput'])}"]
+    if results["generation_quality"]:
+        first, last = results["generation_quality"][0], results["generation_quality"][-1]
+        lines.insert(
+            0,
+            f"pretrain: {results['steps']} steps in {results['wall_time_s']}s; held-out CER {first['cer']:.3f} -> "
+            f"{last['cer']:.3f}, eval loss {first['eval_loss']:.3f} -> {last['eval_loss']:.3f}; model in {final}",
         )
-    if trainer.accelerator.is_main_process:
-        print(f"pretrain: throughput {json.dumps(record['results']['throughput'])}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -3,14 +3,14 @@ import json
 import pytest
 import yaml
 
+from common.errors import run_cli
+from common.run_record import read_run_record, verify_chain
 from data_prep.evalset import build_evalset
+from lco.embedder import Embedder
+from lco.representation import anisotropy, mutual_knn
 from stages.analyze import main as analyze
 from stages.analyze import spearman
-from stages.embedder import Embedder
-from stages.errors import UsageError, run_cli
 from stages.pretrain import main as pretrain
-from stages.representation import anisotropy, mutual_knn
-from stages.run_record import read_run_record, verify_chain
 
 from .conftest import REPO, thai_pages_dataset
 
@@ -32,8 +32,15 @@ def recipe(pages, tmp_path_factory):
     """The tiny recipe with a contrast section small enough for a test."""
     recipe = yaml.safe_load((REPO / "recipes/tiny.yaml").read_text(encoding="utf-8"))
     recipe["contrast"] |= {
-        "pages_datasets": [str(pages)], "passage_chars": 40, "contrastive_batch_size": 8, "mini_batch_size": 4,
-        "eval_fraction": 0.3, "eval_steps": 0, "max_steps": 2, "image_max_side": 200, "max_text_tokens": 48,
+        "pages_datasets": [str(pages)],
+        "passage_chars": 40,
+        "contrastive_batch_size": 8,
+        "mini_batch_size": 4,
+        "eval_fraction": 0.3,
+        "eval_steps": 0,
+        "max_steps": 2,
+        "image_max_side": 200,
+        "max_text_tokens": 48,
     }
     recipe["evaluate"] |= {"image_max_side": 200, "max_text_tokens": 48}
     path = tmp_path_factory.mktemp("recipe") / "tiny.yaml"
@@ -42,12 +49,42 @@ def recipe(pages, tmp_path_factory):
 
 
 def run_pretrain(base, pages, output, save_steps: int) -> None:
-    pretrain([
-        "--config", str(REPO / "recipes/tiny.yaml"), "--lang", "th", "--model_name_or_path", str(base),
-        "--datasets", str(pages), "--output_dir", str(output), "--max_length", "200", "--max_pixels", "40000",
-        "--eval_fraction", "0.25", "--cer_pages", "1", "--per_device_train_batch_size", "2", "--learning_rate", "5.0e-3",
-        "--warmup_steps", "0", "--max_steps", "4", "--eval_strategy", "steps", "--eval_steps", "2", "--save_steps", str(save_steps),
-    ])
+    pretrain(
+        [
+            "--config",
+            str(REPO / "recipes/tiny.yaml"),
+            "--lang",
+            "th",
+            "--model_name_or_path",
+            str(base),
+            "--datasets",
+            str(pages),
+            "--output_dir",
+            str(output),
+            "--max_length",
+            "200",
+            "--max_pixels",
+            "40000",
+            "--eval_fraction",
+            "0.25",
+            "--cer_pages",
+            "1",
+            "--per_device_train_batch_size",
+            "2",
+            "--learning_rate",
+            "5.0e-3",
+            "--warmup_steps",
+            "0",
+            "--max_steps",
+            "4",
+            "--eval_strategy",
+            "steps",
+            "--eval_steps",
+            "2",
+            "--save_steps",
+            str(save_steps),
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -66,15 +103,28 @@ def test_spearman_is_minus_one_for_a_reversed_order_and_undefined_for_a_constant
 def test_scaling_refines_every_pretraining_length_and_sets_generation_against_retrieval(
     recipe, recorded_base, pretrain_run, evalset, tmp_path, capsys
 ):
-    argv = ["scaling", "--config", recipe, "--pretrain_run", str(pretrain_run), "--evalset", str(evalset),
-            "--output_dir", str(tmp_path / "analysis")]
+    argv = [
+        "scaling",
+        "--config",
+        recipe,
+        "--pretrain_run",
+        str(pretrain_run),
+        "--evalset",
+        str(evalset),
+        "--output_dir",
+        str(tmp_path / "analysis"),
+    ]
     analyze(argv)
     out = capsys.readouterr().out
     folder = tmp_path / "analysis" / "scaling"
     summary = json.loads((folder / "scaling.json").read_text())
     points = summary["points"]
     assert [p["step"] for p in points] == [0, 2, 4]
-    assert [p["model"] for p in points] == [str(recorded_base), str(pretrain_run / "checkpoint-2"), str(pretrain_run / "final")]
+    assert [p["model"] for p in points] == [
+        str(recorded_base),
+        str(pretrain_run / "checkpoint-2"),
+        str(pretrain_run / "final"),
+    ]
 
     # each point's generation quality is what pretraining measured at that step
     measured = read_run_record(pretrain_run / "final")["results"]["generation_quality"]
@@ -83,6 +133,12 @@ def test_scaling_refines_every_pretraining_length_and_sets_generation_against_re
     evaluation = json.loads((folder / "evaluation.json").read_text())["results"]
     for point in points:
         assert point["ndcg@10"] == evaluation[point["refined"]]["all"]["ndcg@10"]
+    # and its 95% interval over queries, in the JSON and the table
+    intervals = json.loads((folder / "evaluation.json").read_text())["intervals"]
+    for point in points:
+        low, high = point["ndcg@10_interval"]
+        assert [low, high] == intervals[point["refined"]]["all"]["ndcg@10"] and low <= point["ndcg@10"] <= high
+        assert f"| {point['ndcg@10']:.3f} [{low:.3f}, {high:.3f}] |" in (folder / "scaling.md").read_text()
     chain = verify_chain(points[1]["refined"])
     assert [r["stage"] for r in chain] == ["contrast", "pretrain", "base_model"]
     assert chain[0]["parent"]["path"] == str((pretrain_run / "checkpoint-2").resolve())
@@ -97,10 +153,21 @@ def test_scaling_refines_every_pretraining_length_and_sets_generation_against_re
     assert json.loads((folder / "scaling.json").read_text())["points"] == points
 
 
-def test_scaling_without_enough_checkpoints_says_how_to_get_them(recipe, recorded_base, pages, evalset, tmp_path, capsys):
+def test_scaling_without_enough_checkpoints_says_how_to_get_them(
+    recipe, recorded_base, pages, evalset, tmp_path, capsys
+):
     run_pretrain(recorded_base, pages, tmp_path / "run", save_steps=100)
-    argv = ["scaling", "--config", recipe, "--pretrain_run", str(tmp_path / "run"), "--evalset", str(evalset),
-            "--output_dir", str(tmp_path / "analysis")]
+    argv = [
+        "scaling",
+        "--config",
+        recipe,
+        "--pretrain_run",
+        str(tmp_path / "run"),
+        "--evalset",
+        str(evalset),
+        "--output_dir",
+        str(tmp_path / "analysis"),
+    ]
     with pytest.raises(SystemExit):
         run_cli(analyze, argv)
     assert "set the recipe's pretrain `save_steps` equal to `eval_steps`" in capsys.readouterr().err
@@ -110,10 +177,22 @@ def test_scaling_without_enough_checkpoints_says_how_to_get_them(recipe, recorde
 def test_diagnostics_measure_every_layer_and_their_last_layer_is_the_retrieval_embedding(
     recipe, recorded_base, pretrain_run, pages, tmp_path, capsys
 ):
-    analyze([
-        "diagnostics", "--config", recipe, "--models", f"base={recorded_base}", f"pretrain={pretrain_run / 'final'}",
-        "--pages", str(pages), "--output_dir", str(tmp_path / "analysis"), "--knn", "3",
-    ])
+    analyze(
+        [
+            "diagnostics",
+            "--config",
+            recipe,
+            "--models",
+            f"base={recorded_base}",
+            f"pretrain={pretrain_run / 'final'}",
+            "--pages",
+            str(pages),
+            "--output_dir",
+            str(tmp_path / "analysis"),
+            "--knn",
+            "3",
+        ]
+    )
     folder = tmp_path / "analysis" / "diagnostics"
     summary = json.loads((folder / "diagnostics.json").read_text())
     assert summary["page_count"] == 12 and summary["knn"] == 3 and list(summary["models"]) == ["base", "pretrain"]
@@ -144,5 +223,10 @@ def test_diagnostics_measure_every_layer_and_their_last_layer_is_the_retrieval_e
 )
 def test_bad_arguments_get_a_one_line_error(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        run_cli(analyze, [*argv[:1], "--config", str(REPO / "recipes/tiny.yaml"), "--output_dir", str(tmp_path), *argv[1:]] if argv else [])
+        run_cli(
+            analyze,
+            [*argv[:1], "--config", str(REPO / "recipes/tiny.yaml"), "--output_dir", str(tmp_path), *argv[1:]]
+            if argv
+            else [],
+        )
     assert message in capsys.readouterr().err

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-import data_prep.__main__ as data_prep_cli
+import data_prep.cli as data_prep_cli
+from common.errors import run_cli
 from stages import base_model, contrast, evaluate, pretrain
-from stages.errors import run_cli
 
 from .conftest import REPO
 
@@ -26,14 +26,22 @@ def fake_pages_dataset(folder):
 
 
 def test_pretrain_missing_dataset_names_the_path_and_the_fix(capsys, tiny_model):
-    code, err = run(pretrain.main, ["--config", TINY, "--model_name_or_path", str(tiny_model[2]), "--datasets", "nowhere/pages"], capsys)
+    code, err = run(
+        pretrain.main,
+        ["--config", TINY, "--model_name_or_path", str(tiny_model[2]), "--datasets", "nowhere/pages"],
+        capsys,
+    )
     assert code == 2
     assert err.count("\n") == 1 and "--datasets: nowhere/pages not found" in err
 
 
 def test_pretrain_folder_that_is_not_a_pages_dataset(capsys, tiny_model, tmp_path):
     (tmp_path / "pages").mkdir()
-    code, err = run(pretrain.main, ["--config", TINY, "--model_name_or_path", str(tiny_model[2]), "--datasets", str(tmp_path / "pages")], capsys)
+    code, err = run(
+        pretrain.main,
+        ["--config", TINY, "--model_name_or_path", str(tiny_model[2]), "--datasets", str(tmp_path / "pages")],
+        capsys,
+    )
     assert code == 2 and "has no manifest.json" in err and "python -m data_prep pages" in err
 
 
@@ -41,7 +49,16 @@ def test_existing_output_needs_resume_or_overwrite_and_is_left_alone(capsys, tin
     output = tmp_path / "run"
     output.mkdir()
     (output / "keep.txt").write_text("earlier work")
-    argv = ["--config", TINY, "--model_name_or_path", str(tiny_model[2]), "--datasets", fake_pages_dataset(tmp_path / "pages"), "--output_dir", str(output)]
+    argv = [
+        "--config",
+        TINY,
+        "--model_name_or_path",
+        str(tiny_model[2]),
+        "--datasets",
+        fake_pages_dataset(tmp_path / "pages"),
+        "--output_dir",
+        str(output),
+    ]
     code, err = run(pretrain.main, argv, capsys)
     assert code == 2 and "already exists and is not empty; pass --resume" in err
     assert (output / "keep.txt").read_text() == "earlier work"
@@ -50,7 +67,18 @@ def test_existing_output_needs_resume_or_overwrite_and_is_left_alone(capsys, tin
 
 
 def test_pretrain_dataset_of_another_language_is_refused(capsys, tiny_model, tmp_path):
-    argv = ["--config", TINY, "--lang", "th", "--model_name_or_path", str(tiny_model[2]), "--datasets", fake_pages_dataset(tmp_path / "pages"), "--output_dir", str(tmp_path / "run")]
+    argv = [
+        "--config",
+        TINY,
+        "--lang",
+        "th",
+        "--model_name_or_path",
+        str(tiny_model[2]),
+        "--datasets",
+        fake_pages_dataset(tmp_path / "pages"),
+        "--output_dir",
+        str(tmp_path / "run"),
+    ]
     code, err = run(pretrain.main, argv, capsys)
     assert code == 2 and "holds `km` pages but the recipe's language is `th`" in err
     assert not (tmp_path / "run").exists()
@@ -59,7 +87,17 @@ def test_pretrain_dataset_of_another_language_is_refused(capsys, tiny_model, tmp
 def test_pretrain_resume_without_a_checkpoint(capsys, tiny_model, tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "notes.txt").write_text("x")
-    argv = ["--config", TINY, "--model_name_or_path", str(tiny_model[2]), "--datasets", fake_pages_dataset(tmp_path / "pages"), "--output_dir", str(tmp_path / "run"), "--resume"]
+    argv = [
+        "--config",
+        TINY,
+        "--model_name_or_path",
+        str(tiny_model[2]),
+        "--datasets",
+        fake_pages_dataset(tmp_path / "pages"),
+        "--output_dir",
+        str(tmp_path / "run"),
+        "--resume",
+    ]
     code, err = run(pretrain.main, argv, capsys)
     assert code == 2 and "holds no finished checkpoint-* folder" in err
 
@@ -71,9 +109,21 @@ def test_model_path_that_is_not_a_model(capsys, tmp_path):
 
 def test_contrast_bad_values(capsys, tiny_model, tmp_path):
     pages = fake_pages_dataset(tmp_path / "pages")
-    base = ["--config", TINY, "--model_name_or_path", str(tiny_model[2]), "--pages_datasets", pages, "--output_dir", str(tmp_path / "c")]
+    base = [
+        "--config",
+        TINY,
+        "--model_name_or_path",
+        str(tiny_model[2]),
+        "--pages_datasets",
+        pages,
+        "--output_dir",
+        str(tmp_path / "c"),
+    ]
     assert "--temperature must be positive" in run(contrast.main, [*base, "--temperature", "0"], capsys)[1]
-    assert "--multimodal_fraction must be in [0, 1]" in run(contrast.main, [*base, "--multimodal_fraction", "1.5"], capsys)[1]
+    assert (
+        "--multimodal_fraction must be in [0, 1]"
+        in run(contrast.main, [*base, "--multimodal_fraction", "1.5"], capsys)[1]
+    )
     assert "--eval_fraction must be in [0, 1)" in run(contrast.main, [*base, "--eval_fraction", "1"], capsys)[1]
     assert "--deepspeed nope.json not found" in run(contrast.main, [*base, "--deepspeed", "nope.json"], capsys)[1]
     zero3 = [*base, "--deepspeed", str(REPO / "recipes/deepspeed/zero3.json")]
@@ -97,7 +147,17 @@ def test_data_prep_needs_a_command(capsys):
 
 def test_data_prep_missing_tesseract_language_names_the_debian_package(capsys, tmp_path):
     (tmp_path / "doc.pdf").write_bytes(b"%PDF-1.4")
-    argv = ["pages", "--lang", "km", "--input", str(tmp_path / "doc.pdf"), "--output", str(tmp_path / "out"), "--tesseract_langs", "khm+zzz"]
+    argv = [
+        "pages",
+        "--lang",
+        "km",
+        "--input",
+        str(tmp_path / "doc.pdf"),
+        "--output",
+        str(tmp_path / "out"),
+        "--tesseract_langs",
+        "khm+zzz",
+    ]
     code, err = run(data_prep_cli.main, argv, capsys)
     assert code == 2 and "tesseract-ocr-zzz" in err and "tesseract-ocr-khm" not in err
     assert not (tmp_path / "out").exists()
@@ -119,13 +179,17 @@ def test_output_under_a_file_is_reported(capsys, tmp_path):
 def test_evalset_needs_exactly_one_source(capsys, tmp_path):
     code, err = run(data_prep_cli.main, ["evalset", "--lang", "km", "--output", str(tmp_path / "e")], capsys)
     assert code == 2 and "give either --pages DIR [DIR ...] or --parquet DIR" in err
-    code, err = run(data_prep_cli.main, ["evalset", "--lang", "km", "--pages", str(tmp_path), "--output", str(tmp_path / "e")], capsys)
+    code, err = run(
+        data_prep_cli.main,
+        ["evalset", "--lang", "km", "--pages", str(tmp_path), "--output", str(tmp_path / "e")],
+        capsys,
+    )
     assert code == 2 and "has no manifest.json" in err
 
 
 def test_unwritable_output_folder_is_reported_before_any_work(capsys, tmp_path, monkeypatch):
     # CI runs as root, for whom permission bits do not apply: simulate what os.access says to a user
-    monkeypatch.setattr("stages.artifacts.os.access", lambda path, mode: False)
+    monkeypatch.setattr("common.artifacts.os.access", lambda path, mode: False)
     (tmp_path / "doc.pdf").write_bytes(b"")
     argv = ["pages", "--lang", "km", "--input", str(tmp_path / "doc.pdf"), "--output", str(tmp_path / "out")]
     code, err = run(data_prep_cli.main, argv, capsys)
@@ -134,6 +198,19 @@ def test_unwritable_output_folder_is_reported_before_any_work(capsys, tmp_path, 
 
 
 def test_pretrain_needs_a_max_length(capsys, tiny_model, tmp_path):
-    argv = ["--config", TINY, "--lang", "km", "--model_name_or_path", str(tiny_model[2]), "--datasets", fake_pages_dataset(tmp_path / "pages"), "--output_dir", str(tmp_path / "run"), "--max_length", "16"]
+    argv = [
+        "--config",
+        TINY,
+        "--lang",
+        "km",
+        "--model_name_or_path",
+        str(tiny_model[2]),
+        "--datasets",
+        fake_pages_dataset(tmp_path / "pages"),
+        "--output_dir",
+        str(tmp_path / "run"),
+        "--max_length",
+        "16",
+    ]
     code, err = run(pretrain.main, argv, capsys)
     assert code == 2 and "--max_length must be set, and at least 64 tokens" in err

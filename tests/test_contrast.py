@@ -13,13 +13,14 @@ from peft import get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
+from common.errors import UsageError, run_cli
+from common.recipe import parse_stage_arguments
+from common.run_record import read_run_record, verify_chain
+from lco.contrast_data import passages, read_jsonl_pairs
+from lco.contrastive_loss import backpropagate, cached_contrastive_step, info_nce
+from lco.embedder import Embedder, EmbeddingModel, Item, encode_items, model_inputs
+from lco.lora import lora_config
 from stages.contrast import main as contrast
-from stages.contrast_data import passages, read_jsonl_pairs
-from stages.contrastive_loss import cached_contrastive_step, info_nce
-from stages.embedder import Embedder, EmbeddingModel, Item, encode_items, model_inputs
-from stages.errors import UsageError, run_cli
-from stages.lora import lora_config
-from stages.run_record import read_run_record, verify_chain
 
 from .conftest import REPO, thai_pages_dataset
 
@@ -57,7 +58,13 @@ def test_trainable_parameters_are_exactly_the_language_models_lora(tiny_model):
     assert trainable == lora and lora
     assert all(".language_model.layers." in name for name in lora)
     assert {name.split(".lora_")[0].rsplit(".", 1)[1] for name in lora} == {
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
     }
 
 
@@ -77,7 +84,11 @@ def test_cached_loss_equals_the_plain_loss_in_value_and_gradients(tiny_model):
     model.zero_grad()
 
     torch.manual_seed(1)
-    cached, candidates = cached_contrastive_step(lambda inputs: model(**inputs), chunks, lambda t: t.backward(), 0.05)
+
+    def backward_chunk(inputs, grad):
+        backpropagate(model(**inputs), grad).backward()
+
+    cached, candidates = cached_contrastive_step(lambda inputs: model(**inputs), chunks, backward_chunk, 0.05)
     assert candidates == 6 and cached == pytest.approx(plain.item(), rel=1e-5)
     for plain_grad, param in zip(plain_grads, params):
         torch.testing.assert_close(param.grad, plain_grad, rtol=1e-4, atol=1e-6)
@@ -152,7 +163,11 @@ def test_bad_jsonl_lines_are_listed_together(tmp_path):
         '{"anchor": {"text": "a"}, "positive": {"image_path": "missing.png"}}\n',
         encoding="utf-8",
     )
-    with pytest.raises(UsageError, match=r"3 bad lines \(line 2: not JSON.*line 3: `anchor` has neither.*line 4: `positive` image missing.png not found"):
+    with pytest.raises(
+        UsageError,
+        match=r"3 bad lines \(line 2: not JSON.*line 3: `anchor` has neither"
+        r".*line 4: `positive` image missing.png not found",
+    ):
         read_jsonl_pairs(str(path))
 
 
@@ -169,16 +184,39 @@ def base(recorded_base):
 
 def contrast_argv(base, pages, output, *extra):
     return [
-        "--config", str(REPO / "recipes/tiny.yaml"), "--lang", "th", "--model_name_or_path", str(base),
-        "--pages_datasets", str(pages), "--output_dir", str(output), "--passage_chars", "40",
-        "--contrastive_batch_size", "8", "--mini_batch_size", "4", "--eval_fraction", "0.3", "--eval_steps", "0",
-        "--logging_steps", "1", "--image_max_side", "200", "--max_text_tokens", "48", *extra,
+        "--config",
+        str(REPO / "recipes/tiny.yaml"),
+        "--lang",
+        "th",
+        "--model_name_or_path",
+        str(base),
+        "--pages_datasets",
+        str(pages),
+        "--output_dir",
+        str(output),
+        "--passage_chars",
+        "40",
+        "--contrastive_batch_size",
+        "8",
+        "--mini_batch_size",
+        "4",
+        "--eval_fraction",
+        "0.3",
+        "--eval_steps",
+        "0",
+        "--logging_steps",
+        "1",
+        "--image_max_side",
+        "200",
+        "--max_text_tokens",
+        "48",
+        *extra,
     ]
 
 
 ENCODE = """
 import json, sys
-from stages.embedder import Embedder
+from lco.embedder import Embedder
 embedder = Embedder(sys.argv[1])
 print(json.dumps(embedder.encode_texts(json.loads(sys.argv[2]), batch_size=2).tolist()))
 """
@@ -198,20 +236,43 @@ def test_contrast_run_trains_lora_and_its_merged_final_embeds_like_the_adapter(b
     # the merged model in a fresh process embeds as the base model plus the saved adapter does here
     from peft import PeftModel
 
-    adapted = EmbeddingModel(PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base), tmp_path / "run" / "adapter")).eval()
+    adapted = EmbeddingModel(
+        PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base), tmp_path / "run" / "adapter")
+    ).eval()
     processor = Embedder(str(final)).processor
     with torch.no_grad():
-        expected = torch.cat([adapted(**model_inputs(processor, [Item(t) for t in TEXTS[i : i + 2]], 650, 700)) for i in (0, 2, 4)])
+        expected = torch.cat(
+            [adapted(**model_inputs(processor, [Item(t) for t in TEXTS[i : i + 2]], 650, 700)) for i in (0, 2, 4)]
+        )
     plain = Embedder(str(base)).encode_texts(TEXTS)
-    output = subprocess.run([sys.executable, "-c", ENCODE, str(final), json.dumps(TEXTS)], capture_output=True, text=True, cwd=REPO, check=True)
+    output = subprocess.run(
+        [sys.executable, "-c", ENCODE, str(final), json.dumps(TEXTS)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=True,
+    )
     merged = torch.tensor(json.loads(output.stdout))
     torch.testing.assert_close(merged, expected, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(merged, plain, atol=1e-4)  # training changed the embeddings
 
 
 def test_resume_after_a_kill_gives_the_losses_and_weights_of_an_uninterrupted_run(base, pages, tmp_path):
-    argv = contrast_argv(base, pages, tmp_path / "run", "--max_steps", "4", "--save_steps", "2", "--eval_steps", "2",
-                         "--learning_rate", "1.0e-2", "--lora_dropout", "0.3")
+    argv = contrast_argv(
+        base,
+        pages,
+        tmp_path / "run",
+        "--max_steps",
+        "4",
+        "--save_steps",
+        "2",
+        "--eval_steps",
+        "2",
+        "--learning_rate",
+        "1.0e-2",
+        "--lora_dropout",
+        "0.3",
+    )
     contrast(argv)
     straight = read_run_record(tmp_path / "run" / "final")["results"]
     weights = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
@@ -222,7 +283,9 @@ def test_resume_after_a_kill_gives_the_losses_and_weights_of_an_uninterrupted_ru
     contrast([*argv, "--resume"])
     resumed = read_run_record(tmp_path / "run" / "final")["results"]
     assert [e["step"] for e in resumed["loss_history"]] == [1, 2, 3, 4]
-    assert [e["loss"] for e in resumed["loss_history"]] == pytest.approx([e["loss"] for e in straight["loss_history"]], rel=1e-5)
+    assert [e["loss"] for e in resumed["loss_history"]] == pytest.approx(
+        [e["loss"] for e in straight["loss_history"]], rel=1e-5
+    )
     assert [e["step"] for e in resumed["held_out_accuracy"]] == [0, 2, 4]
     assert resumed["held_out_accuracy"] == straight["held_out_accuracy"]
     for name, tensor in load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors").items():
@@ -237,11 +300,17 @@ def test_resume_without_a_finished_checkpoint_is_refused(base, pages, tmp_path, 
 
 
 def test_mined_hard_negatives_come_from_other_documents_and_join_the_candidates(base, pages, tmp_path, capsys):
+    from lco.embedder import Embedder
     from stages.contrast import ContrastArguments, load_pairs, mine_hard_negatives
-    from stages.embedder import Embedder
 
-    args = ContrastArguments(model_name_or_path=str(base), pages_datasets=[str(pages)], passage_chars=40,
-                             contrastive_batch_size=8, mini_batch_size=4, eval_fraction=0.3)
+    args = ContrastArguments(
+        model_name_or_path=str(base),
+        pages_datasets=[str(pages)],
+        passage_chars=40,
+        contrastive_batch_size=8,
+        mini_batch_size=4,
+        eval_fraction=0.3,
+    )
     train_pairs = load_pairs(args, seed=0)[0]
     embedder = Embedder(str(base))
     mined = mine_hard_negatives(embedder.model, embedder.processor, train_pairs, args)
@@ -262,8 +331,16 @@ def test_a_batch_larger_than_the_data_is_refused(base, pages, tmp_path, capsys):
 @pytest.mark.slow
 def test_two_process_deepspeed_zero2_with_the_cached_loss_finishes(base, pages, tmp_path):
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "stages.contrast",
-        *contrast_argv(base, pages, tmp_path / "run", "--max_steps", "2", "--deepspeed", str(REPO / "recipes/deepspeed/zero2.json")),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "stages.contrast",
+        *contrast_argv(
+            base, pages, tmp_path / "run", "--max_steps", "2", "--deepspeed", str(REPO / "recipes/deepspeed/zero2.json")
+        ),
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -273,7 +350,7 @@ def test_two_process_deepspeed_zero2_with_the_cached_loss_finishes(base, pages, 
 
 
 def test_mix_and_homogeneous_batches():
-    from stages.contrast_data import Pair, Side, batches, mix
+    from lco.contrast_data import Pair, Side, batches, mix
 
     text = [Pair(Side(f"t{i}"), Side(f"u{i}"), None, f"d{i % 3}", "text") for i in range(16)]
     images = [Pair(Side(f"p{i}"), Side(image=b"png"), None, f"d{i}", "multimodal") for i in range(3)]
@@ -290,13 +367,15 @@ def test_mix_and_homogeneous_batches():
 
 
 def test_no_batch_holds_two_pairs_cut_from_the_same_source():
-    from stages.contrast_data import Pair, Side, batches
+    from lco.contrast_data import Pair, Side, batches
 
     # passage k gives a crop pair and the consecutive pair (k-1 -> k): two pairs per source, which in one
     # batch would each be the other's false negative
     crops = [Pair(Side(f"c{k}"), Side(f"d{k}"), None, "doc", "text", frozenset({f"p{k}"})) for k in range(12)]
-    following = [Pair(Side(f"p{k - 1}"), Side(f"p{k}"), None, "doc", "text", frozenset({f"p{k - 1}", f"p{k}"}))
-                 for k in range(1, 12)]
+    following = [
+        Pair(Side(f"p{k - 1}"), Side(f"p{k}"), None, "doc", "text", frozenset({f"p{k - 1}", f"p{k}"}))
+        for k in range(1, 12)
+    ]
     every = batches(crops + following, 4, homogeneous=False, seed=0)
     assert every and all(len(batch) == 4 for batch in every)
     for batch in every:
@@ -306,7 +385,7 @@ def test_no_batch_holds_two_pairs_cut_from_the_same_source():
 
 
 def test_pairs_without_sources_of_their_own_are_kept_apart_by_their_sides():
-    from stages.contrast_data import Pair, Side, batches
+    from lco.contrast_data import Pair, Side, batches
 
     assert Pair(Side("a"), Side("b"), Side("n"), "doc", "text").sources == {"a", "b", "n"}
     answers = ["the same answer", "the same answer", "a2", "a3", "a4", "a5"]
@@ -316,16 +395,20 @@ def test_pairs_without_sources_of_their_own_are_kept_apart_by_their_sides():
 
 
 def test_held_out_accuracy_leaves_positives_of_the_same_source_out_of_the_candidates(monkeypatch):
+    from lco.contrast_data import Pair, Side
     from stages import contrast
-    from stages.contrast_data import Pair, Side
 
     vectors = {  # anchor "a1" is nearest to "p2", which was cut from a1's source: a match, not a miss
-        "a1": [1.0, 0.0, 0.0], "p1": [0.8, 0.6, 0.0], "p2": [1.0, 0.0, 0.0],
-        "a2": [0.0, 1.0, 0.0], "p3": [0.0, 0.9, 0.1],  # ...while a2's nearest, p3, is a real miss
+        "a1": [1.0, 0.0, 0.0],
+        "p1": [0.8, 0.6, 0.0],
+        "p2": [1.0, 0.0, 0.0],
+        "a2": [0.0, 1.0, 0.0],
+        "p3": [0.0, 0.9, 0.1],  # ...while a2's nearest, p3, is a real miss
         "a3": [0.0, 0.0, 1.0],
     }
-    monkeypatch.setattr(contrast, "embed", lambda _model, _processor, sides, _args:
-                        torch.tensor([vectors[side.text] for side in sides]))
+    monkeypatch.setattr(
+        contrast, "embed", lambda _model, _processor, sides, _args: torch.tensor([vectors[side.text] for side in sides])
+    )
     pairs = [
         Pair(Side("a1"), Side("p1"), None, "doc", "text", frozenset({"s"})),
         Pair(Side("a2"), Side("p2"), None, "doc", "text", frozenset({"s", "t"})),
@@ -339,3 +422,65 @@ def test_held_out_accuracy_leaves_positives_of_the_same_source_out_of_the_candid
         "multimodal_pairs": {"accuracy": 1.0, "count": 1},
         "text_pairs": {"accuracy": 0.5, "count": 2},
     }
+
+
+def test_overwrite_keeps_the_earlier_run_until_the_new_one_is_complete(base, pages, tmp_path, capsys):
+    earlier = tmp_path / "run" / "final"
+    earlier.mkdir(parents=True)
+    (earlier / "run_record.json").write_text('{"earlier": true}')
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(
+            contrast, contrast_argv(base, pages, tmp_path / "run", "--contrastive_batch_size", "4096", "--overwrite")
+        )
+    assert exit_info.value.code == 2 and "fewer than --contrastive_batch_size 4096" in capsys.readouterr().err
+    assert (earlier / "run_record.json").read_text() == '{"earlier": true}'
+    assert [path.name for path in tmp_path.iterdir()] == ["run"]  # nothing half-written beside it
+
+    contrast(contrast_argv(base, pages, tmp_path / "run", "--max_steps", "1", "--overwrite"))
+    record = read_run_record(earlier, expected_stage="contrast")
+    assert record["config"]["contrast"]["output_dir"] == str(tmp_path / "run")
+    assert sorted(path.name for path in (tmp_path / "run").iterdir()) == ["adapter", "final"]
+    assert [path.name for path in tmp_path.iterdir()] == ["run"]
+
+
+def test_optimizer_and_schedule_follow_the_reference_no_weight_decay_and_a_warm_up_share(base, pages, tmp_path):
+    from common.recipe import parse_stage_arguments
+    from stages.contrast import ContrastArguments, ContrastiveTraining, load_model, load_pairs
+
+    argv = contrast_argv(base, pages, tmp_path / "run", "--max_steps", "20", "--warmup_ratio", "0.1")
+    recipe_args, args = parse_stage_arguments("contrast", (ContrastArguments,), argv)
+    train_pairs, _, _ = load_pairs(args, recipe_args.seed)
+    run = ContrastiveTraining(args, *load_model(args, recipe_args.seed), train_pairs, recipe_args.seed)
+    assert {group["weight_decay"] for group in run.optimizer.param_groups} == {0.0}
+    rates = []
+    for _ in range(run.total_steps):
+        run.scheduler.step()
+        rates.append(run.scheduler.get_last_lr()[0])
+    assert rates[:3] == pytest.approx([args.learning_rate / 2, args.learning_rate, args.learning_rate * 17 / 18])
+
+
+def test_documents_of_an_excluded_evalset_give_no_pairs_and_are_recorded(base, pages, tmp_path):
+    from data_prep.evalset import build_evalset
+    from data_prep.pages import PageSettings, build_pages_dataset
+    from stages.contrast import ContrastArguments, load_pairs
+
+    # an eval set built from a copy of one of the training PDFs: the same content under another name
+    shutil.copy(pages.parent / "doc0.pdf", tmp_path / "renamed.pdf")
+    settings = PageSettings("th", 72, 50_000, "never", 144, "tha", ("0E00-0E7F",))
+    build_pages_dataset([str(tmp_path / "renamed.pdf")], str(tmp_path / "eval-pages"), settings, workers=1,
+                        resume=False, max_skip_fraction=0.0)  # fmt: skip
+    build_evalset([str(tmp_path / "eval-pages")], str(tmp_path / "eval"), parallel_source=None, parallel_lang="en",
+                  outline_level=1)  # fmt: skip
+    argv = contrast_argv(base, pages, tmp_path / "run", "--exclude_evalsets", str(tmp_path / "eval"))
+    recipe_args, args = parse_stage_arguments("contrast", (ContrastArguments,), argv)
+    train, held_out, counts = load_pairs(args, recipe_args.seed)
+    assert counts["excluded_documents"] == 1
+    assert not [pair for pair in train + held_out if pair.document.startswith("doc0-")]
+    assert {pair.document.split("-")[0] for pair in train + held_out} == {f"doc{i}" for i in range(1, 6)}
+
+    contrast([*argv, "--max_steps", "1"])
+    record = read_run_record(tmp_path / "run" / "final", expected_stage="contrast")
+    manifest = json.loads((pages / "manifest.json").read_text())
+    doc0 = next(entry["sha256"] for entry in manifest["inputs"] if entry["doc_id"].startswith("doc0-"))
+    assert doc0 not in record["results"]["training_documents"] and len(record["results"]["training_documents"]) >= 3
+    assert str(tmp_path / "eval" / "evalset.json") in record["inputs"]

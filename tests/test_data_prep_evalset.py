@@ -5,9 +5,9 @@ import pyarrow.parquet as pq
 import pymupdf
 import pytest
 
+from common.errors import UsageError
 from data_prep.evalset import build_evalset, convert_parquet_evalset, first_sentence, markdown_sections
 from data_prep.pages import PageSettings, build_pages_dataset
-from stages.errors import UsageError
 
 ENGLISH = """# Declaration
 
@@ -32,7 +32,10 @@ def outlined_pdf(path, articles, title, heading="ប្រការ {}"):
     toc = [[1, title, 1]]
     for number, text in enumerate(articles, start=1):
         page = document.new_page(width=300, height=200)
-        page.insert_htmlbox(page.rect + (10, 10, -10, -10), f"<h2>{heading.format(number)}</h2><p style='font-family: Noto Sans Khmer'>{text}</p>")
+        page.insert_htmlbox(
+            page.rect + (10, 10, -10, -10),
+            f"<h2>{heading.format(number)}</h2><p style='font-family: Noto Sans Khmer'>{text}</p>",
+        )
         toc.append([2, heading.format(number), number])
     document.set_toc(toc)
     document.save(path)
@@ -48,7 +51,9 @@ def pages(tmp_path_factory):
         outlined_pdf(folder / "short.pdf", KHMER_ARTICLES[:2], "ឯកសារខ្លី"),
     ]
     settings = PageSettings("km", 72, 100_000, "never", 144, "khm+eng", ("1780-17FF",))
-    build_pages_dataset([str(p) for p in pdfs], str(folder / "pages"), settings, workers=1, resume=False, max_skip_fraction=0.0)
+    build_pages_dataset(
+        [str(p) for p in pdfs], str(folder / "pages"), settings, workers=1, resume=False, max_skip_fraction=0.0
+    )
     return folder / "pages"
 
 
@@ -63,7 +68,9 @@ def read_beir(folder):
 def test_parallel_queries_point_at_the_page_of_each_article(pages, tmp_path):
     source = tmp_path / "en.md"
     source.write_text(ENGLISH)
-    summary = build_evalset([str(pages)], str(tmp_path / "eval"), parallel_source=str(source), parallel_lang="en", outline_level=2)
+    summary = build_evalset(
+        [str(pages)], str(tmp_path / "eval"), parallel_source=str(source), parallel_lang="en", outline_level=2
+    )
     corpus, queries, qrels = read_beir(tmp_path / "eval")
 
     assert len(corpus) == 8 and all((tmp_path / "eval" / row["image"]).read_bytes()[:4] == b"\x89PNG" for row in corpus)
@@ -97,9 +104,13 @@ def test_pages_without_outline_give_a_clear_error(tmp_path):
     document.new_page().insert_text((50, 50), "No bookmarks in this document, only some text on a page.")
     document.save(tmp_path / "plain.pdf")
     settings = PageSettings("en", 72, 100_000, "never", 144, "eng", ("0041-005A", "0061-007A"))
-    build_pages_dataset([str(tmp_path / "plain.pdf")], str(tmp_path / "pages"), settings, workers=1, resume=False, max_skip_fraction=0.0)
+    build_pages_dataset(
+        [str(tmp_path / "plain.pdf")], str(tmp_path / "pages"), settings, workers=1, resume=False, max_skip_fraction=0.0
+    )
     with pytest.raises(UsageError, match="no queries: the documents have no usable outline"):
-        build_evalset([str(tmp_path / "pages")], str(tmp_path / "eval"), parallel_source=None, parallel_lang="en", outline_level=2)
+        build_evalset(
+            [str(tmp_path / "pages")], str(tmp_path / "eval"), parallel_source=None, parallel_lang="en", outline_level=2
+        )
     assert not (tmp_path / "eval").exists()
 
 
@@ -116,10 +127,18 @@ def write_parquet(folder, name, rows):
 
 def test_seadoc_parquet_folder_converts_to_the_beir_layout(tmp_path):
     png = b"\x89PNG\r\n\x1a\n" + b"0" * 10
-    write_parquet(tmp_path / "seadoc", "corpus", [{"corpus-id": 7, "image": {"bytes": png, "path": None}, "language": "lo"}])
-    write_parquet(tmp_path / "seadoc", "query", [{"query-id": "q1", "query": "Where is the rice report?", "language": "en"}])
+    write_parquet(
+        tmp_path / "seadoc", "corpus", [{"corpus-id": 7, "image": {"bytes": png, "path": None}, "language": "lo"}]
+    )
+    write_parquet(
+        tmp_path / "seadoc", "query", [{"query-id": "q1", "query": "Where is the rice report?", "language": "en"}]
+    )
     write_parquet(tmp_path / "seadoc", "qrels", [{"query-id": "q1", "corpus-id": 7, "score": 1}])
-    assert convert_parquet_evalset(str(tmp_path / "seadoc"), str(tmp_path / "eval")) == {"pages": 1, "queries": 1, "qrels": 1}
+    assert convert_parquet_evalset(str(tmp_path / "seadoc"), str(tmp_path / "eval")) == {
+        "pages": 1,
+        "queries": 1,
+        "qrels": 1,
+    }
     corpus, queries, qrels = read_beir(tmp_path / "eval")
     assert corpus == [{"_id": "7", "image": "images/7.png", "text": "", "lang": "lo"}]
     assert (tmp_path / "eval" / "images" / "7.png").read_bytes() == png
@@ -133,3 +152,13 @@ def test_parquet_qrels_naming_unknown_pages_are_refused(tmp_path):
     with pytest.raises(UsageError, match="qrels name 1 unknown corpus ids"):
         convert_parquet_evalset(str(tmp_path / "seadoc"), str(tmp_path / "eval"))
     assert not (tmp_path / "eval").exists()
+
+
+def test_an_evalset_lists_the_documents_it_covers_by_content(pages, tmp_path):
+    from data_prep.evalset import evaluated_documents
+
+    build_evalset([str(pages)], str(tmp_path / "eval"), parallel_source=None, parallel_lang="en", outline_level=2)
+    manifest = json.loads((pages / "manifest.json").read_text())
+    assert evaluated_documents(tmp_path / "eval", "--exclude_evalsets") == {
+        entry["sha256"] for entry in manifest["inputs"]
+    }

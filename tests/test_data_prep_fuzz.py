@@ -23,7 +23,12 @@ from data_prep.pages import PageSettings, build_pages_dataset
 
 # tiny renders: the fuzz is about parsing, not pixels
 SETTINGS = PageSettings(
-    lang="en", dpi=36, max_pixels=20_000, ocr="never", ocr_dpi=72, tesseract_langs="eng",
+    lang="en",
+    dpi=36,
+    max_pixels=20_000,
+    ocr="never",
+    ocr_dpi=72,
+    tesseract_langs="eng",
     script_ranges=("0041-005A", "0061-007A"),
 )
 REAL_PROCESS_DOCUMENT = pages_module.process_document
@@ -65,7 +70,7 @@ def damage_xref(data: bytes, rng) -> bytes:
     pointer = re.compile(rb"startxref\s+(\d+)").search(data, max(0, data.rfind(b"startxref")))
     if pointer and rng.random() < 0.5:  # startxref pointing anywhere, or nowhere
         offset = rng.choice([0, -1, len(data) * 10, rng.integers(0, len(data))])
-        return data[: pointer.start(1)] + str(offset).encode() + data[pointer.end(1):]
+        return data[: pointer.start(1)] + str(offset).encode() + data[pointer.end(1) :]
     xref = max(data.rfind(b"xref\n"), data.rfind(b"/XRef"))
     if xref < 0:  # an earlier mutation took it away
         return flip_bytes(data, rng)
@@ -81,7 +86,7 @@ def damage_stream_length(data: bytes, rng) -> bytes:
         return flip_bytes(data, rng)
     match = lengths[rng.integers(len(lengths))]
     wrong = rng.choice([0, int(match.group(1)) + rng.integers(-50, 51), 2**31 + 7, 10**12])
-    return data[: match.start(1)] + str(wrong).encode() + data[match.end(1):]
+    return data[: match.start(1)] + str(wrong).encode() + data[match.end(1) :]
 
 
 def damage_objects(data: bytes, rng) -> bytes:
@@ -90,7 +95,7 @@ def damage_objects(data: bytes, rng) -> bytes:
     kind = rng.integers(3)
     if kind == 0 and headers:
         match = headers[rng.integers(len(headers))]
-        return data[: match.start(1)] + str(rng.integers(0, 10**6)).encode() + data[match.end(1):]
+        return data[: match.start(1)] + str(rng.integers(0, 10**6)).encode() + data[match.end(1) :]
     start = rng.integers(0, len(data))
     end = min(len(data), start + rng.integers(1, 2000))
     return data[:start] + data[end:] if kind == 1 else data[:end] + data[start:]
@@ -113,8 +118,16 @@ def fuzz_folder(folder: Path, cases: int, seed: int) -> Path:
     return folder
 
 
-REASONS = ("timed out", "worker died", "out of memory", "not a readable PDF", "empty file", "the PDF has no pages",
-           "password-protected", "page")
+REASONS = (
+    "timed out",
+    "worker died",
+    "out of memory",
+    "not a readable PDF",
+    "empty file",
+    "the PDF has no pages",
+    "password-protected",
+    "page",
+)
 
 
 def category(reason: str) -> str:
@@ -126,7 +139,12 @@ def run_fuzz(tmp_path: Path, cases: int, seed: int, workers: int) -> None:
     started = time.monotonic()
     # a run that crashed would raise here, one that hung would never return (a parse is stopped after 30 s)
     manifest = build_pages_dataset(
-        [str(folder)], str(tmp_path / "pages"), SETTINGS, workers=workers, resume=False, max_skip_fraction=1.0,
+        [str(folder)],
+        str(tmp_path / "pages"),
+        SETTINGS,
+        workers=workers,
+        resume=False,
+        max_skip_fraction=1.0,
         page_timeout_s=30,
     )
     elapsed = time.monotonic() - started
@@ -183,8 +201,14 @@ def test_a_document_that_hangs_crashes_or_exhausts_memory_costs_only_itself(tmp_
 
     started = time.monotonic()
     manifest = build_pages_dataset(
-        [str(folder)], str(tmp_path / "pages"), PageSettings("en", 90, 10**9, "never", 72, "eng", ("0041-007A",)),
-        workers=2, resume=False, max_skip_fraction=1.0, page_timeout_s=5, document_memory_mb=1024,
+        [str(folder)],
+        str(tmp_path / "pages"),
+        PageSettings("en", 90, 10**9, "never", 72, "eng", ("0041-007A",)),
+        workers=2,
+        resume=False,
+        max_skip_fraction=1.0,
+        page_timeout_s=5,
+        document_memory_mb=1024,
     )
     elapsed = time.monotonic() - started
 

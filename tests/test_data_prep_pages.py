@@ -7,11 +7,11 @@ import datasets
 import pymupdf
 import pytest
 
-import data_prep.__main__ as data_prep_cli
+import data_prep.cli as data_prep_cli
 import data_prep.pages as pages_module
+from common.errors import run_cli
 from data_prep.pages import PageSettings, build_pages_dataset
 from data_prep.text_quality import parse_ranges, text_layer_problem
-from stages.errors import run_cli
 
 from .conftest import REPO
 
@@ -24,7 +24,9 @@ def html_pdf(path, text, font, lang, pages=1, size=(420, 300)):
     document = pymupdf.open()
     for _ in range(pages):
         page = document.new_page(width=size[0], height=size[1])
-        page.insert_htmlbox(page.rect + (20, 20, -20, -20), f"<p lang='{lang}' style='font-family: {font}; font-size: 14px'>{text}</p>")
+        page.insert_htmlbox(
+            page.rect + (20, 20, -20, -20), f"<p lang='{lang}' style='font-family: {font}; font-size: 14px'>{text}</p>"
+        )
     document.save(path)
     return path
 
@@ -40,13 +42,26 @@ def scanned_pdf(path, source_pdf):
 
 
 def settings(lang="km", ocr="auto", dpi=144, max_pixels=1_003_520):
-    recipe = {"km": ("khm+eng", ("1780-17FF", "19E0-19FF")), "vi": ("vie+eng", ("0041-005A", "0061-007A", "00C0-024F", "0300-036F", "1E00-1EFF")), "th": ("tha+eng", ("0E00-0E7F",))}
+    recipe = {
+        "km": ("khm+eng", ("1780-17FF", "19E0-19FF")),
+        "vi": ("vie+eng", ("0041-005A", "0061-007A", "00C0-024F", "0300-036F", "1E00-1EFF")),
+        "th": ("tha+eng", ("0E00-0E7F",)),
+    }
     langs, ranges = recipe[lang]
-    return PageSettings(lang=lang, dpi=dpi, max_pixels=max_pixels, ocr=ocr, ocr_dpi=144, tesseract_langs=langs, script_ranges=ranges)
+    return PageSettings(
+        lang=lang, dpi=dpi, max_pixels=max_pixels, ocr=ocr, ocr_dpi=144, tesseract_langs=langs, script_ranges=ranges
+    )
 
 
 def build(inputs, output, page_settings, workers=1, resume=False, max_skip_fraction=1.0):
-    return build_pages_dataset([str(p) for p in inputs], str(output), page_settings, workers=workers, resume=resume, max_skip_fraction=max_skip_fraction)
+    return build_pages_dataset(
+        [str(p) for p in inputs],
+        str(output),
+        page_settings,
+        workers=workers,
+        resume=resume,
+        max_skip_fraction=max_skip_fraction,
+    )
 
 
 def similarity(a: str, b: str) -> float:
@@ -71,7 +86,14 @@ def test_garbled_khmer_layer_and_scans_are_ocrd_folders_searched_inputs_untouche
     before = {path: hashlib.sha256(path.read_bytes()).hexdigest() for path in folder.rglob("*") if path.is_file()}
     manifest = build([folder / "sub", files["scan"]], tmp_path / "pages", settings("km"))
 
-    assert manifest["counts"] == {"inputs": 2, "documents": 2, "skipped": 0, "pages": 2, "pages_layer": 0, "pages_ocr": 2}
+    assert manifest["counts"] == {
+        "inputs": 2,
+        "documents": 2,
+        "skipped": 0,
+        "pages": 2,
+        "pages_layer": 0,
+        "pages_ocr": 2,
+    }
     dataset = datasets.load_from_disk(str(tmp_path / "pages"))
     assert {"doc_id", "page", "image", "text", "text_source", "lang"} <= set(dataset.column_names)
     assert [Path(row["source"]).name for row in dataset] == ["km.pdf", "scan.pdf"]  # input order
@@ -110,7 +132,10 @@ def test_same_inputs_give_the_same_fingerprint_whatever_the_workers(corpus, tmp_
     one = build(inputs, tmp_path / "one", settings("km", ocr="never"), workers=1)
     two = build(inputs, tmp_path / "two", settings("km", ocr="never"), workers=2)
     assert one["fingerprint"] == two["fingerprint"]
-    assert datasets.load_from_disk(str(tmp_path / "one"))._fingerprint == datasets.load_from_disk(str(tmp_path / "two"))._fingerprint
+    assert (
+        datasets.load_from_disk(str(tmp_path / "one"))._fingerprint
+        == datasets.load_from_disk(str(tmp_path / "two"))._fingerprint
+    )
     other = build(inputs, tmp_path / "other", settings("km", ocr="never", dpi=100))
     assert other["fingerprint"] != one["fingerprint"]
 
@@ -193,7 +218,18 @@ def test_bad_inputs_are_skipped_with_reasons_and_the_run_goes_on(corpus, tmp_pat
 def test_too_many_bad_inputs_exit_1_with_the_count_and_no_dataset(corpus, tmp_path, capsys):
     _, files = corpus
     (tmp_path / "empty.pdf").write_bytes(b"")
-    argv = ["pages", "--lang", "vi", "--input", str(tmp_path / "empty.pdf"), str(files["vi"]), "--output", str(tmp_path / "out"), "--max_skip_fraction", "0.4"]
+    argv = [
+        "pages",
+        "--lang",
+        "vi",
+        "--input",
+        str(tmp_path / "empty.pdf"),
+        str(files["vi"]),
+        "--output",
+        str(tmp_path / "out"),
+        "--max_skip_fraction",
+        "0.4",
+    ]
     with pytest.raises(SystemExit) as exit_info:
         run_cli(data_prep_cli.main, argv)
     assert exit_info.value.code == 1

@@ -1,22 +1,19 @@
 import hashlib
 import json
-import sys
 
 import datasets
 import jiwer
 import pymupdf
 import pytest
 
-import data_prep.__main__ as data_prep_cli
+import data_prep.cli as data_prep_cli
+from bench.render_cer import no_space, sample_document
+from common.errors import run_cli
+from common.recipe import load_recipe
 from data_prep.pages import PageSettings, build_pages_dataset
 from data_prep.render import choose_style, parse_blocks, render_documents
-from stages.errors import run_cli
-from stages.recipe import load_recipe
 
 from .conftest import REPO
-
-sys.path.insert(0, str(REPO / "bench"))
-from render_cer import no_space, sample_document  # noqa: E402
 
 
 def test_markdown_renders_to_a_multipage_pdf_with_bookmarks_and_page_numbers(tmp_path, capsys):
@@ -42,7 +39,13 @@ def test_markdown_renders_to_a_multipage_pdf_with_bookmarks_and_page_numbers(tmp
 def test_plain_text_paragraphs_and_a_short_first_line_as_title():
     blocks = parse_blocks("A short title\n\nFirst paragraph\nwrapped here.\n\nSecond one.\n")
     assert blocks == [("h1", "A short title"), ("p", "First paragraph wrapped here."), ("p", "Second one.")]
-    assert parse_blocks("# T\n\n- a\n- b\n\n## H\n\ntext") == [("h1", "T"), ("li", "a"), ("li", "b"), ("h2", "H"), ("p", "text")]
+    assert parse_blocks("# T\n\n- a\n- b\n\n## H\n\ntext") == [
+        ("h1", "T"),
+        ("li", "a"),
+        ("li", "b"),
+        ("h2", "H"),
+        ("p", "text"),
+    ]
 
 
 def test_styles_vary_by_document_and_are_deterministic_for_a_seed():
@@ -55,7 +58,9 @@ def test_styles_vary_by_document_and_are_deterministic_for_a_seed():
 def test_empty_input_is_skipped_with_a_reason(tmp_path):
     (tmp_path / "empty.txt").write_text("\n\n")
     (tmp_path / "ok.txt").write_text("Title\n\nSome text.")
-    manifest = render_documents([str(tmp_path)], str(tmp_path / "out"), lang="en", fonts=["Noto Serif"], seed=0, workers=2)
+    manifest = render_documents(
+        [str(tmp_path)], str(tmp_path / "out"), lang="en", fonts=["Noto Serif"], seed=0, workers=2
+    )
     assert [d["pdf"] for d in manifest["documents"]] == ["ok.pdf"]
     assert manifest["skipped"][0]["reason"] == "no text"
 
@@ -64,9 +69,26 @@ def read_back(lang, tmp_path, ocr):
     section = load_recipe(REPO / f"recipes/{lang}.yaml")["data_prep"]
     source = tmp_path / f"{lang}.md"
     source.write_text(sample_document(lang), encoding="utf-8")
-    render_documents([str(source)], str(tmp_path / f"{lang}-pdf"), lang=lang, fonts=section["fonts"][:1], seed=0, workers=1)
-    settings = PageSettings(lang, section["dpi"], section["max_pixels"], ocr, section["ocr_dpi"], section["tesseract_langs"], tuple(section["script_ranges"]))
-    build_pages_dataset([str(tmp_path / f"{lang}-pdf")], str(tmp_path / f"{lang}-pages"), settings, workers=1, resume=False, max_skip_fraction=0.0)
+    render_documents(
+        [str(source)], str(tmp_path / f"{lang}-pdf"), lang=lang, fonts=section["fonts"][:1], seed=0, workers=1
+    )
+    settings = PageSettings(
+        lang,
+        section["dpi"],
+        section["max_pixels"],
+        ocr,
+        section["ocr_dpi"],
+        section["tesseract_langs"],
+        tuple(section["script_ranges"]),
+    )
+    build_pages_dataset(
+        [str(tmp_path / f"{lang}-pdf")],
+        str(tmp_path / f"{lang}-pages"),
+        settings,
+        workers=1,
+        resume=False,
+        max_skip_fraction=0.0,
+    )
     page = datasets.load_from_disk(str(tmp_path / f"{lang}-pages"))[0]
     reference = no_space("".join(text for _, text in parse_blocks(source.read_text(encoding="utf-8"))))
     return jiwer.cer(reference, no_space(page["text"].strip().removesuffix("1"))), page["text_source"]
@@ -90,5 +112,21 @@ def test_rendered_page_read_back_in_auto_mode(lang, tmp_path):
 def test_the_same_text_renders_to_the_same_bytes(tmp_path):
     (tmp_path / "doc.md").write_text("# Title\n\nSome text that is rendered twice.\n")
     for name in ("a", "b"):
-        render_documents([str(tmp_path / "doc.md")], str(tmp_path / name), lang="en", fonts=["Noto Serif"], seed=1, workers=1)
+        render_documents(
+            [str(tmp_path / "doc.md")], str(tmp_path / name), lang="en", fonts=["Noto Serif"], seed=1, workers=1
+        )
     assert (tmp_path / "a" / "doc.pdf").read_bytes() == (tmp_path / "b" / "doc.pdf").read_bytes()
+
+
+def test_section_pages_start_every_section_on_a_page_of_its_own(tmp_path):
+    text = tmp_path / "doc.md"
+    text.write_text("# Title\n\n" + "".join(f"## Section {i}\n\nShort text {i}.\n\n" for i in range(1, 5)))
+    for section_pages, folder in ((False, "flowing"), (True, "paged")):
+        render_documents([str(text)], str(tmp_path / folder), lang="en", fonts=["Noto Sans"], seed=0, workers=1,
+                         section_pages=section_pages)  # fmt: skip
+    with (
+        pymupdf.open(tmp_path / "flowing" / "doc.pdf") as flowing,
+        pymupdf.open(tmp_path / "paged" / "doc.pdf") as paged,
+    ):
+        assert len(flowing) == 1
+        assert [page for level, _, page in paged.get_toc() if level == 2] == [1, 2, 3, 4]

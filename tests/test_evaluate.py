@@ -1,6 +1,8 @@
+import hashlib
 import io
 import json
 import math
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -8,11 +10,20 @@ import pytest
 import torch
 from PIL import Image
 
+from common.errors import UsageError, run_cli
 from data_prep.evalset import convert_parquet_evalset
-from stages.errors import UsageError, run_cli
+from lco.retrieval import (
+    EvalSet,
+    bm25_rankings,
+    load_evalset,
+    random_rankings,
+    read_trec_run,
+    score,
+    search,
+    write_trec_run,
+)
 from stages.evaluate import EvaluateArguments, model_rankings
 from stages.evaluate import main as evaluate
-from stages.retrieval import EvalSet, bm25_rankings, load_evalset, random_rankings, read_trec_run, score, search, write_trec_run
 
 from .conftest import REPO
 
@@ -32,8 +43,15 @@ def seadoc(tmp_path):
     """Six pages in two languages, three English queries each relevant to one page per language."""
     folder = tmp_path / "seadoc"
     tables = {
-        "corpus": [{"corpus-id": f"p{i}", "image": {"bytes": png((40 * i, 90, 200 - 30 * i)), "path": None},
-                    "text": TEXTS[i], "language": LANGS[i]} for i in range(6)],
+        "corpus": [
+            {
+                "corpus-id": f"p{i}",
+                "image": {"bytes": png((40 * i, 90, 200 - 30 * i)), "path": None},
+                "text": TEXTS[i],
+                "language": LANGS[i],
+            }
+            for i in range(6)
+        ],
         "queries": [{"query-id": f"q{j}", "query": f"question {j} ข้าว", "language": "en"} for j in range(3)],
         "qrels": [{"query-id": f"q{j}", "corpus-id": f"p{2 * j + k}", "score": 1} for j in range(3) for k in range(2)],
     }
@@ -92,7 +110,9 @@ def test_seadoc_and_beir_layouts_give_the_same_scores(seadoc, tmp_path):
     parquet, beir = load_evalset(str(seadoc)), load_evalset(str(tmp_path / "beir"))
     assert parquet.qrels == beir.qrels and parquet.queries == beir.queries
     for name in ("all", "th", "lo"):
-        assert score(bm25_rankings(parquet.tasks()[name]), parquet.tasks()[name]) == score(bm25_rankings(beir.tasks()[name]), beir.tasks()[name])
+        assert score(bm25_rankings(parquet.tasks()[name]), parquet.tasks()[name]) == score(
+            bm25_rankings(beir.tasks()[name]), beir.tasks()[name]
+        )
 
 
 def test_per_language_tasks_search_each_languages_pages_only(seadoc):
@@ -111,13 +131,17 @@ def test_scores_do_not_depend_on_the_batch_size(tiny_model, seadoc, tmp_path):
     tasks = evalset.tasks()
     runs = []
     for batch_size in (1, 4):
-        args = EvaluateArguments(batch_size=batch_size, cache_dir=str(tmp_path / f"cache{batch_size}"), image_max_side=64)
+        args = EvaluateArguments(
+            batch_size=batch_size, cache_dir=str(tmp_path / f"cache{batch_size}"), image_max_side=64
+        )
         runs.append(model_rankings(str(tiny_model[2]), evalset, tasks, args)[0])
     for name, task in tasks.items():
         assert score(runs[0][name], task) == score(runs[1][name], task)
         for query_id in task.queries:
             assert list(runs[0][name][query_id]) == list(runs[1][name][query_id])
-            assert list(runs[0][name][query_id].values()) == pytest.approx(list(runs[1][name][query_id].values()), abs=1e-5)
+            assert list(runs[0][name][query_id].values()) == pytest.approx(
+                list(runs[1][name][query_id].values()), abs=1e-5
+            )
 
 
 def test_bad_eval_folders_list_their_problems(tmp_path):
@@ -137,8 +161,18 @@ def test_bad_eval_folders_list_their_problems(tmp_path):
 
 
 def test_evaluate_command_writes_json_table_report_and_reuses_embeddings(tiny_model, seadoc, tmp_path, capsys):
-    argv = ["--config", TINY, "--model", str(tiny_model[2]), "--data", str(seadoc), "--cache_dir", str(tmp_path / "cache"),
-            "--image_max_side", "64"]
+    argv = [
+        "--config",
+        TINY,
+        "--model",
+        str(tiny_model[2]),
+        "--data",
+        str(seadoc),
+        "--cache_dir",
+        str(tmp_path / "cache"),
+        "--image_max_side",
+        "64",
+    ]
     evaluate([*argv, "--output", str(tmp_path / "results.json"), "--report", str(tmp_path / "report")])
     out = capsys.readouterr().out
     assert "| system | nDCG@5 | nDCG@10 |" in out and "| random |" in out and "| bm25 (page text) |" in out
@@ -153,3 +187,112 @@ def test_evaluate_command_writes_json_table_report_and_reuses_embeddings(tiny_mo
     with pytest.raises(SystemExit):
         run_cli(evaluate, [*argv, "--output", str(tmp_path / "results.json")])
     assert "already exists" in capsys.readouterr().err
+
+
+def test_report_gives_page_ids_that_sanitise_alike_their_own_thumbnails(tmp_path):
+    """`a/b` and `a_b` both become `a_b` as file names; each must still show its own page."""
+    from lco.report import write_report
+
+    def png(colour: str) -> bytes:
+        buffer = io.BytesIO()
+        Image.new("RGB", (40, 40), colour).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    pages = {
+        "a/b": {"image": png("red"), "text": "", "lang": "en"},
+        "a_b": {"image": png("blue"), "text": "", "lang": "en"},
+    }
+    evalset = EvalSet(pages, {"q": {"text": "query", "lang": "en"}}, {"q": {"a/b": 1}})
+    write_report(str(tmp_path / "report"), evalset, {"model": {"q": {"a/b": 0.9, "a_b": 0.5}}}, queries=1, seed=0)
+
+    html = (tmp_path / "report" / "index.html").read_text()
+    sources = re.findall(r'<img src="pages/([^"]+)" alt="([^"]+)"', html)
+    colours = {
+        alt: Image.open(tmp_path / "report" / "pages" / name).convert("RGB").getpixel((5, 5)) for name, alt in sources
+    }
+    assert colours["a/b"][0] > 200 and colours["a/b"][2] < 50  # red
+    assert colours["a_b"][2] > 200 and colours["a_b"][0] < 50  # blue
+
+
+def test_evaluate_writes_a_run_record_beside_its_results(tiny_model, seadoc, tmp_path):
+    output = tmp_path / "results.json"
+    evaluate(["--config", TINY, "--model", str(tiny_model[2]), "--data", str(seadoc), "--output", str(output)]
+             + ["--cache_dir", str(tmp_path / "cache"), "--image_max_side", "64"])  # fmt: skip
+
+    record = json.loads((tmp_path / "results.run_record.json").read_text())
+    assert record["stage"] == "evaluate" and record["git"]["commit"] and record["packages"]["torch"]
+    assert record["argv"][0] == "python" and record["seed"] == 42
+    assert set(record["inputs"]) == {TINY, *map(str, seadoc.rglob("*.parquet"))}  # the parquet configs
+    assert record["results"]["results_sha256"] == hashlib.sha256(output.read_bytes()).hexdigest()
+    model = record["results"]["models"][str(tiny_model[2])]
+    assert model["fingerprint"] == json.loads(output.read_text())["models"][str(tiny_model[2])]["fingerprint"]
+
+
+def test_evaluate_reports_intervals_and_paired_tests_in_json_table_and_report(tiny_model, seadoc, tmp_path, capsys):
+    write_trec_run(random_rankings(load_evalset(str(seadoc)), seed=7), tmp_path / "other.trec", "other")
+    output = tmp_path / "results.json"
+    evaluate(["--config", TINY, "--model", str(tiny_model[2]), "--data", str(seadoc), "--output", str(output)]
+             + ["--run", str(tmp_path / "other.trec"), "--report", str(tmp_path / "report")]
+             + ["--cache_dir", str(tmp_path / "cache"), "--image_max_side", "64"])  # fmt: skip
+    out = capsys.readouterr().out
+
+    results = json.loads(output.read_text())
+    model, run = str(tiny_model[2]), "run other.trec"
+    for system in (model, run, "bm25 (page text)", "random"):
+        low, high = results["intervals"][system]["all"]["ndcg@10"]
+        assert low <= results["results"][system]["all"]["ndcg@10"] <= high
+        assert set(results["intervals"][system]) == {"all", "th", "lo"}
+    # the two contenders each against BM25, then against each other: one Holm family of three
+    pairs = [(c["system"], c["baseline"]) for c in results["comparisons"]]
+    assert pairs == [(run, "bm25 (page text)"), (model, "bm25 (page text)"), (run, model)]
+    for comparison in results["comparisons"]:
+        assert 0 < comparison["p_value"] <= comparison["p_holm"] <= 1
+        a, b = (results["results"][name]["all"]["ndcg@10"] for name in (comparison["system"], comparison["baseline"]))
+        assert comparison["difference"] == pytest.approx(a - b, abs=1e-3)
+    low, high = results["intervals"]["random"]["all"]["ndcg@10"]
+    assert f"| {results['results']['random']['all']['ndcg@10']:.3f} [{low:.3f}, {high:.3f}] |" in out
+    assert "| system | against | nDCG@10 difference | p | p (Holm) |" in out and f"| {run} | {model} |" in out
+    html = (tmp_path / "report" / "index.html").read_text()
+    assert "<th>p (Holm)</th>" in html and html.count("<tr") == 1 + 4 + 1 + 3  # headers, 4 systems, 3 tests
+
+
+def test_pages_are_decoded_batch_by_batch_not_all_before_encoding(tiny_model, seadoc, tmp_path, monkeypatch):
+    """Memory must not grow with the corpus: when the first batch is encoded, only its pages have been decoded."""
+    from lco.embedder import EmbeddingModel
+    from lco.retrieval import EvalSet
+
+    evalset = load_evalset(str(seadoc))
+    opened, opened_at_forward = [], []
+    open_image, forward = EvalSet.open_image, EmbeddingModel.forward
+    monkeypatch.setattr(EvalSet, "open_image", lambda self, pid: opened.append(pid) or open_image(self, pid))
+    monkeypatch.setattr(
+        EmbeddingModel, "forward", lambda self, **kw: opened_at_forward.append(len(opened)) or forward(self, **kw)
+    )
+    args = EvaluateArguments(batch_size=2, cache_dir=str(tmp_path / "cache"), image_max_side=64)
+    model_rankings(str(tiny_model[2]), evalset, evalset.tasks(), args)
+    assert len(evalset.pages) > 2 and opened_at_forward[0] == 2
+
+
+def test_a_model_trained_on_evaluated_documents_is_warned_about_and_recorded(tiny_model, tmp_path, capsys):
+    import shutil
+
+    from common.run_record import write_run_record
+    from data_prep.evalset import build_evalset
+
+    from .conftest import thai_pages_dataset
+
+    pages = thai_pages_dataset(tmp_path, documents=2, chars=120, bookmarks=True)
+    build_evalset([str(pages)], str(tmp_path / "eval"), parallel_source=None, parallel_lang="en", outline_level=1)
+    trained_on = json.loads((pages / "manifest.json").read_text())["inputs"][0]["sha256"]
+    models = {}
+    for name, documents in (("clean", ["0" * 64]), ("leaky", [trained_on])):
+        models[name] = tmp_path / name
+        shutil.copytree(tiny_model[2], models[name])
+        write_run_record(models[name], stage="contrast", config={}, seed=0, results={"training_documents": documents})
+    output = tmp_path / "results.json"
+    evaluate(["--config", TINY, "--model", str(models["clean"]), str(models["leaky"]), "--data", str(tmp_path / "eval"),
+              "--output", str(output), "--cache_dir", str(tmp_path / "cache"), "--image_max_side", "64"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert f"WARNING: {models['leaky']} was trained on 1 of the 2 documents" in out and "clean was trained" not in out
+    overlap = json.loads(output.read_text())["trained_on_evaluated_documents"]
+    assert overlap == {str(models["clean"]): 0, str(models["leaky"]): 1}

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+from common.errors import run_cli
+from lco.embedder import Embedder, Item
 from stages import export
-from stages.embedder import Embedder, Item
-from stages.errors import run_cli
 
 from .conftest import KHMER, THAI
 
@@ -41,7 +41,9 @@ def exported(tiny_model, tmp_path_factory):
     return output
 
 
-def test_sentence_transformers_folder_loads_offline_and_embeds_like_embedder(exported, tiny_model, thai_khmer_page, tmp_path):
+def test_sentence_transformers_folder_loads_offline_and_embeds_like_embedder(
+    exported, tiny_model, thai_khmer_page, tmp_path
+):
     modules = json.loads((exported / "modules.json").read_text())
     assert [m["type"].rsplit(".", 1)[1] for m in modules] == ["Transformer", "Pooling", "Normalize"]
     assert all(m["type"].startswith("sentence_transformers.") for m in modules)  # no trust_remote_code needed
@@ -54,13 +56,20 @@ def test_sentence_transformers_folder_loads_offline_and_embeds_like_embedder(exp
         page.save(path)
     out = tmp_path / "embeddings.pt"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    subprocess.run([sys.executable, "-c", LOAD_AND_ENCODE, str(exported), json.dumps(TEXTS), *map(str, paths), str(out)],
-                   cwd=tmp_path, env=env, check=True, timeout=120)
+    subprocess.run(
+        [sys.executable, "-c", LOAD_AND_ENCODE, str(exported), json.dumps(TEXTS), *map(str, paths), str(out)],
+        cwd=tmp_path,
+        env=env,
+        check=True,
+        timeout=120,
+    )
     ours = torch.load(out)
 
     embedder = Embedder(str(tiny_model[2]), device="cpu")
     torch.testing.assert_close(ours["texts"], embedder.encode_texts(TEXTS), atol=1e-5, rtol=0)
-    torch.testing.assert_close(ours["images"], embedder.encode_images([Image.open(path) for path in paths]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        ours["images"], embedder.encode_images([Image.open(path) for path in paths]), atol=1e-5, rtol=0
+    )
     pairs = [Item(text, Image.open(path)) for text, path in zip(TEXTS, paths)]
     torch.testing.assert_close(ours["pairs"], embedder.encode(pairs), atol=1e-5, rtol=0)
 
@@ -74,7 +83,9 @@ def test_export_bad_input_is_one_line(tiny_model, exported, tmp_path, capsys):
         return err
 
     model = str(tiny_model[2])
-    assert "--model nowhere/at/all does not exist" in error(["--model", "nowhere/at/all", "--output", str(tmp_path / "o")])
+    assert "--model nowhere/at/all does not exist" in error(
+        ["--model", "nowhere/at/all", "--output", str(tmp_path / "o")]
+    )
     assert "--output is not set" in error(["--model", model])
     assert "already exists and is not empty; pass --overwrite" in error(["--model", model, "--output", str(exported)])
     assert "is the --model folder" in error(["--model", model, "--output", model, "--overwrite"])
@@ -92,9 +103,14 @@ def test_mteb_retrieval_runs_offline_with_the_encoder(tiny_model, thai_khmer_pag
 
     class TinyPagesRetrieval(AbsTaskRetrieval):
         metadata = TaskMetadata(
-            name="TinyPagesRetrieval", description="Text queries against page images, held in memory.",
-            dataset={"path": "local/tiny-pages", "revision": "none"}, type="DocumentUnderstanding", category="t2i",
-            modalities=["text", "image"], eval_splits=["test"], eval_langs=["tha-Thai", "khm-Khmr", "eng-Latn"],
+            name="TinyPagesRetrieval",
+            description="Text queries against page images, held in memory.",
+            dataset={"path": "local/tiny-pages", "revision": "none"},
+            type="DocumentUnderstanding",
+            category="t2i",
+            modalities=["text", "image"],
+            eval_splits=["test"],
+            eval_langs=["tha-Thai", "khm-Khmr", "eng-Latn"],
             main_score="ndcg_at_5",
         )
 
@@ -106,8 +122,14 @@ def test_mteb_retrieval_runs_offline_with_the_encoder(tiny_model, thai_khmer_pag
 
     encoder = export.LcoEncoder(str(tiny_model[2]), device="cpu")
     assert isinstance(encoder, EncoderProtocol)
-    result = mteb.evaluate(encoder, TinyPagesRetrieval(), cache=None, prediction_folder=tmp_path,
-                           encode_kwargs={"batch_size": 2}, show_progress_bar=False)
+    result = mteb.evaluate(
+        encoder,
+        TinyPagesRetrieval(),
+        cache=None,
+        prediction_folder=tmp_path,
+        encode_kwargs={"batch_size": 2},
+        show_progress_bar=False,
+    )
     scores = result.task_results[0].scores["test"][0]
     assert 0 <= scores["ndcg_at_5"] <= 1 and scores["main_score"] == scores["ndcg_at_5"]
 

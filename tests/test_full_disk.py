@@ -16,12 +16,12 @@ from pathlib import Path
 import pymupdf
 import pytest
 
-import data_prep.__main__ as data_prep_cli
+import data_prep.cli as data_prep_cli
+from common.artifacts import atomic_directory, write_text_atomic
+from common.errors import UsageError, disk_full_error
+from common.run_record import RUN_RECORD, write_run_record
 from data_prep.pages import read_pages_manifest
 from stages import base_model, evaluate
-from stages.artifacts import atomic_directory, write_text_atomic
-from stages.errors import UsageError, disk_full_error
-from stages.run_record import RUN_RECORD, write_run_record
 
 from .conftest import REPO
 from .test_untrusted_inputs import assert_one_line_error, beir_folder, run
@@ -39,8 +39,9 @@ def small_disk(tmp_path):
         folder = tmp_path / f"disk{len(mounts)}"
         folder.mkdir()
         try:
-            result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-                                    capture_output=True, text=True)
+            result = subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True, text=True
+            )
         except FileNotFoundError:
             pytest.skip("no `mount` command here: the full-disk tests mount a small tmpfs")
         if result.returncode != 0:
@@ -160,7 +161,9 @@ def test_evaluate_output_and_report_on_a_full_disk(small_disk, tmp_path, capsys)
     assert f"no space left on device writing {disk / 'results.json'};" in err
     assert not (disk / "results.json").exists() and temporaries(disk) == []
 
-    code, err = run(evaluate.main, [*argv, "--output", str(tmp_path / "results.json"), "--report", str(disk / "report")], capsys)
+    code, err = run(
+        evaluate.main, [*argv, "--output", str(tmp_path / "results.json"), "--report", str(disk / "report")], capsys
+    )
     assert_one_line_error(code, err)
     assert f"no space left on device writing {disk / 'report'};" in err
     assert not (disk / "report").exists() and temporaries(disk) == []
@@ -197,7 +200,9 @@ def sweep_pages(disk: Path, pdfs: Path, capsys, step: int, reference: str) -> Co
     outcomes = Counter()
     for free in range(0, 2 * 1024 * KB, step):
         leave_free(disk, free)
-        code, err = run(data_prep_cli.main, ["pages", *PAGES_FLAGS, "--input", str(pdfs), "--output", str(output)], capsys)
+        code, err = run(
+            data_prep_cli.main, ["pages", *PAGES_FLAGS, "--input", str(pdfs), "--output", str(output)], capsys
+        )
         assert temporaries(disk) == []
         if code is None:
             assert read_pages_manifest(output, "--pages")["fingerprint"] == reference
@@ -228,7 +233,8 @@ def test_pages_dataset_on_a_full_disk(small_disk, thai_pdfs, reference_fingerpri
 
 
 def test_pages_resume_after_space_is_freed(small_disk, thai_pdfs, reference_fingerprint, capsys):
-    """Documents done before the disk filled are kept in the work folder; --resume with room finishes the same dataset."""
+    """Documents done before the disk filled are kept in the work folder; --resume with room finishes the same
+    dataset."""
     disk = small_disk()
     output = disk / "out" / "pages"
     leave_free(disk, 64 * KB)

@@ -1,10 +1,12 @@
 """Killed runs resume: each long command is SIGKILLed at seeded random moments and run again with
 `--resume`. It must end as an uninterrupted run does (same dataset fingerprint, same losses, same scores),
-and no kill may leave an artifact that a later stage accepts as complete.
+and no kill may leave an artifact that a later stage accepts as complete. Every kill must land before the run
+completes (a run that finished first proves nothing): a kill that comes too late is tried again earlier.
 
     .venv/bin/python -m pytest -m slow tests/test_kill_resume.py -s
 """
 
+import contextlib
 import json
 import os
 import random
@@ -14,37 +16,62 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
+from common.errors import UsageError
+from common.run_record import read_run_record
 from data_prep.pages import read_pages_manifest
-from stages.errors import UsageError
-from stages.run_record import read_run_record
 
 from .conftest import REPO, thai_pages_dataset
 
 pytestmark = pytest.mark.slow
 KILLS = 4  # kill points per command
+# tries per kill point, each with the kill half as late as the last, until one lands before the run completes:
+# a machine busier or idler than during the uninterrupted run moves where a moment falls in the run
+TRIES = 4
 TINY = str(REPO / "recipes/tiny.yaml")
+Landed = TypeVar("Landed")
 
 
 def run(argv: list[str], kill_after: float | None = None, kill_when: Callable[[], bool] | None = None) -> bool:
     """Run `python -m argv`; SIGKILL it (and its children) `kill_after` seconds after it starts, or after
-    `kill_when()` turns true if given. True if it was killed before it finished."""
+    `kill_when()` turns true if given. True if the SIGKILL ended it, False if it had exited successfully first."""
     process = subprocess.Popen(
-        [sys.executable, "-m", *argv], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+        [sys.executable, "-m", *argv],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
     )
     while kill_when is not None and process.poll() is None and not kill_when():
-        time.sleep(0.02)
+        time.sleep(0.01)
     started = time.monotonic()
     try:
-        _, err = process.communicate(timeout=None if kill_after is None else max(0.0, started + kill_after - time.monotonic()))
+        _, err = process.communicate(
+            timeout=None if kill_after is None else max(0.0, started + kill_after - time.monotonic())
+        )
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
+        with contextlib.suppress(ProcessLookupError):  # it may have exited since: then the kill did not land
+            os.killpg(process.pid, signal.SIGKILL)
+        _, err = process.communicate()
+    if process.returncode == -signal.SIGKILL:
         return True
     assert process.returncode == 0, err.decode()[-3000:]
     return False
+
+
+def kill_before_completion(attempt: Callable[[int, float], Landed | None], moment: float) -> tuple[Landed, int]:
+    """`attempt(number, moment)` runs a command, kills it `moment` seconds in, and returns what the test needs
+    of a kill that landed before the run completed, else None. Tried up to TRIES times, each time with the
+    kill half as late; the landed result and the try it took, or the test fails."""
+    for number in range(TRIES):
+        landed = attempt(number, moment)
+        if landed is not None:
+            return landed, number + 1
+        moment /= 2
+    pytest.fail(f"{TRIES} kills, the last {2 * moment:.2f}s in, all came after the run completed")
 
 
 def timed(argv: list[str]) -> float:
@@ -99,31 +126,56 @@ def test_killed_pages_runs_resume_to_the_same_dataset(pdfs, tmp_path):
     expected = read_pages_manifest(tmp_path / "straight", "--output")["fingerprint"]
     outcomes = []
     for case, moment in enumerate(kill_points(1, duration)):
-        output = tmp_path / f"killed{case}"
-        killed = run([*command, "--output", str(output)], kill_after=moment)
-        if killed:  # the dataset folder appears, by a rename, only when it is whole
-            assert not (output / "manifest.json").exists() or read_pages_manifest(output, "--output")["fingerprint"] == expected
+
+        def attempt(number: int, moment: float) -> Path | None:
+            output = tmp_path / f"killed{case}-{number}"
+            killed = run([*command, "--output", str(output)], kill_after=moment)
+            # the dataset folder appears, by a rename, only when it is whole
+            if (output / "manifest.json").exists():
+                assert read_pages_manifest(output, "--output")["fingerprint"] == expected
+                return None
+            assert not output.exists()
+            return output if killed else None
+
+        output, tries = kill_before_completion(attempt, moment)
         run([*command, "--output", str(output), "--resume"])
         assert read_pages_manifest(output, "--output")["fingerprint"] == expected
-        outcomes.append(f"{moment:.1f}s: {'killed' if killed else 'finished first'}, resumed identical")
+        outcomes.append(f"{moment:.1f}s: killed before completion (try {tries}), resumed identical")
     report("data_prep pages", outcomes)
 
 
 def test_killed_render_runs_resume_to_the_same_pdfs(tmp_path):
-    command = ["data_prep", "render", "--lang", "en", "--input", *map(str, sorted((REPO / "samples/udhr").glob("*.md")))]
+    command = [
+        "data_prep",
+        "render",
+        "--lang",
+        "en",
+        "--input",
+        *map(str, sorted((REPO / "samples/udhr").glob("*.md"))),
+    ]
     duration = timed([*command, "--output", str(tmp_path / "straight")])
     expected = json.loads((tmp_path / "straight" / "render_manifest.json").read_text())["documents"]
     outcomes = []
     for case, moment in enumerate(kill_points(5, duration)):
-        output = tmp_path / f"killed{case}"
-        killed = run([*command, "--output", str(output)], kill_after=moment)
-        assert not killed or not output.exists() or (output / "render_manifest.json").is_file()
+
+        def attempt(number: int, moment: float) -> Path | None:
+            output = tmp_path / f"killed{case}-{number}"
+            killed = run([*command, "--output", str(output)], kill_after=moment)
+            # the output folder appears, by a rename, only when complete
+            if (output / "render_manifest.json").is_file():
+                return None
+            assert not output.exists()
+            return output if killed else None
+
+        output, tries = kill_before_completion(attempt, moment)
         done = len(list(output.parent.glob(f".{output.name}.work/*.entry.json")))
         run([*command, "--output", str(output), "--resume"])
         assert json.loads((output / "render_manifest.json").read_text())["documents"] == expected
         for entry in expected:
             assert (output / entry["pdf"]).read_bytes() == (tmp_path / "straight" / entry["pdf"]).read_bytes()
-        outcomes.append(f"{moment:.1f}s: {'killed' if killed else 'finished first'} with {done} of {len(expected)} rendered, resumed identical")
+        outcomes.append(
+            f"{moment:.1f}s: killed (try {tries}) with {done} of {len(expected)} rendered, resumed identical"
+        )
     report("data_prep render", outcomes)
 
 
@@ -139,10 +191,41 @@ def base(recorded_base):
 
 def pretrain_command(base, pages, output) -> list[str]:
     return [
-        "stages.pretrain", "--config", TINY, "--lang", "th", "--model_name_or_path", str(base), "--datasets", str(pages),
-        "--output_dir", str(output), "--max_length", "200", "--max_pixels", "40000", "--eval_fraction", "0.25",
-        "--cer_pages", "1", "--per_device_train_batch_size", "2", "--learning_rate", "5.0e-3", "--warmup_steps", "0",
-        "--max_steps", "24", "--eval_strategy", "steps", "--eval_steps", "4", "--save_steps", "4", "--logging_steps", "1",
+        "stages.pretrain",
+        "--config",
+        TINY,
+        "--lang",
+        "th",
+        "--model_name_or_path",
+        str(base),
+        "--datasets",
+        str(pages),
+        "--output_dir",
+        str(output),
+        "--max_length",
+        "200",
+        "--max_pixels",
+        "40000",
+        "--eval_fraction",
+        "0.25",
+        "--cer_pages",
+        "1",
+        "--per_device_train_batch_size",
+        "2",
+        "--learning_rate",
+        "5.0e-3",
+        "--warmup_steps",
+        "0",
+        "--max_steps",
+        "24",
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        "4",
+        "--save_steps",
+        "4",
+        "--logging_steps",
+        "1",
     ]
 
 
@@ -157,10 +240,39 @@ def resume_or_restart(command: list[str], output: Path, has_checkpoint: bool) ->
 
 def contrast_command(base, pages, output) -> list[str]:
     return [
-        "stages.contrast", "--config", TINY, "--lang", "th", "--model_name_or_path", str(base), "--pages_datasets", str(pages),
-        "--output_dir", str(output), "--passage_chars", "40", "--contrastive_batch_size", "8", "--mini_batch_size", "4",
-        "--eval_fraction", "0.3", "--image_max_side", "200", "--max_text_tokens", "48", "--max_steps", "16",
-        "--save_steps", "3", "--eval_steps", "3", "--logging_steps", "1", "--learning_rate", "1.0e-2",
+        "stages.contrast",
+        "--config",
+        TINY,
+        "--lang",
+        "th",
+        "--model_name_or_path",
+        str(base),
+        "--pages_datasets",
+        str(pages),
+        "--output_dir",
+        str(output),
+        "--passage_chars",
+        "40",
+        "--contrastive_batch_size",
+        "8",
+        "--mini_batch_size",
+        "4",
+        "--eval_fraction",
+        "0.3",
+        "--image_max_side",
+        "200",
+        "--max_text_tokens",
+        "48",
+        "--max_steps",
+        "16",
+        "--save_steps",
+        "3",
+        "--eval_steps",
+        "3",
+        "--logging_steps",
+        "1",
+        "--learning_rate",
+        "1.0e-2",
     ]
 
 
@@ -178,24 +290,36 @@ def test_killed_training_resumes_with_the_losses_of_an_uninterrupted_run(stage, 
     timed(make_command(base, pages, tmp_path / "straight"))
     straight = read_run_record(tmp_path / "straight" / "final")["results"]
     # contrast: a contrastive batch of 8
-    step_seconds = straight["throughput"]["seconds_per_step"] if stage == "pretrain" else 8 / straight["pairs_per_second"]
+    step_seconds = (
+        straight["throughput"]["seconds_per_step"] if stage == "pretrain" else 8 / straight["pairs_per_second"]
+    )
     outcomes = []
     for case, (after, delay) in enumerate(training_kill_points(seed, checkpoint_steps, step_seconds)):
-        output = tmp_path / f"killed{case}"
+
+        def attempt(number: int, delay: float) -> tuple[Path, float] | None:
+            output = tmp_path / f"killed{case}-{number}"
+            command = make_command(base, pages, output)
+            checkpoint_done = after and (output / f"checkpoint-{after}" / marker).exists
+            killed = run(command, kill_after=delay, kill_when=checkpoint_done)
+            if model_is_complete(output / "final", stage):
+                return None
+            if after:  # the kill came after that checkpoint was finished, as planned
+                assert (output / f"checkpoint-{after}" / marker).is_file()
+            return (output, delay) if killed else None
+
+        (output, delay), tries = kill_before_completion(attempt, delay)
         command = make_command(base, pages, output)
-        moment = f"{delay:.2f}s after " + (f"checkpoint-{after}" if after else "the start")
-        if not run(command, kill_after=delay, kill_when=after and (output / f"checkpoint-{after}" / marker).exists):
-            outcomes.append(f"{moment}: finished before the kill")
-            continue
-        if model_is_complete(output / "final", stage):
-            outcomes.append(f"{moment}: killed after final/ was written")
-            continue
+        moment = f"{delay:.2f}s after " + (f"checkpoint-{after}" if after else "the start") + f" (try {tries})"
         finished = sorted((p.name for p in output.glob("checkpoint-*") if (p / marker).is_file()), key=step_of)
         how = resume_or_restart(command, output, bool(finished))
         resumed = read_run_record(output / "final", expected_stage=stage)["results"]
-        assert [e["loss"] for e in resumed["loss_history"]] == pytest.approx([e["loss"] for e in straight["loss_history"]], rel=tolerance)
+        assert [e["loss"] for e in resumed["loss_history"]] == pytest.approx(
+            [e["loss"] for e in straight["loss_history"]], rel=tolerance
+        )
         if stage == "pretrain":
-            assert [e["step"] for e in resumed["generation_quality"]] == [e["step"] for e in straight["generation_quality"]]
+            assert [e["step"] for e in resumed["generation_quality"]] == [
+                e["step"] for e in straight["generation_quality"]
+            ]
         else:
             assert resumed["held_out_accuracy"] == straight["held_out_accuracy"]
         outcomes.append(f"{moment}: {finished[-1] if finished else 'no checkpoint'}, {how}, identical losses")
@@ -204,22 +328,53 @@ def test_killed_training_resumes_with_the_losses_of_an_uninterrupted_run(stage, 
 
 def test_a_killed_evaluation_reuses_the_embeddings_it_finished(base, pages, tmp_path):
     evalset = tmp_path / "eval"
-    run(["data_prep", "evalset", "--lang", "th", "--pages", str(pages), "--output", str(evalset), "--outline_level", "1"])
+    run(
+        [
+            "data_prep",
+            "evalset",
+            "--lang",
+            "th",
+            "--pages",
+            str(pages),
+            "--output",
+            str(evalset),
+            "--outline_level",
+            "1",
+        ]
+    )
     command = ["stages.evaluate", "--config", TINY, "--model", str(base), "--data", str(evalset)]
-    duration = timed([*command, "--output", str(tmp_path / "straight.json"), "--cache_dir", str(tmp_path / "straight-cache")])
+    duration = timed(
+        [*command, "--output", str(tmp_path / "straight.json"), "--cache_dir", str(tmp_path / "straight-cache")]
+    )
     expected = json.loads((tmp_path / "straight.json").read_text())["results"]
     outcomes = []
     # two kills at seeded moments, two right after the page embeddings are cached (during the queries')
     for case, moment in enumerate(kill_points(4, duration)[:2] + [0.0, 0.2]):
-        output, cache = tmp_path / f"killed{case}.json", tmp_path / f"cache{case}"
-        pages_cached = (lambda: any(cache.glob("*.pt"))) if case >= 2 else None
-        killed = run([*command, "--output", str(output), "--cache_dir", str(cache)], kill_after=moment, kill_when=pages_cached)
-        assert not killed or not output.exists() or json.loads(output.read_text())["results"] == expected
+
+        def attempt(number: int, moment: float) -> tuple[Path, Path] | None:
+            output, cache = tmp_path / f"killed{case}-{number}.json", tmp_path / f"cache{case}-{number}"
+            pages_cached = (lambda: any(cache.glob("*.pt"))) if case >= 2 else None
+            killed = run(
+                [*command, "--output", str(output), "--cache_dir", str(cache)],
+                kill_after=moment,
+                kill_when=pages_cached,
+            )
+            if output.exists():
+                assert json.loads(output.read_text())["results"] == expected
+                return None
+            # the later two must land while the queries are encoded: the pages' embeddings cached, not theirs
+            if case >= 2 and len(list(cache.glob("*.pt"))) != 1:
+                return None
+            return (output, cache) if killed else None
+
+        (output, cache), tries = kill_before_completion(attempt, moment)
         before = {path: path.stat().st_mtime_ns for path in cache.glob("*.pt")}
         output.unlink(missing_ok=True)
         run([*command, "--output", str(output), "--cache_dir", str(cache)])
         assert json.loads(output.read_text())["results"] == expected
         assert all(path.stat().st_mtime_ns == mtime for path, mtime in before.items())  # reused, not encoded again
         assert len(list(cache.glob("*.pt"))) == 2  # pages and queries
-        outcomes.append(f"{moment:.1f}s: {'killed' if killed else 'finished first'} with {len(before)} of 2 embedding sets cached, rerun identical")
+        outcomes.append(
+            f"{moment:.1f}s: killed (try {tries}) with {len(before)} of 2 embedding sets cached, rerun identical"
+        )
     report("stages.evaluate", outcomes)

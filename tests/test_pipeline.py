@@ -5,9 +5,9 @@ import unicodedata
 import pytest
 import yaml
 
+from common.run_record import read_run_record, verify_chain
 from stages.pipeline import main as run_pipeline
 from stages.pipeline import write_parts
-from stages.run_record import read_run_record, verify_chain
 
 from .conftest import REPO
 
@@ -27,13 +27,17 @@ def test_embedded_default_runs_what_exists_and_reuses_it(tmp_path, monkeypatch, 
     run_pipeline(argv)
     first = capsys.readouterr().out
     assert "wrote a randomly initialised qwen2_5_vl model" in first
-    assert "data_prep evalset: 31 queries, 62 relevance judgements" in first
+    assert "data_prep evalset: 10 queries, 20 relevance judgements" in first  # articles 21-30, trained on by none
     assert "held-out CER" in first and "held-out in-batch accuracy" in first
     assert "| bm25 (page text) |" in first and "| checkpoints/tiny/contrast/final |" in first
     results = json.loads((tmp_path / "checkpoints/tiny/evaluation/results.json").read_text())
     assert set(results["results"]) == {
-        "random", "bm25 (page text)", "checkpoints/tiny/base", "checkpoints/tiny/pretrain/final",
-        "checkpoints/tiny/contrast/final", "checkpoints/tiny/contrast-only/final",
+        "random",
+        "bm25 (page text)",
+        "checkpoints/tiny/base",
+        "checkpoints/tiny/pretrain/final",
+        "checkpoints/tiny/contrast/final",
+        "checkpoints/tiny/contrast-only/final",
     }
     assert [r["stage"] for r in verify_chain("checkpoints/tiny/contrast-only/final")] == ["contrast", "base_model"]
     assert set(results["results"]["checkpoints/tiny/base"]) == {"all", "km", "vi"}
@@ -58,7 +62,9 @@ def test_embedded_default_runs_what_exists_and_reuses_it(tmp_path, monkeypatch, 
     run_pipeline(argv)
     third = capsys.readouterr().out
     assert third.count("complete; reusing it") == 9 and "pretrain: 2 steps" in third
-    assert third.count("contrast: 2 steps in") == 1  # the refinement of the new pretrained model; contrast-only is reused
+    assert (
+        third.count("contrast: 2 steps in") == 1
+    )  # the refinement of the new pretrained model; contrast-only is reused
 
     # another stage's section does not make them stale
     recipe["evaluate"]["batch_size"] = 3

@@ -8,10 +8,11 @@ from PIL import Image
 from safetensors.torch import load_file
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
-from stages.pretrain import freeze, main as pretrain
-from stages.pretrain_data import CONTINUATION_INSTRUCTION, continuation_example, held_out_documents, page_example
-from stages.errors import run_cli
-from stages.run_record import read_run_record, verify_chain
+from common.errors import run_cli
+from common.run_record import read_run_record, verify_chain
+from lco.pretrain_data import CONTINUATION_INSTRUCTION, continuation_example, held_out_documents, page_example
+from stages.pretrain import freeze
+from stages.pretrain import main as pretrain
 
 from .conftest import REPO, thai_pages_dataset
 
@@ -31,10 +32,35 @@ def base(recorded_base):
 
 def pretrain_argv(base, pages, output, *extra):
     return [
-        "--config", str(REPO / "recipes/tiny.yaml"), "--lang", "th", "--model_name_or_path", str(base),
-        "--datasets", str(pages), "--output_dir", str(output), "--max_length", "200", "--max_pixels", "40000",
-        "--eval_fraction", "0.25", "--cer_pages", "1", "--eval_strategy", "no", "--logging_steps", "1",
-        "--per_device_train_batch_size", "2", "--learning_rate", "5.0e-3", "--warmup_steps", "0", *extra,
+        "--config",
+        str(REPO / "recipes/tiny.yaml"),
+        "--lang",
+        "th",
+        "--model_name_or_path",
+        str(base),
+        "--datasets",
+        str(pages),
+        "--output_dir",
+        str(output),
+        "--max_length",
+        "200",
+        "--max_pixels",
+        "40000",
+        "--eval_fraction",
+        "0.25",
+        "--cer_pages",
+        "1",
+        "--eval_strategy",
+        "no",
+        "--logging_steps",
+        "1",
+        "--per_device_train_batch_size",
+        "2",
+        "--learning_rate",
+        "5.0e-3",
+        "--warmup_steps",
+        "0",
+        *extra,
     ]
 
 
@@ -94,7 +120,12 @@ def test_short_pages_are_not_cut_and_instructions_are_seeded(tiny_model):
     first = page_example(row, processor, max_length=1024, max_pixels=200_704, seed=1)
     assert not first["truncated"] and first["completion"][0]["content"][0]["text"] == "สวัสดี"
     assert first["prompt"] == page_example(row, processor, max_length=1024, max_pixels=200_704, seed=1)["prompt"]
-    prompts = {page_example(row | {"page": p}, processor, max_length=1024, max_pixels=200_704, seed=1)["prompt"][0]["content"][1]["text"] for p in range(20)}
+    prompts = {
+        page_example(row | {"page": p}, processor, max_length=1024, max_pixels=200_704, seed=1)["prompt"][0]["content"][
+            1
+        ]["text"]
+        for p in range(20)
+    }
     assert len(prompts) > 1
 
 
@@ -125,7 +156,9 @@ def weights(folder):
 
 def test_full_training_lowers_the_loss_moves_trainable_weights_only_and_chains_records(base, pages, tmp_path, capsys):
     inputs_before = {path: path.stat().st_mtime_ns for path in pages.iterdir()}
-    pretrain(pretrain_argv(base, pages, tmp_path / "run", "--max_steps", "12", "--save_steps", "100"))
+    # a frozen tower (the real recipes'; the tiny one trains its random tower) must not move
+    argv = pretrain_argv(base, pages, tmp_path / "run", "--max_steps", "12", "--save_steps", "100")
+    pretrain([*argv, "--freeze_vision", "true"])
     assert {path: path.stat().st_mtime_ns for path in pages.iterdir()} == inputs_before  # no cache files added
     final = tmp_path / "run" / "final"
     record = read_run_record(final, expected_stage="pretrain")
@@ -143,6 +176,12 @@ def test_full_training_lowers_the_loss_moves_trainable_weights_only_and_chains_r
     assert "held-out CER" in capsys.readouterr().out
 
 
+def test_an_unfrozen_vision_tower_is_trained(base, pages, tmp_path):
+    pretrain(pretrain_argv(base, pages, tmp_path / "run", "--max_steps", "2", "--freeze_vision", "false"))
+    before, after = weights(base), weights(tmp_path / "run" / "final")
+    assert all(not torch.equal(tensor, after[name]) for name, tensor in before.items() if "visual.blocks" in name)
+
+
 def test_text_only_share_mixes_into_training(base, pages, tmp_path, capsys):
     pretrain(pretrain_argv(base, pages, tmp_path / "run", "--max_steps", "4", "--text_only_fraction", "0.5"))
     record = read_run_record(tmp_path / "run" / "final")
@@ -152,35 +191,62 @@ def test_text_only_share_mixes_into_training(base, pages, tmp_path, capsys):
 
 
 def test_text_only_share_is_refused_under_zero3(base, pages, tmp_path, capsys):
-    argv = pretrain_argv(base, pages, tmp_path / "run", "--text_only_fraction", "0.2", "--deepspeed", str(REPO / "recipes/deepspeed/zero3.json"))
+    argv = pretrain_argv(
+        base,
+        pages,
+        tmp_path / "run",
+        "--text_only_fraction",
+        "0.2",
+        "--deepspeed",
+        str(REPO / "recipes/deepspeed/zero3.json"),
+    )
     with pytest.raises(SystemExit) as exit_info:
         run_cli(pretrain, argv)
     assert exit_info.value.code == 2 and "ranks whose batch has no image" in capsys.readouterr().err
 
 
 def test_lora_final_is_merged_reloads_in_a_fresh_process_and_generates(base, pages, tmp_path):
-    pretrain(pretrain_argv(base, pages, tmp_path / "run", "--max_steps", "3", "--tuning", "lora", "--lora_r", "4", "--lora_alpha", "8"))
+    pretrain(
+        pretrain_argv(
+            base, pages, tmp_path / "run", "--max_steps", "3", "--tuning", "lora", "--lora_r", "4", "--lora_alpha", "8"
+        )
+    )
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
     final = tmp_path / "run" / "final"
     after, before = weights(final), weights(base)
     assert set(after) == set(before)  # merged: plain weights, no lora_ tensors
-    assert not torch.equal(after["model.layers.0.self_attn.q_proj.weight"], before["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(
+        after["model.layers.0.self_attn.q_proj.weight"], before["model.layers.0.self_attn.q_proj.weight"]
+    )
     script = f"""
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
-model = AutoModelForImageTextToText.from_pretrained({str(final)!r}); processor = AutoProcessor.from_pretrained({str(final)!r})
+model = AutoModelForImageTextToText.from_pretrained({str(final)!r})
+processor = AutoProcessor.from_pretrained({str(final)!r})
 messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "Transcribe the page."}}]}}]
 text = processor.apply_chat_template(messages, add_generation_prompt=True)
 inputs = processor(text=[text], images=[Image.new("RGB", (200, 200), "white")], return_tensors="pt")
-print(model.generate(**inputs, min_new_tokens=4, max_new_tokens=4, do_sample=False).shape[1] == inputs["input_ids"].shape[1] + 4)
+generated = model.generate(**inputs, min_new_tokens=4, max_new_tokens=4, do_sample=False)
+print(generated.shape[1] == inputs["input_ids"].shape[1] + 4)
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.stdout.strip().endswith("True"), result.stderr[-2000:]
 
 
 def test_resume_after_a_kill_gives_the_losses_of_an_uninterrupted_run(base, pages, tmp_path):
-    argv = pretrain_argv(base, pages, tmp_path / "run", "--max_steps", "4", "--save_steps", "2",
-                         "--eval_strategy", "steps", "--eval_steps", "2")
+    argv = pretrain_argv(
+        base,
+        pages,
+        tmp_path / "run",
+        "--max_steps",
+        "4",
+        "--save_steps",
+        "2",
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        "2",
+    )
     pretrain(argv)
     straight = read_run_record(tmp_path / "run" / "final")["results"]
     checkpoint = read_run_record(tmp_path / "run" / "checkpoint-2", expected_stage="pretrain")
@@ -193,7 +259,9 @@ def test_resume_after_a_kill_gives_the_losses_of_an_uninterrupted_run(base, page
     resumed = read_run_record(tmp_path / "run" / "final")["results"]
     # steps 1-2 come back from the checkpoint's state, steps 3-4 are trained again
     assert [e["step"] for e in resumed["loss_history"]] == [e["step"] for e in straight["loss_history"]] == [1, 2, 3, 4]
-    assert [e["loss"] for e in resumed["loss_history"]] == pytest.approx([e["loss"] for e in straight["loss_history"]], rel=1e-4)
+    assert [e["loss"] for e in resumed["loss_history"]] == pytest.approx(
+        [e["loss"] for e in straight["loss_history"]], rel=1e-4
+    )
     assert [e["step"] for e in resumed["generation_quality"]] == [0, 2, 4]
     assert [e["eval_loss"] for e in resumed["generation_quality"]] == pytest.approx(
         [e["eval_loss"] for e in straight["generation_quality"]], rel=1e-3
@@ -204,8 +272,22 @@ def test_resume_after_a_kill_gives_the_losses_of_an_uninterrupted_run(base, page
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_process_deepspeed_zero_on_the_cpu_trains_and_its_final_reloads(stage, base, pages, tmp_path):
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "stages.pretrain",
-        *pretrain_argv(base, pages, tmp_path / "run", "--max_steps", "2", "--deepspeed", str(REPO / f"recipes/deepspeed/zero{stage}.json")),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "stages.pretrain",
+        *pretrain_argv(
+            base,
+            pages,
+            tmp_path / "run",
+            "--max_steps",
+            "2",
+            "--deepspeed",
+            str(REPO / f"recipes/deepspeed/zero{stage}.json"),
+        ),
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -213,7 +295,9 @@ def test_two_process_deepspeed_zero_on_the_cpu_trains_and_its_final_reloads(stag
     assert record["results"]["steps"] == 2 and record["config"]["sft"]["deepspeed"].endswith(f"zero{stage}.json")
     after, before = weights(tmp_path / "run" / "final"), weights(base)
     assert set(after) == set(before) and all(after[k].shape == before[k].shape for k in before)
-    assert not torch.equal(after["model.layers.0.self_attn.q_proj.weight"], before["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(
+        after["model.layers.0.self_attn.q_proj.weight"], before["model.layers.0.self_attn.q_proj.weight"]
+    )
 
 
 def test_overwrite_replaces_an_earlier_run(base, pages, tmp_path):
@@ -221,3 +305,74 @@ def test_overwrite_replaces_an_earlier_run(base, pages, tmp_path):
     pretrain(pretrain_argv(base, pages, tmp_path / "run", "--max_steps", "1", "--cer_pages", "0", "--overwrite"))
     assert not (tmp_path / "run" / "checkpoint-99").exists()
     assert (tmp_path / "run" / "final" / "run_record.json").is_file()
+
+
+def test_overwrite_keeps_the_earlier_run_when_the_new_one_fails(base, pages, tmp_path):
+    earlier = tmp_path / "run" / "final"
+    earlier.mkdir(parents=True)
+    (earlier / "run_record.json").write_text('{"earlier": true}')
+    weightless = tmp_path / "weightless"  # passes the argument checks, fails once the weights are loaded
+    weightless.mkdir()
+    shutil.copy(base / "config.json", weightless / "config.json")
+    with pytest.raises(OSError):
+        pretrain(pretrain_argv(weightless, pages, tmp_path / "run", "--max_steps", "1", "--overwrite"))
+    assert (earlier / "run_record.json").read_text() == '{"earlier": true}'
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["run", "weightless"]  # no half-written output
+
+
+def test_cer_pages_are_drawn_across_held_out_documents_seeded():
+    from lco.generation_eval import sample_across_documents
+
+    doc_ids = ["a"] * 10 + ["b"] * 10 + ["c"] * 10  # dataset order: one document after another
+    chosen = sample_across_documents(doc_ids, 6, seed=0)
+    assert sorted(doc_ids[i] for i in chosen) == ["a", "a", "b", "b", "c", "c"]
+    assert chosen == sample_across_documents(doc_ids, 6, seed=0) and len(set(chosen)) == 6
+    assert {tuple(sample_across_documents(doc_ids, 6, seed)) for seed in range(5)} != {tuple(chosen)}
+    assert sorted(sample_across_documents(doc_ids, 99, seed=0)) == list(range(30))
+
+
+def test_transcription_budget_covers_references_longer_than_any_fixed_cap(tiny_model, monkeypatch):
+    from lco.generation_eval import transcription_cer
+
+    model, processor, _ = tiny_model
+    reference = " ".join(["มนุษย์"] * 1500)
+    reference_tokens = len(processor.tokenizer(reference)["input_ids"])
+    example = {
+        "prompt": [{"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": "Read."}]}],
+        "completion": [{"role": "assistant", "content": [{"type": "text", "text": reference}]}],
+        "images": [Image.new("RGB", (56, 56), "white")],
+    }
+    budgets = []
+
+    def generate(input_ids, max_new_tokens, **kwargs):
+        budgets.append(max_new_tokens)
+        return input_ids
+
+    monkeypatch.setattr(model, "generate", lambda **kwargs: generate(**kwargs))
+    transcription_cer(model, processor, [example])
+    assert reference_tokens > 1024 and budgets[0] >= reference_tokens
+
+
+def test_documents_of_an_excluded_evalset_are_not_trained_on_and_are_recorded(base, tmp_path):
+    import json
+
+    from data_prep.evalset import build_evalset
+    from data_prep.pages import PageSettings, build_pages_dataset
+    from lco.pretrain_data import document_sha256
+
+    pages = thai_pages_dataset(tmp_path, documents=4, chars=160, bookmarks=True)
+    (tmp_path / "copy").mkdir()
+    shutil.copy(tmp_path / "doc0.pdf", tmp_path / "copy" / "renamed.pdf")  # the same content under another name
+    settings = PageSettings("th", 72, 50_000, "never", 144, "tha", ("0E00-0E7F",))
+    build_pages_dataset([str(tmp_path / "copy")], str(tmp_path / "eval-pages"), settings, workers=1, resume=False,
+                        max_skip_fraction=0.0)  # fmt: skip
+    build_evalset([str(tmp_path / "eval-pages")], str(tmp_path / "eval"), parallel_source=None, parallel_lang="en",
+                  outline_level=1)  # fmt: skip
+    argv = pretrain_argv(base, pages, tmp_path / "run", "--max_steps", "1", "--cer_pages", "0", "--eval_fraction", "0")
+    pretrain([*argv, "--exclude_evalsets", str(tmp_path / "eval")])
+
+    results = read_run_record(tmp_path / "run" / "final")["results"]
+    manifest = json.loads((pages / "manifest.json").read_text())
+    doc_ids = {entry["doc_id"].split("-")[0]: entry["doc_id"] for entry in manifest["inputs"]}
+    assert results["examples"]["excluded_documents"] == 1 and results["examples"]["excluded_pages"] == 2
+    assert results["training_documents"] == document_sha256([str(pages)], [doc_ids[f"doc{i}"] for i in (1, 2, 3)])

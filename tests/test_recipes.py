@@ -1,18 +1,24 @@
+import json
 from pathlib import Path
 
 import pytest
 import yaml
 
+import stages.pretrain
+from common.errors import UsageError
+from common.languages import normalize_lang
+from common.recipe import SECTIONS, load_recipe, parse_stage_arguments
 from data_prep.settings import DataPrepSettings
+from stages import SECTION_TYPES, check_recipe, section_types
 from stages.base_model import BaseModelArguments
-from stages.errors import UsageError
-from stages.languages import normalize_lang
-from stages.recipe import SECTIONS, check_recipe, load_recipe, parse_stage_arguments
 
 from .conftest import REPO
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 LANGUAGE_RECIPES = [path for path in RECIPES if path.stem != "tiny"]
+# the sections each recipe sets: one it leaves out has no values of its own to judge (its stage runs on defaults and
+# flags, as `python -m stages.analyze` with a language recipe does)
+RECIPE_SECTIONS = [(path, section) for path in RECIPES for section in SECTION_TYPES if load_recipe(path).get(section)]
 
 
 def write_recipe(tmp_path: Path, recipe: dict | str) -> Path:
@@ -21,12 +27,79 @@ def write_recipe(tmp_path: Path, recipe: dict | str) -> Path:
     return path
 
 
+# Recipe values under checkpoints/ name what earlier stages write: git-ignored, absent on a fresh clone, and an output
+# folder may hold an earlier run on a developer's machine. These fields get a stand-in instead, so that the checks
+# judge the recipe's own values, not this machine's folders; a hub id (Qwen/...) or a shipped path (samples/...) is
+# judged as written, and a field the recipe leaves unset stays unset.
+STAND_IN_FIELDS = ("output_dir", "model_name_or_path", "datasets", "pages_datasets", "exclude_evalsets")
+
+
+def stage_argv(path: Path, section: str, folder: Path) -> list[str]:
+    """`--config path` and a flag for each STAND_IN_FIELDS value of the section that is under checkpoints/."""
+    recipe = load_recipe(path)
+    model, pages, evalset = folder / "stand-in-model", folder / "stand-in-pages", folder / "stand-in-evalset"
+    for stand_in in (model, pages, evalset):
+        stand_in.mkdir(parents=True, exist_ok=True)
+    (model / "config.json").write_text("{}")  # what check_model_source asks of a local model folder
+    # what pretrain's validate_run reads of a pages dataset: its language
+    (pages / "manifest.json").write_text(json.dumps({"lang": normalize_lang(recipe["lang"])}))
+    stand_ins = {
+        "output_dir": folder / "output",
+        "model_name_or_path": model,
+        "datasets": pages,
+        "pages_datasets": pages,
+        "exclude_evalsets": evalset,  # validate() asks only that it exists
+    }
+    argv = ["--config", str(path)]
+    for name, value in (recipe.get(section) or {}).items():
+        values = value if isinstance(value, list) else [value]
+        if name in STAND_IN_FIELDS and values and all(str(v).startswith("checkpoints/") for v in values):
+            argv += [f"--{name}", *[str(stand_ins[name])] * len(values)]
+    return argv
+
+
+def validate_section(path: Path, section: str, folder: Path) -> None:
+    """Build the section's dataclasses from the recipe as its stage does, which runs each one's validate()."""
+    argv = stage_argv(path, section, folder)
+    if section == "pretrain":
+        recipe_args, args, training = parse_stage_arguments(
+            section, section_types(section), argv, machine_defaults=stages.pretrain.CPU_DEFAULTS
+        )
+        # the stage's checks that need the trainer settings too (max_length, batch sizes, output_dir)
+        stages.pretrain.validate_run(args, training, recipe_args.lang)
+    else:
+        # data_prep: the settings only (each data_prep command's inputs and outputs are flags, never recipe values);
+        # evaluate and pipeline have no validate() of their own, so parsing judges their values' types only
+        parse_stage_arguments(section, section_types(section), argv)
+
+
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_every_recipe_parses_and_validates(path):
     recipe = check_recipe(path)
     assert set(recipe) <= {"lang", "seed", *SECTIONS}
     assert path.read_text().startswith("#"), "a recipe starts with the command that runs it"
     DataPrepSettings(**recipe.get("data_prep", {})).validate()
+
+
+@pytest.mark.parametrize(("path", "section"), RECIPE_SECTIONS, ids=lambda v: getattr(v, "stem", v))
+def test_every_recipe_value_passes_its_stage_checks(path, section, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)  # a recipe's relative paths (samples/udhr) start at the repository root, where it runs
+    monkeypatch.delenv("WORLD_SIZE", raising=False)  # one process: the launcher, not the recipe, sets more
+    validate_section(path, section, tmp_path)
+
+
+def test_every_stage_section_is_in_some_recipe():
+    assert {section for _, section in RECIPE_SECTIONS} == set(SECTION_TYPES)
+
+
+@pytest.mark.parametrize("section", ["pretrain", "contrast"])
+def test_a_recipe_value_out_of_range_is_refused(section, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    recipe = load_recipe(REPO / "recipes/tiny.yaml")
+    validate_section(write_recipe(tmp_path, recipe), section, tmp_path)  # the copy passes as shipped
+    recipe[section]["eval_fraction"] = 1.5
+    with pytest.raises(UsageError, match=r"--eval_fraction must be in \[0, 1\), got 1\.5"):
+        validate_section(write_recipe(tmp_path, recipe), section, tmp_path)
 
 
 @pytest.mark.parametrize("path", LANGUAGE_RECIPES, ids=lambda p: p.stem)
@@ -46,7 +119,9 @@ def test_every_recipe_tesseract_language_is_installed_by_setup():
 
 def test_unknown_key_names_the_key_the_file_and_a_suggestion(tmp_path):
     path = write_recipe(tmp_path, {"lang": "km", "base_model": {"hiden_size": 64}})
-    with pytest.raises(UsageError, match=r"recipe .*recipe\.yaml: unknown key `base_model\.hiden_size`\. Did you mean `hidden_size`\?"):
+    with pytest.raises(
+        UsageError, match=r"recipe .*recipe\.yaml: unknown key `base_model\.hiden_size`\. Did you mean `hidden_size`\?"
+    ):
         parse_stage_arguments("base_model", (BaseModelArguments,), ["--config", str(path)])
     with pytest.raises(UsageError, match="unknown key `base_model.hiden_size`"):
         check_recipe(path)
@@ -75,7 +150,9 @@ def test_wrong_types_are_reported(tmp_path, section, message):
 
 def test_float_written_without_a_dot_gets_a_hint(tmp_path):
     path = write_recipe(tmp_path, "lang: km\npretrain:\n  learning_rate: 1e-5\n")
-    with pytest.raises(UsageError, match=r"learning_rate` must be a number, got '1e-5' \(PyYAML reads 1e-5 as a string"):
+    with pytest.raises(
+        UsageError, match=r"learning_rate` must be a number, got '1e-5' \(PyYAML reads 1e-5 as a string"
+    ):
         check_recipe(path)
 
 
@@ -127,4 +204,3 @@ def test_lang_flag_selects_the_language_recipe():
 def test_unknown_flag_is_an_error(tmp_path):
     with pytest.raises(UsageError, match="--vocab_sise"):
         parse_stage_arguments("base_model", (BaseModelArguments,), ["--lang", "km", "--vocab_sise", "3"])
-

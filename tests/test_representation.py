@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from stages.representation import anisotropy, linear_cka, mutual_knn
+from lco.representation import anisotropy, linear_cka, mutual_knn
 
 
 def test_anisotropy_is_near_zero_for_isotropic_and_one_for_collapsed_embeddings():
@@ -35,8 +35,8 @@ def test_cka_between_the_same_items_in_different_spaces_tracks_shared_structure(
 
 
 def test_layer_states_are_per_layer_and_independent_of_the_batch(tiny_model, thai_khmer_page):
-    from stages.embedder import EmbeddingModel, Item
-    from stages.representation import layer_states
+    from lco.embedder import EmbeddingModel, Item
+    from lco.representation import layer_states
 
     model, processor = tiny_model[0].eval(), tiny_model[1]
     items = [Item("สวัสดี"), Item(image=thai_khmer_page), Item("a much longer text to pad the others on the left")]
@@ -46,7 +46,7 @@ def test_layer_states_are_per_layer_and_independent_of_the_batch(tiny_model, tha
     torch.testing.assert_close(states, alone, rtol=1e-4, atol=1e-5)
     # the last layer's state, normalised, is the embedding the Embedder uses
     with torch.no_grad():
-        from stages.embedder import model_inputs
+        from lco.embedder import model_inputs
 
         embedded = EmbeddingModel(model)(**model_inputs(processor, items, 650, 200))
     torch.testing.assert_close(torch.nn.functional.normalize(states[-1], dim=-1), embedded, rtol=1e-4, atol=1e-5)

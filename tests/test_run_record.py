@@ -3,10 +3,10 @@ import json
 
 import pytest
 
-from stages.artifacts import atomic_directory
+from common.artifacts import atomic_directory
+from common.errors import UsageError
+from common.run_record import RUN_RECORD, read_run_record, verify_chain, write_run_record
 from stages.base_model import main as build_base_model
-from stages.errors import UsageError
-from stages.run_record import RUN_RECORD, read_run_record, verify_chain, write_run_record
 
 from .conftest import REPO
 

@@ -6,7 +6,6 @@ Eval folders whose image paths leave the folder, recipes with Python tags, model
 
 import dataclasses
 import enum
-import importlib
 import io
 import json
 import types
@@ -22,13 +21,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from common.artifacts import check_model_source, refuse_remote_code
+from common.errors import UsageError, run_cli
+from common.recipe import SECTIONS, parse_stage_arguments
 from data_prep.evalset import convert_parquet_evalset
-from stages import base_model, evaluate
-from stages.artifacts import check_model_source, refuse_remote_code
-from stages.errors import UsageError, run_cli
+from lco.retrieval import load_evalset
+from stages import base_model, check_recipe, evaluate, section_types
 from stages.pretrain import CPU_DEFAULTS
-from stages.recipe import SECTIONS, check_recipe, parse_stage_arguments
-from stages.retrieval import load_evalset
 
 from .conftest import REPO
 
@@ -121,25 +120,43 @@ def test_image_paths_that_leave_the_eval_folder_are_refused(tmp_path, outside, k
 
 
 def test_a_loop_of_links_and_a_nul_byte_are_refused(tmp_path):
-    folder = beir_folder(tmp_path / "eval", {"p0": "images/p0.png", "loop": "images/cycle.png", "nul": "images/a\0b.png"})
+    folder = beir_folder(
+        tmp_path / "eval", {"p0": "images/p0.png", "loop": "images/cycle.png", "nul": "images/a\0b.png"}
+    )
     (folder / "images" / "cycle.png").symlink_to("cycle.png")
-    with pytest.raises(UsageError, match=r"2 page images outside the eval folder.*loop: .*cannot be followed.*"
-                                         r"nul: .*cannot be followed \(embedded null byte\)"):
+    with pytest.raises(
+        UsageError,
+        match=r"2 page images outside the eval folder.*loop: .*cannot be followed.*"
+        r"nul: .*cannot be followed \(embedded null byte\)",
+    ):
         load_evalset(str(folder))
 
 
 def test_many_escaping_rows_are_counted_and_a_few_listed(tmp_path, outside):
     images = {f"p{i}": f"../secret{i}.png" for i in range(8)} | {"ok": "images/ok.png"}
     folder = beir_folder(tmp_path / "eval", images)
-    with pytest.raises(UsageError, match=r"8 page images outside the eval folder, which are not read \(p0: \.\./secret0\.png "
-                                         r"goes up out of the folder; .*p4: .*; \.\.\.\)"):
+    with pytest.raises(
+        UsageError,
+        match=r"8 page images outside the eval folder, which are not read \(p0: \.\./secret0\.png "
+        r"goes up out of the folder; .*p4: .*; \.\.\.\)",
+    ):
         load_evalset(str(folder))
 
 
 def test_evaluate_refuses_an_escaping_eval_folder_in_one_line(tmp_path, outside, capsys):
     folder = beir_folder(tmp_path / "eval", {"p0": "images/p0.png", "p1": str(outside)})
-    code, err = run(evaluate.main, ["--config", str(REPO / "recipes/tiny.yaml"), "--data", str(folder),
-                                    "--output", str(tmp_path / "results.json")], capsys)
+    code, err = run(
+        evaluate.main,
+        [
+            "--config",
+            str(REPO / "recipes/tiny.yaml"),
+            "--data",
+            str(folder),
+            "--output",
+            str(tmp_path / "results.json"),
+        ],
+        capsys,
+    )
     assert_one_line_error(code, err)
     assert f"p1: {outside} is an absolute path" in err
     assert not (tmp_path / "results.json").exists()
@@ -150,7 +167,11 @@ def test_evaluate_refuses_an_escaping_eval_folder_in_one_line(tmp_path, outside,
     [
         ("corpus.jsonl", '["p0", "images/p0.png"]\n', "corpus.jsonl line 1: expected a JSON object with an `_id`"),
         ("corpus.jsonl", '{"image": "images/p0.png"}\n', "corpus.jsonl line 1: expected a JSON object with an `_id`"),
-        ("qrels.tsv", "query-id\tcorpus-id\tscore\nq0 p0 1\n", "qrels.tsv line 2: expected query-id, corpus-id and an integer score"),
+        (
+            "qrels.tsv",
+            "query-id\tcorpus-id\tscore\nq0 p0 1\n",
+            "qrels.tsv line 2: expected query-id, corpus-id and an integer score",
+        ),
         ("qrels.tsv", "query-id\tcorpus-id\tscore\nq0\tp0\thigh\n", "qrels.tsv line 2: expected query-id"),
     ],
 )
@@ -164,7 +185,9 @@ def test_malformed_eval_files_name_the_line(tmp_path, file, content, says):
 def test_parquet_ids_never_name_a_file_outside_or_share_one(tmp_path):
     ids = ["../../escape", "a/b", "a_b", "/abs", "ok"]
     tables = {
-        "corpus": [{"corpus-id": pid, "image": {"bytes": png((10 * i, 0, 0)), "path": None}} for i, pid in enumerate(ids)],
+        "corpus": [
+            {"corpus-id": pid, "image": {"bytes": png((10 * i, 0, 0)), "path": None}} for i, pid in enumerate(ids)
+        ],
         "queries": [{"query-id": "q1", "query": "which page"}],
         "qrels": [{"query-id": "q1", "corpus-id": pid, "score": 1} for pid in ids],
     }
@@ -175,16 +198,20 @@ def test_parquet_ids_never_name_a_file_outside_or_share_one(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval", "seadoc"]  # nothing written beside the output
     evalset = load_evalset(str(tmp_path / "eval"))
     images = {pid: page["image"] for pid, page in evalset.pages.items()}
-    assert len(set(images.values())) == len(ids) and all(p.parent == tmp_path / "eval" / "images" for p in images.values())
+    assert len(set(images.values())) == len(ids) and all(
+        p.parent == tmp_path / "eval" / "images" for p in images.values()
+    )
     assert images["ok"].name == "ok.png"
     for i, pid in enumerate(ids):  # each page kept its own image
         assert evalset.open_image(pid).getpixel((0, 0)) == (10 * i, 0, 0)
 
 
 def test_parquet_rows_without_image_bytes_are_refused(tmp_path):
-    for name, rows in {"corpus": [{"corpus-id": "p1", "image": {"bytes": None, "path": "/etc/passwd"}}],
-                       "queries": [{"query-id": "q1", "query": "x"}],
-                       "qrels": [{"query-id": "q1", "corpus-id": "p1", "score": 1}]}.items():
+    for name, rows in {
+        "corpus": [{"corpus-id": "p1", "image": {"bytes": None, "path": "/etc/passwd"}}],
+        "queries": [{"query-id": "q1", "query": "x"}],
+        "qrels": [{"query-id": "q1", "corpus-id": "p1", "score": 1}],
+    }.items():
         (tmp_path / "seadoc" / name).mkdir(parents=True)
         pq.write_table(pa.Table.from_pylist(rows), tmp_path / "seadoc" / name / "test.parquet")
     with pytest.raises(UsageError, match=r"1 corpus rows have no image bytes, e.g. \['p1'\]"):
@@ -197,8 +224,12 @@ def test_parquet_rows_without_image_bytes_are_refused(tmp_path):
 
 @pytest.mark.parametrize(
     "tag",
-    ["!!python/object/apply:os.system ['touch {marker}']", "!!python/object/new:os.system ['touch {marker}']",
-     "!!python/name:os.system", "!!python/object/apply:subprocess.check_call [['touch', '{marker}']]"],
+    [
+        "!!python/object/apply:os.system ['touch {marker}']",
+        "!!python/object/new:os.system ['touch {marker}']",
+        "!!python/name:os.system",
+        "!!python/object/apply:subprocess.check_call [['touch', '{marker}']]",
+    ],
 )
 def test_a_recipe_with_python_tags_runs_nothing(tmp_path, capsys, tag):
     marker = tmp_path / "pwned"
@@ -227,7 +258,9 @@ def custom_code_folder(folder: Path, marker: Path, *, model_type: str = "evil_vl
     (folder / "config.json").write_text(json.dumps({"model_type": model_type, "auto_map": auto_map}), encoding="utf-8")
     if processor:
         (folder / "processor_config.json").write_text(
-            json.dumps({"processor_class": "EvilProcessor", "auto_map": {"AutoProcessor": "modeling_evil.EvilProcessor"}}),
+            json.dumps(
+                {"processor_class": "EvilProcessor", "auto_map": {"AutoProcessor": "modeling_evil.EvilProcessor"}}
+            ),
             encoding="utf-8",
         )
     return folder
@@ -236,8 +269,11 @@ def custom_code_folder(folder: Path, marker: Path, *, model_type: str = "evil_vl
 def test_model_folders_with_auto_map_are_refused_before_loading(tmp_path):
     marker = tmp_path / "ran"
     unknown = custom_code_folder(tmp_path / "unknown", marker)
-    with pytest.raises(UsageError, match=r"--model .*unknown brings code of its own .*config\.json: auto_map "
-                                         r"\{\"AutoConfig\": \"modeling_evil\.EvilConfig\".*use a model folder without `auto_map`"):
+    with pytest.raises(
+        UsageError,
+        match=r"--model .*unknown brings code of its own .*config\.json: auto_map "
+        r"\{\"AutoConfig\": \"modeling_evil\.EvilConfig\".*use a model folder without `auto_map`",
+    ):
         check_model_source(str(unknown), "--model")
     known = custom_code_folder(tmp_path / "known", marker, model_type="qwen2_5_vl")
     with pytest.raises(UsageError, match="brings code of its own"):
@@ -258,7 +294,11 @@ def test_evaluate_refuses_a_model_folder_with_custom_code(tmp_path, capsys):
     marker = tmp_path / "ran"
     folder = custom_code_folder(tmp_path / "model", marker)
     data = beir_folder(tmp_path / "eval", {"p0": "images/p0.png"})
-    code, err = run(evaluate.main, ["--config", str(REPO / "recipes/tiny.yaml"), "--model", str(folder), "--data", str(data)], capsys)
+    code, err = run(
+        evaluate.main,
+        ["--config", str(REPO / "recipes/tiny.yaml"), "--model", str(folder), "--data", str(data)],
+        capsys,
+    )
     assert_one_line_error(code, err)
     assert "brings code of its own" in err and not marker.exists()
 
@@ -270,7 +310,7 @@ def test_transformers_refuses_rather_than_asks_even_if_the_user_would_say_yes(tm
     stage's argument parsing calls) it raises without asking, and `run_cli` says so in one line."""
     from transformers import AutoProcessor
 
-    from stages.embedder import Embedder
+    from lco.embedder import Embedder
 
     marker = tmp_path / "ran"
     folder = custom_code_folder(tmp_path / "model", marker, processor=processor)
@@ -296,18 +336,46 @@ def test_transformers_refuses_rather_than_asks_even_if_the_user_would_say_yes(tm
 # --- random malformed recipes (hypothesis) --------------------------------------------------------------
 
 
-def section_types(section: str) -> tuple[type, ...]:
-    return tuple(getattr(importlib.import_module(target.split(":")[0]), target.split(":")[1]) for target in SECTIONS[section])
-
-
 HUGE = st.integers(min_value=10**18, max_value=10**400) | st.integers(min_value=-(10**400), max_value=-(10**18))
 SCALARS = (
-    st.none() | st.booleans() | st.integers() | HUGE | st.floats() | st.text(max_size=20)
-    | st.sampled_from([0, -1, 1, 2, "th", "khm", "1e-5", "auto", "yes", "", "~", "null", "qwen2_5_vl", "a\nb",
-                       "nowhere/model", "\x00", "x" * 300, "/", "..", "-", "--help", "recipes/tiny.yaml", "samples/udhr"])
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | HUGE
+    | st.floats()
+    | st.text(max_size=20)
+    | st.sampled_from(
+        [
+            0,
+            -1,
+            1,
+            2,
+            "th",
+            "khm",
+            "1e-5",
+            "auto",
+            "yes",
+            "",
+            "~",
+            "null",
+            "qwen2_5_vl",
+            "a\nb",
+            "nowhere/model",
+            "\x00",
+            "x" * 300,
+            "/",
+            "..",
+            "-",
+            "--help",
+            "recipes/tiny.yaml",
+            "samples/udhr",
+        ]
+    )
 )
 KEYS = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=10)
-JUNK = st.recursive(SCALARS, lambda children: st.lists(children, max_size=3) | st.dictionaries(KEYS, children, max_size=3), max_leaves=8)
+JUNK = st.recursive(
+    SCALARS, lambda children: st.lists(children, max_size=3) | st.dictionaries(KEYS, children, max_size=3), max_leaves=8
+)
 
 
 def values_for(annotation):
@@ -365,50 +433,108 @@ def recipes(draw, target: str) -> bytes:
     if form == "junk":
         value = draw(JUNK)
     else:
-        value = {"lang": draw(mostly(st.sampled_from(["th", "km", "khm", "multi"]), SCALARS)),
-                 "seed": draw(mostly(st.integers(), SCALARS)),
-                 section: draw(mostly(section_values(section), JUNK))}
-        value = {key: item for key, item in value.items() if key == section or draw(mostly(st.just(True), st.just(False)))}
+        value = {
+            "lang": draw(mostly(st.sampled_from(["th", "km", "khm", "multi"]), SCALARS)),
+            "seed": draw(mostly(st.integers(), SCALARS)),
+            section: draw(mostly(section_values(section), JUNK)),
+        }
+        value = {
+            key: item for key, item in value.items() if key == section or draw(mostly(st.just(True), st.just(False)))
+        }
     return yaml.safe_dump(value, allow_unicode=True, sort_keys=False).encode("utf-8")
 
 
-LAUGHS = ("[&a [x, x, x, x, x, x, x, x, x, x], "
-          + ", ".join(f"&{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 10)}]" for i in range(8)) + "]")
+LAUGHS = (
+    "[&a [x, x, x, x, x, x, x, x, x, x], "
+    + ", ".join(f"&{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 10)}]" for i in range(8))
+    + "]"
+)
 # recipe texts that yaml.safe_dump does not write: broken YAML, tags, aliases, documents, edge values; SECTION and
 # KEY are replaced by a section and one of its keys
-TEXTS = st.sampled_from([
-    "lang: [km", "SECTION: {KEY: [", "- a\n- b\n", "lang: km\nSECTION: 3\n", "{", "lang: &a [*a]\n",
-    "lang: !!python/object/apply:os.system ['true']\n", "%YAML 9.9\n---\nlang: km\n", "lang: km\n---\nlang: th\n",
-    "lang: km\nseed: 1" + "0" * 5000 + "\n", "lang: km\nSECTION: {KEY: " + "[" * 3000 + "]" * 3000 + "}\n",
-    f"lang: km\nSECTION: {{KEY: {LAUGHS}}}\n", "lang: km\nSECTION:\n  ? [a, b]\n  : 1\n",
-    "lang: km\nSECTION: {KEY: !!binary aGVsbG8=}\n", "lang: km\nSECTION: {KEY: !!set {a, b}}\n",
-    "lang: km\nSECTION: {KEY: 2001-01-01}\n", 'lang: km\nSECTION: {"KEY\\nb": 1}\n', "lang: null\n",
-    "\ufefflang: km\n", "lang: km\nSECTION: {KEY: ''}\n", "lang: km\nSECTION: {KEY: [1]}\n", "lang: km\nSECTION: {KEY: 0}\n",
-    'lang: km\nSECTION: {KEY: "a\\0b"}\n', "lang: km\nSECTION: {KEY: " + "x" * 300 + "}\n",
-])
+TEXTS = st.sampled_from(
+    [
+        "lang: [km",
+        "SECTION: {KEY: [",
+        "- a\n- b\n",
+        "lang: km\nSECTION: 3\n",
+        "{",
+        "lang: &a [*a]\n",
+        "lang: !!python/object/apply:os.system ['true']\n",
+        "%YAML 9.9\n---\nlang: km\n",
+        "lang: km\n---\nlang: th\n",
+        "lang: km\nseed: 1" + "0" * 5000 + "\n",
+        "lang: km\nSECTION: {KEY: " + "[" * 3000 + "]" * 3000 + "}\n",
+        f"lang: km\nSECTION: {{KEY: {LAUGHS}}}\n",
+        "lang: km\nSECTION:\n  ? [a, b]\n  : 1\n",
+        "lang: km\nSECTION: {KEY: !!binary aGVsbG8=}\n",
+        "lang: km\nSECTION: {KEY: !!set {a, b}}\n",
+        "lang: km\nSECTION: {KEY: 2001-01-01}\n",
+        'lang: km\nSECTION: {"KEY\\nb": 1}\n',
+        "lang: null\n",
+        "\ufefflang: km\n",
+        "lang: km\nSECTION: {KEY: ''}\n",
+        "lang: km\nSECTION: {KEY: [1]}\n",
+        "lang: km\nSECTION: {KEY: 0}\n",
+        'lang: km\nSECTION: {KEY: "a\\0b"}\n',
+        "lang: km\nSECTION: {KEY: " + "x" * 300 + "}\n",
+    ]
+)
 
 
 # recipes that crashed a stage's argument parsing, printed all of argparse's usage, or passed it only to fail later
 # ("passed, to fail ..."), before issue 9; and what each one says now
 CRASHED_BEFORE = {
-    "an integer of 5000 digits": ("base_model", "lang: km\nseed: 1" + "0" * 5000 + "\n", "is not valid YAML: Exceeds the limit"),
-    "lists nested 3000 deep": ("base_model", "lang: km\nbase_model: {vocab_size: " + "[" * 3000 + "]" * 3000 + "}\n",
-                               "is not valid YAML: it nests deeper than Python can read"),
+    "an integer of 5000 digits": (
+        "base_model",
+        "lang: km\nseed: 1" + "0" * 5000 + "\n",
+        "is not valid YAML: Exceeds the limit",
+    ),
+    "lists nested 3000 deep": (
+        "base_model",
+        "lang: km\nbase_model: {vocab_size: " + "[" * 3000 + "]" * 3000 + "}\n",
+        "is not valid YAML: it nests deeper than Python can read",
+    ),
     "lang: null": ("check_recipe", "lang: null\n", "has no language: give it a top-level `lang:` key"),
-    "a key with a line break": ("base_model", 'lang: km\nbase_model: {"a\\nb": 1}\n', "unknown key `base_model.'a\\nb'`"),
-    "a billion laughs": ("base_model", f"lang: km\nbase_model: {{vocab_size: {LAUGHS}}}\n",
-                         "`base_model.vocab_size` must be an integer, got [['x', 'x', 'x', 'x', 'x', ...], [[...]"),
-    "a value argparse cannot convert": ("pretrain", "lang: km\npretrain: {debug: ''}\n",
-                                        "argument --debug: invalid DebugOption value: '' (from recipe"),
-    "a list for an enum": ("pretrain", "lang: km\npretrain: {save_strategy: [1]}\n",
-                           "`pretrain.save_strategy` must be SaveStrategy or a string, got [1]"),
-    "zero attention heads": ("base_model", "lang: km\nbase_model: {num_attention_heads: 0}\n",
-                             "base_model: a value of BaseModelArguments cannot be used (ZeroDivisionError"),
-    "a NUL in a path": ("base_model", 'lang: km\nbase_model: {output_dir: "a\\0b"}\n',  # passed, to fail at mkdir
-                        "--output_dir 'a\\x00b' holds a NUL byte, which no file name can"),
-    "a seed numpy refuses": ("evaluate", "lang: km\nseed: -1\n", "seed must be in [0, 2**32), got -1"),  # passed, to fail later
-    "a file name of 300 characters": ("contrast", f"lang: km\ncontrast: {{model_name_or_path: {'x' * 300}}}\n",
-                                      f"--model_name_or_path {'x' * 77}...: File name too long"),
+    "a key with a line break": (
+        "base_model",
+        'lang: km\nbase_model: {"a\\nb": 1}\n',
+        "unknown key `base_model.'a\\nb'`",
+    ),
+    "a billion laughs": (
+        "base_model",
+        f"lang: km\nbase_model: {{vocab_size: {LAUGHS}}}\n",
+        "`base_model.vocab_size` must be an integer, got [['x', 'x', 'x', 'x', 'x', ...], [[...]",
+    ),
+    "a value argparse cannot convert": (
+        "pretrain",
+        "lang: km\npretrain: {debug: ''}\n",
+        "argument --debug: invalid DebugOption value: '' (from recipe",
+    ),
+    "a list for an enum": (
+        "pretrain",
+        "lang: km\npretrain: {save_strategy: [1]}\n",
+        "`pretrain.save_strategy` must be SaveStrategy or a string, got [1]",
+    ),
+    "zero attention heads": (
+        "base_model",
+        "lang: km\nbase_model: {num_attention_heads: 0}\n",
+        "base_model: a value of BaseModelArguments cannot be used (ZeroDivisionError",
+    ),
+    "a NUL in a path": (
+        "base_model",
+        'lang: km\nbase_model: {output_dir: "a\\0b"}\n',  # passed, to fail at mkdir
+        "--output_dir 'a\\x00b' holds a NUL byte, which no file name can",
+    ),
+    "a seed numpy refuses": (
+        "evaluate",
+        "lang: km\nseed: -1\n",
+        "seed must be in [0, 2**32), got -1",
+    ),  # passed, to fail later
+    "a file name of 300 characters": (
+        "contrast",
+        f"lang: km\ncontrast: {{model_name_or_path: {'x' * 300}}}\n",
+        f"--model_name_or_path {'x' * 77}...: File name too long",
+    ),
 }
 
 
@@ -435,8 +561,13 @@ def test_random_malformed_recipes_give_one_line_errors(tmp_path, capsys):
     path = tmp_path / "recipe.yaml"
     outcomes = Counter()
 
-    @settings(max_examples=200, deadline=None, derandomize=True, database=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @settings(
+        max_examples=200,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
     @given(data=st.data(), target=st.sampled_from([*SECTIONS, "check_recipe"]))
     def parse(data, target: str):
         path.write_bytes(data.draw(recipes(target)))

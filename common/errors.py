@@ -13,16 +13,24 @@ class UsageError(Exception):
     """Bad input from the user (a recipe, a flag, a path): reported as one line, exit code 2."""
 
 
+class RunFailed(Exception):
+    """The run went through its inputs but the outcome breaks a limit the recipe sets (too many unreadable
+    inputs, say): reported as one line, exit code 1, and nothing written that looks complete."""
+
+
 def run_cli(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
-    """Run a stage's `main`, turning a `UsageError` into a one-line message and exit code 2.
+    """Run a stage's `main`, turning a `UsageError` into a one-line message and exit code 2 (a `RunFailed`: 1).
 
     A full disk (anywhere in the exception's chain, in whatever type the writing library raises) and transformers'
     refusal to run a model folder's own code are reported the same way: the person can act on both, and a
     traceback would only hide the one line that says what to do."""
+    code = 2
     try:
         main(argv)
     except UsageError as error:
         message = str(error)
+    except RunFailed as error:
+        message, code = str(error), 1
     except Exception as error:
         message = _message_for(error)
         if message is None:
@@ -31,7 +39,7 @@ def run_cli(main: Callable[[list[str] | None], None], argv: list[str] | None = N
         return
     # exit outside the `except` blocks: the SystemExit then holds no reference to the error, whose frames may
     # keep files open (a pyarrow writer on a full disk keeps its deleted file, and the disk space, until freed)
-    _exit_with(message)
+    _exit_with(message, code)
 
 
 def _message_for(error: Exception) -> str | None:
@@ -69,8 +77,8 @@ def _is_remote_code_refusal(error: BaseException) -> bool:
     return isinstance(error, ValueError) and "trust_remote_code=True" in str(error)
 
 
-def _exit_with(message: str) -> None:
+def _exit_with(message: str, code: int) -> None:
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     prog = f"python -m {spec.name.removesuffix('.__main__')}" if spec else "error"
     print(f"{prog}: error: {' '.join(message.split())}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(code)

@@ -66,19 +66,24 @@ class _RandomState:
             torch.cuda.set_rng_state_all(self.cuda)
 
 
-def cached_contrastive_step(encode, chunks_by_role: list[list], backward, temperature: float) -> tuple[float, int]:
+def cached_contrastive_step(
+    encode, chunks_by_role: list[list], backward_chunk, temperature: float
+) -> tuple[float, int]:
     """One cached InfoNCE step: returns (loss value, candidates per anchor).
 
     `chunks_by_role` holds, for anchors, positives and optionally negatives, the model inputs of each
-    mini-batch; `encode(inputs)` returns embeddings; `backward(tensor)` backpropagates a scalar (so
-    DeepSpeed or Accelerate can count its accumulation steps)."""
-    states, embeddings = [], []
+    mini-batch; `encode(inputs)` returns their embeddings (called without a graph); `backward_chunk(inputs,
+    grad)` encodes `inputs` again with a graph and backpropagates `grad`, the loss's gradient with respect to
+    their embeddings, through it (see `backpropagate`). Forward and backward happen in one call so that the
+    caller can put both under one context: DDP decides in the forward whether the backward all-reduces."""
+    states, sizes, embeddings = [], [], []
     with torch.no_grad():
         for chunks in chunks_by_role:
             role = []
             for inputs in chunks:
                 states.append(_RandomState())
                 role.append(encode(inputs))
+                sizes.append(role[-1].shape[0])
             embeddings.append(torch.cat(role))
     leaves = [e.detach().requires_grad_() for e in embeddings]
     loss, candidates = info_nce(*leaves, temperature=temperature)
@@ -88,11 +93,15 @@ def cached_contrastive_step(encode, chunks_by_role: list[list], backward, temper
     for chunks, leaf in zip(chunks_by_role, leaves):
         start = 0
         for inputs in chunks:
+            size = sizes[step]
             states[step].restore()
             step += 1
             with torch.enable_grad():
-                chunk = encode(inputs)
-            cached = leaf.grad[start : start + chunk.shape[0]]
-            start += chunk.shape[0]
-            backward(torch.dot(chunk.flatten(), cached.flatten()))
+                backward_chunk(inputs, leaf.grad[start : start + size])
+            start += size
     return loss.item(), candidates
+
+
+def backpropagate(embeddings: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The scalar whose backward sends `grad` (the cached gradient of the loss) into `embeddings`' graph."""
+    return torch.dot(embeddings.flatten(), grad.flatten())

@@ -11,6 +11,8 @@ import math
 import random
 import zlib
 
+from .embedder import truncate_to_tokens
+
 INSTRUCTIONS = (
     "Transcribe the text of this page.",
     "Read this document page and write out all of its text.",
@@ -31,12 +33,33 @@ def held_out_documents(doc_ids: list[str], fraction: float, seed: int) -> set[st
     return set(documents[: max(1, round(fraction * len(documents)))])
 
 
+def evaluated_in(pages_folders: list[str], evalsets: list[str]) -> dict[str, str]:
+    """doc_id -> sha256 of the documents of `pages_folders` that one of `evalsets` covers (the same content, under
+    whatever file name): training leaves them out, so that no eval set scores a page its model was trained on."""
+    from data_prep.evalset import evaluated_documents
+    from data_prep.pages import document_hashes
+
+    covered = set().union(*(evaluated_documents(folder, "--exclude_evalsets") for folder in evalsets))
+    hashes = {doc: sha for folder in pages_folders for doc, sha in document_hashes(folder, "--datasets").items()}
+    return {doc: sha for doc, sha in hashes.items() if sha in covered}
+
+
+def document_sha256(pages_folders: list[str], doc_ids) -> list[str]:
+    """The sorted sha256 of the given documents of `pages_folders`, as the run record lists what was trained on."""
+    from data_prep.pages import document_hashes
+
+    hashes = {doc: sha for folder in pages_folders for doc, sha in document_hashes(folder, "--datasets").items()}
+    return sorted({hashes[doc] for doc in doc_ids if doc in hashes})
+
+
 def image_tokens(height: int, width: int, image_processor, max_pixels: int) -> int:
     """Visual tokens Qwen2(.5)-VL spends on an image: one per merged patch after its own resizing."""
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
     factor = image_processor.patch_size * image_processor.merge_size
-    h, w = smart_resize(height, width, factor=factor, min_pixels=image_processor.size["shortest_edge"], max_pixels=max_pixels)
+    h, w = smart_resize(
+        height, width, factor=factor, min_pixels=image_processor.size["shortest_edge"], max_pixels=max_pixels
+    )
     return (h // factor) * (w // factor)
 
 
@@ -58,14 +81,6 @@ def prompt_overhead(processor, instruction: str) -> int:
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def truncate_to_tokens(tokenizer, text: str, max_tokens: int) -> tuple[str, bool]:
-    """`text` cut after `max_tokens` tokens, on a token boundary; and whether it was cut."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if len(ids) <= max_tokens:
-        return text, False
-    return tokenizer.decode(ids[:max_tokens]), True
 
 
 def page_example(row: dict, processor, *, max_length: int, max_pixels: int, seed: int) -> dict:
@@ -95,11 +110,17 @@ def continuation_example(row: dict, processor, *, max_length: int) -> dict:
     tokenizer = processor.tokenizer
     ids = tokenizer(row["text"], add_special_tokens=False)["input_ids"]
     empty = [{"role": "user", "content": [{"type": "text", "text": CONTINUATION_INSTRUCTION}]}]
-    overhead = len(tokenizer(processor.apply_chat_template(empty, add_generation_prompt=True, tokenize=False), add_special_tokens=False)["input_ids"])
+    overhead = len(
+        tokenizer(
+            processor.apply_chat_template(empty, add_generation_prompt=True, tokenize=False), add_special_tokens=False
+        )["input_ids"]
+    )
     # 2 tokens of margin: text decoded at a token boundary may re-encode one token longer on each side
     room = max_length - overhead - COMPLETION_SUFFIX_TOKENS - 2
     head = max(1, min(len(ids) // 3, room // 2))
-    prompt = [{"role": "user", "content": [{"type": "text", "text": CONTINUATION_INSTRUCTION + tokenizer.decode(ids[:head])}]}]
+    prompt = [
+        {"role": "user", "content": [{"type": "text", "text": CONTINUATION_INSTRUCTION + tokenizer.decode(ids[:head])}]}
+    ]
     completion_ids = ids[head : head + room - head]
     return {
         "images": [],

@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UsageError
+from common.errors import UsageError
 
 BEIR_FILES = ("corpus.jsonl", "queries.jsonl", "qrels.tsv")
 MEASURES = {"ndcg_cut.1,5,10", "recall.1,5,10,100", "map"}
@@ -20,7 +20,8 @@ MAX_LISTED = 5
 
 @dataclass
 class EvalSet:
-    """Pages (id -> image as a path or bytes, text, lang), queries (id -> text, lang), qrels (query -> page -> grade)."""
+    """Pages (id -> image as a path or bytes, text, lang), queries (id -> text, lang),
+    qrels (query -> page -> grade)."""
 
     pages: dict[str, dict]
     queries: dict[str, dict]
@@ -34,12 +35,15 @@ class EvalSet:
         return EvalSet({pid: self.pages[pid] for pid in page_ids}, {qid: self.queries[qid] for qid in qrels}, qrels)
 
     def tasks(self) -> dict[str, "EvalSet"]:
-        """"all" (every page) and, when the pages are in several languages, one task per language (SeaDoc's
+        """ "all" (every page) and, when the pages are in several languages, one task per language (SeaDoc's
         per-language scores: each language's pages are searched on their own)."""
         langs = sorted({page["lang"] for page in self.pages.values()})
         tasks = {"all": self}
         if len(langs) > 1:
-            tasks |= {lang or "unknown": self.subset([pid for pid, page in self.pages.items() if page["lang"] == lang]) for lang in langs}
+            tasks |= {
+                lang or "unknown": self.subset([pid for pid, page in self.pages.items() if page["lang"] == lang])
+                for lang in langs
+            }
         return {name: task for name, task in tasks.items() if task.qrels}
 
     def open_image(self, page_id: str):
@@ -64,10 +68,15 @@ def load_evalset(folder: str) -> EvalSet:
         pages = {}
         for row in _jsonl(root / "corpus.jsonl"):
             image = row.get("image")
-            pages[str(row["_id"])] = {"image": root / image if isinstance(image, str) and image else None,
-                                      "text": str(row.get("text") or ""), "lang": str(row.get("lang") or "")}
-        queries = {str(row["_id"]): {"text": str(row.get("text") or ""), "lang": str(row.get("lang") or "")}
-                   for row in _jsonl(root / "queries.jsonl")}
+            pages[str(row["_id"])] = {
+                "image": root / image if isinstance(image, str) and image else None,
+                "text": str(row.get("text") or ""),
+                "lang": str(row.get("lang") or ""),
+            }
+        queries = {
+            str(row["_id"]): {"text": str(row.get("text") or ""), "lang": str(row.get("lang") or "")}
+            for row in _jsonl(root / "queries.jsonl")
+        }
         qrels = _qrels(root / "qrels.tsv")
     else:
         from data_prep.evalset import read_parquet_evalset
@@ -153,8 +162,12 @@ def check_evalset(evalset: EvalSet, folder: str) -> None:
             f"({_listed([f'{pid}: {how}' for pid, how in outside.items()])}); image paths in corpus.jsonl must be "
             "relative paths to files inside the folder, e.g. images/<id>.png: copy the images in"
         )
-    missing = [pid for pid, page in evalset.pages.items() if pid not in outside and (
-        page["image"] is None or (isinstance(page["image"], Path) and not page["image"].is_file()))]
+    missing = [
+        pid
+        for pid, page in evalset.pages.items()
+        if pid not in outside
+        and (page["image"] is None or (isinstance(page["image"], Path) and not page["image"].is_file()))
+    ]
     if missing:
         problems.append(f"{len(missing)} pages without an image file ({', '.join(missing[:MAX_LISTED])})")
     empty = [qid for qid, query in evalset.queries.items() if not query["text"].strip()]
@@ -162,18 +175,31 @@ def check_evalset(evalset: EvalSet, folder: str) -> None:
         problems.append(f"{len(empty)} empty queries ({', '.join(empty[:MAX_LISTED])})")
     unknown_queries = [qid for qid in evalset.qrels if qid not in evalset.queries]
     if unknown_queries:
-        problems.append(f"qrels name {len(unknown_queries)} unknown query ids ({', '.join(unknown_queries[:MAX_LISTED])})")
+        problems.append(
+            f"qrels name {len(unknown_queries)} unknown query ids ({', '.join(unknown_queries[:MAX_LISTED])})"
+        )
     unknown_pages = sorted({pid for judged in evalset.qrels.values() for pid in judged if pid not in evalset.pages})
     if unknown_pages:
         problems.append(f"qrels name {len(unknown_pages)} unknown page ids ({', '.join(unknown_pages[:MAX_LISTED])})")
     if not evalset.qrels:
         problems.append("no relevance judgements")
     if problems:
-        raise UsageError(f"--data {folder}: {'; '.join(problems)}. Fix the eval set (or rebuild it with `python -m data_prep evalset`).")
+        raise UsageError(
+            f"--data {folder}: {'; '.join(problems)}. Fix the eval set (or rebuild it with `python -m data_prep "
+            "evalset`)."
+        )
 
 
-def search(query_embeddings, page_embeddings, page_ids: list[str], query_ids: list[str], *,
-           depth: int = DEPTH, use_faiss: bool = False, chunk: int = 1024) -> dict[str, dict[str, float]]:
+def search(
+    query_embeddings,
+    page_embeddings,
+    page_ids: list[str],
+    query_ids: list[str],
+    *,
+    depth: int = DEPTH,
+    use_faiss: bool = False,
+    chunk: int = 1024,
+) -> dict[str, dict[str, float]]:
     """Top-`depth` pages per query by inner product (cosine for normalised embeddings)."""
     import torch
 
@@ -186,8 +212,10 @@ def search(query_embeddings, page_embeddings, page_ids: list[str], query_ids: li
         scores, indices = index.search(query_embeddings.float().numpy(), depth)
         scores, indices = torch.from_numpy(scores), torch.from_numpy(indices)
     else:
-        parts = [(query_embeddings[start : start + chunk].float() @ page_embeddings.float().T).topk(depth, dim=1)
-                 for start in range(0, len(query_ids), chunk)]
+        parts = [
+            (query_embeddings[start : start + chunk].float() @ page_embeddings.float().T).topk(depth, dim=1)
+            for start in range(0, len(query_ids), chunk)
+        ]
         scores, indices = torch.cat([p.values for p in parts]), torch.cat([p.indices for p in parts])
     return {
         query_id: {page_ids[i]: float(s) for s, i in zip(row_scores.tolist(), row_indices.tolist())}
@@ -217,9 +245,13 @@ def bm25_rankings(evalset: EvalSet, depth: int = DEPTH) -> dict[str, dict[str, f
     query_ids = list(evalset.queries)
     results, scores = retriever.retrieve(
         [scripts_tokens(evalset.queries[qid]["text"]) or ["\0"] for qid in query_ids],
-        k=min(depth, len(page_ids)), show_progress=False,
+        k=min(depth, len(page_ids)),
+        show_progress=False,
     )
-    return {qid: {page_ids[i]: float(s) for i, s in zip(row, row_scores)} for qid, row, row_scores in zip(query_ids, results, scores)}
+    return {
+        qid: {page_ids[i]: float(s) for i, s in zip(row, row_scores)}
+        for qid, row, row_scores in zip(query_ids, results, scores)
+    }
 
 
 def random_rankings(evalset: EvalSet, seed: int, depth: int = DEPTH) -> dict[str, dict[str, float]]:
@@ -241,7 +273,9 @@ def read_trec_run(path: str) -> dict[str, dict[str, float]]:
             if not fields:
                 continue
             if len(fields) != 6:
-                raise UsageError(f"--run {path} line {number}: expected `query Q0 page rank score tag`, got {len(fields)} fields.")
+                raise UsageError(
+                    f"--run {path} line {number}: expected `query Q0 page rank score tag`, got {len(fields)} fields."
+                )
             try:
                 run.setdefault(fields[0], {})[fields[2]] = float(fields[4])
             except ValueError:
@@ -253,24 +287,49 @@ def write_trec_run(run: dict[str, dict[str, float]], path: Path, tag: str) -> No
     with open(path, "w", encoding="utf-8") as handle:
         for query_id, ranking in run.items():
             ordered = sorted(ranking.items(), key=lambda item: -item[1])
-            handle.writelines(f"{query_id} Q0 {pid} {rank} {score:.6f} {tag}\n" for rank, (pid, score) in enumerate(ordered, start=1))
+            handle.writelines(
+                f"{query_id} Q0 {pid} {rank} {score:.6f} {tag}\n" for rank, (pid, score) in enumerate(ordered, start=1)
+            )
 
 
 def score(run: dict[str, dict[str, float]], evalset: EvalSet) -> dict[str, float]:
     """Metrics averaged over every judged query (a query the run does not rank scores 0); rankings of
     pages outside the eval set are ignored."""
+    return mean_scores(per_query_scores(run, evalset))
+
+
+def mean_scores(per_query: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The mean of each metric over the queries of `per_query_scores`, to 4 decimals, and the query count."""
+    totals = {metric: sum(values[metric] for values in per_query.values()) for metric in METRICS}
+    return {metric: round(total / len(per_query), 4) for metric, total in totals.items()} | {"queries": len(per_query)}
+
+
+def per_query_scores(run: dict[str, dict[str, float]], evalset: EvalSet) -> dict[str, dict[str, float]]:
+    """{query: {metric: value}} for every judged query, in the qrels' order (a query the run does not rank
+    scores 0): what `score` averages, and what intervals and paired tests resample."""
     import pytrec_eval
 
-    run = {qid: {pid: s for pid, s in ranking.items() if pid in evalset.pages} for qid, ranking in run.items() if qid in evalset.qrels}
+    run = {
+        qid: {pid: s for pid, s in ranking.items() if pid in evalset.pages}
+        for qid, ranking in run.items()
+        if qid in evalset.qrels
+    }
     per_query = pytrec_eval.RelevanceEvaluator(evalset.qrels, MEASURES).evaluate(run)
     top10 = {qid: dict(sorted(ranking.items(), key=lambda item: -item[1])[:10]) for qid, ranking in run.items()}
     reciprocal = pytrec_eval.RelevanceEvaluator(evalset.qrels, {"recip_rank"}).evaluate(top10)
-    names = {"ndcg_cut_1": "ndcg@1", "ndcg_cut_5": "ndcg@5", "ndcg_cut_10": "ndcg@10", "recall_1": "recall@1",
-             "recall_5": "recall@5", "recall_10": "recall@10", "recall_100": "recall@100", "map": "map"}
-    totals = dict.fromkeys(METRICS, 0.0)
+    names = {
+        "ndcg_cut_1": "ndcg@1",
+        "ndcg_cut_5": "ndcg@5",
+        "ndcg_cut_10": "ndcg@10",
+        "recall_1": "recall@1",
+        "recall_5": "recall@5",
+        "recall_10": "recall@10",
+        "recall_100": "recall@100",
+        "map": "map",
+    }
+    scores = {}
     for query_id in evalset.qrels:
         values = {names[key]: value for key, value in per_query.get(query_id, {}).items()}
         values["mrr@10"] = reciprocal.get(query_id, {}).get("recip_rank", 0.0)
-        for metric in METRICS:
-            totals[metric] += values.get(metric, 0.0)
-    return {metric: round(total / len(evalset.qrels), 4) for metric, total in totals.items()} | {"queries": len(evalset.qrels)}
+        scores[query_id] = {metric: values.get(metric, 0.0) for metric in METRICS}
+    return scores

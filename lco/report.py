@@ -1,22 +1,35 @@
 """A static HTML report (no server): per model, sampled queries with their top-5 pages as thumbnails,
 the relevant ones marked. People debug retrieval by looking."""
 
+import hashlib
 import html
 import random
 from pathlib import Path
 
-from .artifacts import atomic_directory
+from common.artifacts import atomic_directory
+from lco.significance import ALPHA
 
 THUMBNAIL_SIDE = 220
 TOP = 5
 
 
-def write_report(folder: str, evalset, runs: dict[str, dict[str, dict[str, float]]], queries: int, seed: int) -> None:
+def write_report(
+    folder: str,
+    evalset,
+    runs: dict[str, dict[str, dict[str, float]]],
+    queries: int,
+    seed: int,
+    *,
+    scores: dict[str, tuple[float, list[float] | None]] | None = None,
+    comparisons: list[dict] | None = None,
+) -> None:
+    """`scores` ({system: (nDCG@10, its 95% interval)}) and `comparisons` (stages.evaluate's paired tests),
+    when given, head the page as tables."""
     chosen = sorted(random.Random(seed).sample(sorted(evalset.qrels), min(queries, len(evalset.qrels))))
     with atomic_directory(folder) as tmp:
         (tmp / "pages").mkdir()
         shown: set[str] = set()
-        sections = []
+        sections = [_significance(scores or {}, comparisons or [])]
         for model, run in runs.items():
             rows = []
             for query_id in chosen:
@@ -40,8 +53,34 @@ def write_report(folder: str, evalset, runs: dict[str, dict[str, dict[str, float
         (tmp / "index.html").write_text(PAGE.format(body="".join(sections)), encoding="utf-8")
 
 
+def _significance(scores: dict, comparisons: list[dict]) -> str:
+    parts = []
+    if scores:
+        rows = "".join(
+            f"<tr><td>{html.escape(system)}</td><td>{value:.3f}</td>"
+            f"<td>{f'[{found[0]:.3f}, {found[1]:.3f}]' if found else 'n/a'}</td></tr>"
+            for system, (value, found) in scores.items()
+        )
+        parts.append(f"<table><tr><th>system</th><th>nDCG@10</th><th>95% interval</th></tr>{rows}</table>")
+    if comparisons:
+        rows = "".join(
+            ('<tr class="significant">' if c["significant"] else "<tr>")
+            + f"<td>{html.escape(c['system'])}</td><td>{html.escape(c['baseline'])}</td><td>{c['difference']:+.3f}</td>"
+            f"<td>{c['p_value']:.4f}</td><td>{c['p_holm']:.4f}{' *' if c['significant'] else ''}</td></tr>"
+            for c in comparisons
+        )
+        parts.append(
+            "<table><tr><th>system</th><th>against</th><th>nDCG@10 difference</th><th>p</th><th>p (Holm)</th></tr>"
+            f"{rows}</table><p><small>Paired randomization test over queries; * Holm-adjusted p &lt; {ALPHA} over the "
+            f"{len(comparisons)} tests. Intervals: percentile bootstrap over queries.</small></p>"
+        )
+    return "".join(parts)
+
+
 def _thumbnail(evalset, page_id: str, folder: Path, shown: set[str]) -> str:
-    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in page_id) + ".jpg"
+    # readable, and unique: the hash tells apart ids that read alike once sanitised (`a/b`, `a_b`)
+    readable = "".join(c if c.isalnum() or c in "-_." else "_" for c in page_id)[:80]
+    name = f"{readable}-{hashlib.sha256(page_id.encode()).hexdigest()[:12]}.jpg"
     if page_id not in shown:
         image = evalset.open_image(page_id)
         image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
@@ -59,8 +98,12 @@ body {{ font-family: sans-serif; margin: 1em; }}
 figure {{ display: inline-block; margin: 4px; border: 3px solid transparent; text-align: center; }}
 figure.relevant {{ border-color: #0a0; }}
 figcaption {{ font-size: 11px; max-width: 220px; overflow-wrap: anywhere; }}
+table {{ border-collapse: collapse; margin: .5em 0; }}
+td, th {{ border: 1px solid #ccc; padding: 2px 8px; text-align: left; }}
+tr.significant {{ font-weight: bold; }}
 </style></head><body>
-<h1>Top-5 pages per query</h1><p>Relevant pages have a green frame; queries whose relevant page is not in the top 5 are red.</p>
+<h1>Top-5 pages per query</h1>
+<p>Relevant pages have a green frame; queries whose relevant page is not in the top 5 are red.</p>
 {body}
 </body></html>
 """

@@ -6,7 +6,9 @@ padding the last position would be a pad token for every input shorter than the 
 """
 
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,18 +26,41 @@ class Item:
     image: object = None
 
 
+class LazyItems(Sequence):
+    """`to_item(source)` for each of `sources`, made only when the batch that holds it is prepared (in a data
+    loader worker where there are some): a corpus of page images is never decoded all at once."""
+
+    def __init__(self, sources: Sequence, to_item: Callable[[Any], Item]):
+        self.sources, self.to_item = sources, to_item
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, index: int) -> Item:
+        return self.to_item(self.sources[index])
+
+
 def item_messages(item: Item) -> list[dict]:
     content = []
     if item.image is not None:
         content.append({"type": "image"})
-    prompt = IMAGE_TEXT_PROMPT if item.image is not None and item.text else IMAGE_PROMPT if item.image is not None else TEXT_PROMPT
+    prompt = (
+        IMAGE_TEXT_PROMPT
+        if item.image is not None and item.text
+        else IMAGE_PROMPT
+        if item.image is not None
+        else TEXT_PROMPT
+    )
     content.append({"type": "text", "text": item.text + prompt})
     return [{"role": "user", "content": content}]
 
 
-def truncate_text(tokenizer, text: str, max_tokens: int) -> str:
+def truncate_to_tokens(tokenizer, text: str, max_tokens: int) -> tuple[str, bool]:
+    """`text` cut after `max_tokens` tokens, on a token boundary; and whether it was cut."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens])
+    if len(ids) <= max_tokens:
+        return text, False
+    return tokenizer.decode(ids[:max_tokens]), True
 
 
 def thumbnail(image, max_side: int):
@@ -51,7 +76,7 @@ def model_inputs(processor, items: list[Item], max_text_tokens: int, image_max_s
     tokenizer = processor.tokenizer
     prompts, images = [], []
     for item in items:
-        item = Item(truncate_text(tokenizer, item.text, max_text_tokens), item.image)
+        item = Item(truncate_to_tokens(tokenizer, item.text, max_text_tokens)[0], item.image)
         prompts.append(processor.apply_chat_template(item_messages(item), add_generation_prompt=True, tokenize=False))
         if item.image is not None:
             images.append(thumbnail(item.image, image_max_side))
@@ -80,8 +105,17 @@ class EmbeddingModel(torch.nn.Module):
         return last_token_embeddings(output.last_hidden_state, inputs["attention_mask"])
 
 
-def encode_items(model: EmbeddingModel, processor, items: list[Item], *, batch_size: int, max_text_tokens: int,
-                 image_max_side: int, progress: str | None = None, workers: int | None = None) -> torch.Tensor:
+def encode_items(
+    model: EmbeddingModel,
+    processor,
+    items: Sequence[Item],
+    *,
+    batch_size: int,
+    max_text_tokens: int,
+    image_max_side: int,
+    progress: str | None = None,
+    workers: int | None = None,
+) -> torch.Tensor:
     """Embeddings of `items` on the CPU, `batch_size` at a time, without a graph and in eval mode.
 
     `workers` processes (default: 4 on a GPU, none on a CPU) prepare the next batches while the model encodes
@@ -96,7 +130,9 @@ def encode_items(model: EmbeddingModel, processor, items: list[Item], *, batch_s
     if workers is None:
         workers = min(4, os.cpu_count() or 1) if device.type == "cuda" else 0
     batches = DataLoader(
-        items, batch_size=batch_size, num_workers=workers,
+        items,
+        batch_size=batch_size,
+        num_workers=workers,
         collate_fn=partial(model_inputs, processor, max_text_tokens=max_text_tokens, image_max_side=image_max_side),
     )
     was_training = model.training
@@ -112,8 +148,15 @@ def encode_items(model: EmbeddingModel, processor, items: list[Item], *, batch_s
 class Embedder:
     """Load a model folder and encode texts and page images in batches."""
 
-    def __init__(self, model_dir: str, *, device: str | None = None, dtype: str = "auto",
-                 max_text_tokens: int = 650, image_max_side: int = 700):
+    def __init__(
+        self,
+        model_dir: str,
+        *,
+        device: str | None = None,
+        dtype: str = "auto",
+        max_text_tokens: int = 650,
+        image_max_side: int = 700,
+    ):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -123,9 +166,16 @@ class Embedder:
         self.max_text_tokens = max_text_tokens
         self.image_max_side = image_max_side
 
-    def encode(self, items: list[Item], batch_size: int = 16, progress: str | None = None) -> torch.Tensor:
-        return encode_items(self.model, self.processor, items, batch_size=batch_size, max_text_tokens=self.max_text_tokens,
-                            image_max_side=self.image_max_side, progress=progress)
+    def encode(self, items: Sequence[Item], batch_size: int = 16, progress: str | None = None) -> torch.Tensor:
+        return encode_items(
+            self.model,
+            self.processor,
+            items,
+            batch_size=batch_size,
+            max_text_tokens=self.max_text_tokens,
+            image_max_side=self.image_max_side,
+            progress=progress,
+        )
 
     def encode_texts(self, texts: list[str], batch_size: int = 16, progress: str | None = None) -> torch.Tensor:
         return self.encode([Item(text=text) for text in texts], batch_size, progress)

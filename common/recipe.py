@@ -8,7 +8,6 @@ wrong type are errors that name the file and the key: a typo in a recipe must st
 import argparse
 import dataclasses
 import difflib
-import importlib
 import reprlib
 import types
 import typing
@@ -27,16 +26,8 @@ RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 MAX_KNOWN_KEYS = 20  # an unknown-key error lists at most this many known keys
 _REPR = reprlib.Repr()
 _REPR.maxstring, _REPR.maxother, _REPR.maxlevel, _REPR.maxlist, _REPR.maxdict = 80, 80, 2, 5, 4
-# section -> the dataclass its keys fill (imported on demand: some stages import heavy libraries)
-SECTIONS = {
-    "base_model": ("stages.base_model:BaseModelArguments",),
-    "data_prep": ("data_prep.settings:DataPrepSettings",),
-    "pretrain": ("stages.pretrain:PretrainArguments", "trl:SFTConfig"),
-    "contrast": ("stages.contrast:ContrastArguments",),
-    "evaluate": ("stages.evaluate:EvaluateArguments",),
-    "pipeline": ("stages.pipeline:PipelineArguments",),
-    "analyze": ("stages.analyze:AnalyzeArguments",),
-}
+# one section per command that reads a recipe; the dataclasses each fills are the commands' own (stages.SECTION_TYPES)
+SECTIONS = ("base_model", "data_prep", "pretrain", "contrast", "evaluate", "pipeline", "analyze")
 
 
 @dataclass
@@ -90,13 +81,12 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     return recipe
 
 
-def check_recipe(path: str | Path) -> dict[str, Any]:
-    """Check every key and value type of a recipe, all sections included; return the recipe."""
+def check_recipe(path: str | Path, section_types: dict[str, tuple[type, ...]]) -> dict[str, Any]:
+    """Check every key and value type of a recipe against each section's dataclasses; return the recipe."""
     recipe = load_recipe(path)
     _check_values(Path(path), None, {k: v for k, v in recipe.items() if k not in SECTIONS}, (RecipeArguments,))
-    for section, targets in SECTIONS.items():
-        types = tuple(getattr(importlib.import_module(t.split(":")[0]), t.split(":")[1]) for t in targets)
-        _check_values(Path(path), section, recipe.get(section) or {}, types)
+    for section in SECTIONS:
+        _check_values(Path(path), section, recipe.get(section) or {}, section_types[section])
     if not recipe.get("lang"):
         raise UsageError(f"recipe {path} has no language: give it a top-level `lang:` key (e.g. `lang: km`).")
     normalize_lang(recipe["lang"])
@@ -129,7 +119,11 @@ def parse_stage_arguments(
     shared = [f for f in dataclasses.fields(RecipeArguments) if f.name in stage_fields]
     recipe_type = dataclasses.make_dataclass(
         "RecipeArguments",
-        [(f.name, f.type, field(default=f.default, metadata=f.metadata)) for f in dataclasses.fields(RecipeArguments) if f not in shared],
+        [
+            (f.name, f.type, field(default=f.default, metadata=f.metadata))
+            for f in dataclasses.fields(RecipeArguments)
+            if f not in shared
+        ],
     )
     all_types = (recipe_type, *dataclass_types, *cli_only_types)
     recipe_path = _find_recipe(argv)
@@ -161,7 +155,8 @@ def parse_stage_arguments(
         source = f"recipe {recipe_path} (section `{stage}`) or the flags" if recipe_path else "the flags"
         raise UsageError(f"{stage}: {_shorten(' '.join(str(error).split()), 400)}; fix {source}.") from None
     recipe_args = RecipeArguments(
-        **vars(parsed[0]), **{f.name: getattr(next(a for a in parsed[1:] if hasattr(a, f.name)), f.name) for f in shared}
+        **vars(parsed[0]),
+        **{f.name: getattr(next(a for a in parsed[1:] if hasattr(a, f.name)), f.name) for f in shared},
     )
     parsed = [recipe_args, *parsed[1:]]
     for args in parsed:

@@ -16,6 +16,7 @@ def anisotropy(embeddings: torch.Tensor) -> float:
 def mutual_knn(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> float:
     """Mean share of each item's k nearest neighbours (by cosine, itself excluded) that agree between the
     two representations of the same items (Huh et al. 2024, the Platonic representation hypothesis)."""
+
     def neighbours(x: torch.Tensor) -> torch.Tensor:
         unit = F.normalize(x.double(), dim=-1)
         similarity = unit @ unit.T
@@ -36,7 +37,9 @@ def linear_cka(a: torch.Tensor, b: torch.Tensor) -> float:
     return (cross / ((a.T @ a).norm() * (b.T @ b).norm())).item()
 
 
-def layer_states(model, processor, items: list, batch_size: int = 8, max_text_tokens: int = 650, image_max_side: int = 700) -> torch.Tensor:
+def layer_states(
+    model, processor, items: list, batch_size: int = 8, max_text_tokens: int = 650, image_max_side: int = 700
+) -> torch.Tensor:
     """Last-token hidden states of every layer (the embedding layer first), shape (layers + 1, items, hidden),
     for inputs wrapped and left-padded as the Embedder wraps them."""
     from .embedder import model_inputs
@@ -45,7 +48,9 @@ def layer_states(model, processor, items: list, batch_size: int = 8, max_text_to
     chunks = []
     with torch.no_grad():
         for start in range(0, len(items), batch_size):
-            inputs = model_inputs(processor, items[start : start + batch_size], max_text_tokens, image_max_side).to(device)
+            inputs = model_inputs(processor, items[start : start + batch_size], max_text_tokens, image_max_side).to(
+                device
+            )
             output = model.model(**inputs, output_hidden_states=True, use_cache=False)
             chunks.append(torch.stack([states[:, -1].float().cpu() for states in output.hidden_states]))
     return torch.cat(chunks, dim=1)

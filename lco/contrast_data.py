@@ -13,29 +13,50 @@ scored as the other's negative although they match (a false negative): batches n
 that share a source.
 """
 
+import functools
 import io
 import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.errors import UsageError
+
 from .embedder import Item
-from .errors import UsageError
 
 MAX_LISTED = 5
 
 
 @dataclass(frozen=True)
+class PageImage:
+    """A page's image in a pages dataset, read when its batch is prepared: pairs hold no image bytes, so their
+    memory does not grow with the page count (the dataset itself is memory-mapped from disk)."""
+
+    dataset: str
+    row: int
+
+    def read(self) -> bytes:
+        return _pages_dataset(self.dataset)[self.row]["image"]["bytes"]
+
+
+@functools.cache
+def _pages_dataset(folder: str):
+    import datasets
+
+    return datasets.load_from_disk(folder).cast_column("image", datasets.Image(decode=False))
+
+
+@dataclass(frozen=True)
 class Side:
     text: str = ""
-    image: str | bytes | None = None  # a file path or encoded image bytes, opened when batched
+    image: str | PageImage | None = None  # a file path or a pages dataset's page, opened when batched
 
     def item(self) -> Item:
         if self.image is None:
             return Item(text=self.text)
         from PIL import Image
 
-        source = io.BytesIO(self.image) if isinstance(self.image, bytes) else self.image
+        source = io.BytesIO(self.image.read()) if isinstance(self.image, PageImage) else self.image
         with Image.open(source) as image:
             return Item(text=self.text, image=image.convert("RGB"))
 
@@ -77,7 +98,9 @@ def read_jsonl_pairs(path: str) -> list[Pair]:
             problems.append(f"line {line_number}: `{role}` has neither text nor image_path")
             return None
         if image_path and not (folder / image_path).is_file():
-            problems.append(f"line {line_number}: `{role}` image {image_path} not found (paths are relative to {folder})")
+            problems.append(
+                f"line {line_number}: `{role}` image {image_path} not found (paths are relative to {folder})"
+            )
             return None
         return Side(text, str(folder / image_path) if image_path else None)
 
@@ -93,13 +116,21 @@ def read_jsonl_pairs(path: str) -> list[Pair]:
             if not isinstance(row, dict) or "anchor" not in row or "positive" not in row:
                 problems.append(f"line {line_number}: needs `anchor` and `positive`")
                 continue
-            anchor, positive = side(line_number, row["anchor"], "anchor"), side(line_number, row["positive"], "positive")
+            anchor, positive = (
+                side(line_number, row["anchor"], "anchor"),
+                side(line_number, row["positive"], "positive"),
+            )
             negative = side(line_number, row["negative"], "negative") if row.get("negative") else None
             if anchor and positive:
-                pairs.append(Pair(anchor, positive, negative, f"{path}:{line_number}", _kind(anchor, positive, negative)))
+                pairs.append(
+                    Pair(anchor, positive, negative, f"{path}:{line_number}", _kind(anchor, positive, negative))
+                )
     if problems:
         listed = "; ".join(problems[:MAX_LISTED])
-        raise UsageError(f"--train_files {path}: {len(problems)} bad lines ({listed}{'; ...' if len(problems) > MAX_LISTED else ''}); fix or remove them.")
+        raise UsageError(
+            f"--train_files {path}: {len(problems)} bad lines "
+            f"({listed}{'; ...' if len(problems) > MAX_LISTED else ''}); fix or remove them."
+        )
     if not pairs:
         raise UsageError(f"--train_files {path} holds no pairs.")
     return pairs
@@ -140,12 +171,15 @@ def pages_pairs(folder: str, passage_chars: int, seed: int) -> tuple[list[Pair],
 
     from data_prep.pages import read_pages_manifest
 
-    outlines = {entry["doc_id"]: entry.get("outline") or [] for entry in read_pages_manifest(folder, "--pages_datasets")["inputs"]}
-    pages = datasets.load_from_disk(folder).cast_column("image", datasets.Image(decode=False))
+    outlines = {
+        entry["doc_id"]: entry.get("outline") or []
+        for entry in read_pages_manifest(folder, "--pages_datasets")["inputs"]
+    }
+    pages = datasets.load_from_disk(folder).select_columns(["doc_id", "page", "text"])
     rng = random.Random(seed)
     text_pairs, image_pairs = [], []
     previous: dict[str, str] = {}  # doc_id -> its last passage so far, to pair across page breaks
-    for row in pages:
+    for index, row in enumerate(pages):
         doc, page_passages = row["doc_id"], passages(row["text"], passage_chars)
         if not page_passages:
             continue
@@ -162,7 +196,7 @@ def pages_pairs(folder: str, passage_chars: int, seed: int) -> tuple[list[Pair],
                 if heads and heads[0].strip() != title:
                     text_pairs.append(Pair(Side(title), Side(heads[0]), None, doc, "text", frozenset({heads[0]})))
         page = frozenset({*page_passages, f"{doc} page {row['page']}"})  # the image shows every passage of the page
-        image = Side(image=row["image"]["bytes"])
+        image = Side(image=PageImage(str(folder), index))
         image_pairs.append(Pair(Side(rng.choice(page_passages)), image, None, doc, "multimodal", page))
     return text_pairs, image_pairs
 

@@ -11,7 +11,9 @@ from pathlib import Path
 from .errors import DISK_FULL_ERRNOS, UsageError, disk_full_error
 
 
-def check_output_dir(path: str | Path, *, resume: bool = False, overwrite: bool = False, flag: str = "--output_dir") -> None:
+def check_output_dir(
+    path: str | Path, *, resume: bool = False, overwrite: bool = False, flag: str = "--output_dir"
+) -> None:
     """Fail before any work if `path` can't be written, or holds earlier output and neither flag allows it."""
     path = usable_path(path, flag)
     if resume and overwrite:
@@ -56,6 +58,35 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
         shutil.rmtree(old)
     else:
         tmp.rename(final)
+
+
+@contextmanager
+def staged_output(path: str | Path, *, overwrite: bool, is_main: bool = True) -> Iterator[Path]:
+    """The folder a run writes `path` into: `path` itself, except under `--overwrite` of an existing `path`, when it
+    is a hidden sibling that replaces `path` once the run has finished. A run that fails or is killed before then
+    leaves the earlier output as it was (a staging folder a kill leaves is cleared by the next `--overwrite`).
+
+    With several processes, every one calls this (they all write into the same staging folder) and `is_main` does
+    the file-system work: before the first collective operation of the run, and after its last (the final save's
+    barrier), when no other process writes any more."""
+    path = Path(path)
+    if not (overwrite and path.exists()):
+        yield path
+        return
+    staging = path.with_name(f".{path.name}.overwrite")
+    if is_main:
+        shutil.rmtree(staging, ignore_errors=True)
+    try:
+        yield staging
+    except BaseException:
+        if is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if is_main and staging.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        path.rename(old)
+        staging.rename(path)
+        shutil.rmtree(old)
 
 
 def finished_checkpoints(output_dir: str | Path, marker: str) -> list[Path]:
@@ -153,7 +184,9 @@ def check_model_source(value: str | None, flag: str, *, trust_remote_code: bool 
         return
     looks_like_hub_id = value.count("/") == 1 and not value.startswith((".", "/")) and " " not in value
     if not looks_like_hub_id:
-        raise UsageError(f"{flag} {value} does not exist; give a model folder or a hub id like Qwen/Qwen2.5-VL-3B-Instruct.")
+        raise UsageError(
+            f"{flag} {value} does not exist; give a model folder or a hub id like Qwen/Qwen2.5-VL-3B-Instruct."
+        )
 
 
 def custom_code(folder: str | Path) -> list[str]:
@@ -188,4 +221,6 @@ def refuse_remote_code() -> None:
 def check_input_paths(values: list[str], flag: str) -> None:
     missing = [value for value in values if not usable_path(value, flag).exists()]
     if missing:
-        raise UsageError(f"{flag}: {', '.join(missing)} not found; check the path (relative paths start at the current folder).")
+        raise UsageError(
+            f"{flag}: {', '.join(missing)} not found; check the path (relative paths start at the current folder)."
+        )

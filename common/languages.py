@@ -27,6 +27,6 @@ def normalize_lang(value: str) -> str:
         known = ", ".join(sorted(LANGUAGES))
         raise UsageError(
             f"unknown language {value!r}; known codes: {known} (ISO 639-3 aliases such as 'khm' also work). "
-            "To add a language, add it to stages/languages.py and write recipes/<code>.yaml."
+            "To add a language, add it to common/languages.py and write recipes/<code>.yaml."
         )
     return code

@@ -21,8 +21,17 @@ from .errors import UsageError
 
 RUN_RECORD = "run_record.json"
 PACKAGES = (
-    "torch", "torchvision", "transformers", "trl", "peft", "deepspeed", "datasets", "accelerate",
-    "tokenizers", "pymupdf", "pytesseract",
+    "torch",
+    "torchvision",
+    "transformers",
+    "trl",
+    "peft",
+    "deepspeed",
+    "datasets",
+    "accelerate",
+    "tokenizers",
+    "pymupdf",
+    "pytesseract",
 )
 REQUIRED_KEYS = ("stage", "created", "argv", "config", "git", "packages", "device", "seed", "inputs", "parent")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +45,33 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def model_fingerprint(model: str | Path) -> str:
+    """sha256 over a model folder's config and weight files (content, not dates)."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(model).glob("*.safetensors")) + [Path(model) / "config.json"]:
+        digest.update(path.name.encode() + sha256_file(path).encode())
+    return digest.hexdigest()[:16]
+
+
+def parent_run(model: str | Path) -> str | None:
+    """`model` as a parent run when a stage of this project wrote it (it has a run record); a plain model has none."""
+    return str(model) if (Path(model) / RUN_RECORD).is_file() else None
+
+
+def stage_record(stage: str, recipe_args, settings: dict[str, Any], inputs: list[str | Path]) -> dict[str, Any]:
+    """The run record's fields that every training stage fills alike (`write_run_record(**record)` takes them):
+    the recipe's top level and its section as written, the stage's resolved settings, the recipe file among the
+    inputs."""
+    from .recipe import recipe_section
+
+    return dict(
+        stage=stage,
+        config={"recipe": vars(recipe_args), "recipe_section": recipe_section(recipe_args.config, stage), **settings},
+        seed=recipe_args.seed,
+        inputs=[*([recipe_args.config] if recipe_args.config else []), *inputs],
+    )
+
+
 def write_run_record(
     folder: str | Path,
     *,
@@ -45,8 +81,9 @@ def write_run_record(
     inputs: list[str | Path] = (),
     parent: str | Path | None = None,
     results: dict[str, Any] | None = None,
+    name: str = RUN_RECORD,
 ) -> dict[str, Any]:
-    """Write `folder/run_record.json` and return it. `inputs` are files (manifests) to hash."""
+    """Write `folder/run_record.json` (or `folder/<name>`) and return it. `inputs` are files (manifests) to hash."""
     record = {
         "stage": stage,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -60,7 +97,7 @@ def write_run_record(
         "parent": _parent_entry(parent) if parent is not None else None,
         "results": results or {},
     }
-    write_text_atomic(Path(folder) / RUN_RECORD, json.dumps(record, indent=2, ensure_ascii=False, default=str) + "\n")
+    write_text_atomic(Path(folder) / name, json.dumps(record, indent=2, ensure_ascii=False, default=str) + "\n")
     return record
 
 
@@ -90,7 +127,13 @@ def read_run_record(folder: str | Path, expected_stage: str | tuple[str, ...] | 
 
 
 def run_is_up_to_date(
-    folder: str | Path, stage: str, recipe: str | None, seed: int, settings, inputs: list[str | Path], parent: str | Path
+    folder: str | Path,
+    stage: str,
+    recipe: str | None,
+    seed: int,
+    settings,
+    inputs: list[str | Path],
+    parent: str | Path,
 ) -> bool:
     """Whether the finished run in `folder` had the same recipe section, seed, stage settings (a dataclass),
     input files and parent run: then running the stage again would redo the same work."""
@@ -110,7 +153,8 @@ def run_is_up_to_date(
         and record["seed"] == seed
         and record["config"].get("recipe_section") == as_stored["section"]
         and record["config"][stage] == as_stored["settings"]
-        and (record["parent"] or {}).get("record_sha256") == (sha256_file(parent_record) if parent_record.is_file() else None)
+        and (record["parent"] or {}).get("record_sha256")
+        == (sha256_file(parent_record) if parent_record.is_file() else None)
     )
 
 
@@ -130,6 +174,19 @@ def verify_chain(folder: str | Path) -> list[dict[str, Any]]:
             )
         chain.append(record)
     return chain
+
+
+def chain_training_documents(folder: str | Path) -> set[str] | None:
+    """The sha256 of every document a model and its ancestors were trained on, from their run records' results
+    (`training_documents`); None for a model without a run record (a plain checkpoint: not known)."""
+    if not (Path(folder) / RUN_RECORD).is_file():
+        return None
+    documents = set()
+    while folder is not None and (Path(folder) / RUN_RECORD).is_file():
+        record = read_run_record(folder)
+        documents |= set(record.get("results", {}).get("training_documents", []))
+        folder = (record["parent"] or {}).get("path")
+    return documents
 
 
 def _parent_entry(parent: str | Path) -> dict[str, str]:

@@ -1,0 +1,155 @@
+"""Data preparation: page images and page text from PDFs, PDFs from text, and retrieval eval sets.
+
+    python -m data_prep pages --input my_pdfs/ --output checkpoints/km/pages --lang km
+    python -m data_prep render --input samples/udhr/km.md --output checkpoints/km/rendered --lang km
+    python -m data_prep evalset --lang km --pages checkpoints/km/pages --output checkpoints/km/evalset \
+        [--parallel_source samples/udhr/en.md]
+    python -m data_prep evalset --lang lo --parquet seadoc_lo/ --output checkpoints/lo/seadoc
+
+`--lang` selects recipes/<lang>.yaml (its `data_prep` section) unless `--config` names another recipe.
+"""
+
+import logging
+import sys
+from dataclasses import dataclass, field
+
+from common.artifacts import check_input_paths, check_output_dir
+from common.errors import UsageError
+from common.languages import normalize_lang
+from common.recipe import parse_stage_arguments
+
+from .evalset import build_evalset, convert_parquet_evalset
+from .pages import PageSettings, build_pages_dataset
+from .render import render_documents
+from .settings import DataPrepSettings
+
+
+@dataclass
+class PagesArguments:
+    input: list[str] = field(default_factory=list, metadata={"help": "PDF files or folders of them (recursive)."})
+    output: str | None = field(default=None, metadata={"help": "Folder for the pages dataset and manifest.json."})
+    resume: bool = field(default=False, metadata={"help": "Skip documents already done in --output."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing --output."})
+
+    def validate(self) -> None:
+        _check_io(self.input, self.output, resume=self.resume, overwrite=self.overwrite)
+
+
+@dataclass
+class RenderArguments:
+    input: list[str] = field(default_factory=list, metadata={"help": "Text files or folders of them."})
+    output: str | None = field(default=None, metadata={"help": "Folder for the rendered PDFs."})
+    resume: bool = field(default=False, metadata={"help": "Skip documents already rendered by an interrupted run."})
+    section_pages: bool = field(
+        default=False,
+        metadata={"help": "Start every `## ` section on a page of its own (eval sets: few relevant pages per query)."},
+    )
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        _check_io(self.input, self.output, resume=self.resume, overwrite=self.overwrite)
+
+
+@dataclass
+class EvalsetArguments:
+    pages: list[str] = field(default_factory=list, metadata={"help": "Pages datasets: every page joins the corpus."})
+    parquet: str | None = field(default=None, metadata={"help": "Or: a local SeaDoc/ViDoRe parquet folder to convert."})
+    output: str | None = field(default=None, metadata={"help": "Folder for corpus.jsonl, queries.jsonl, qrels.tsv."})
+    parallel_source: str | None = field(
+        default=None,
+        metadata={"help": "Markdown whose `## ` sections parallel the documents' bookmarks (e.g. samples/udhr/en.md)."},
+    )
+    parallel_lang: str = field(default="en", metadata={"help": "Language of --parallel_source."})
+    outline_level: int = field(default=2, metadata={"help": "Bookmark level that --parallel_source's sections match."})
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        if bool(self.pages) == bool(self.parquet):
+            raise UsageError("give either --pages DIR [DIR ...] or --parquet DIR.")
+        _check_io(self.pages or [self.parquet], self.output, overwrite=self.overwrite, input_flag="--pages/--parquet")
+        if self.parallel_source:
+            check_input_paths([self.parallel_source], "--parallel_source")
+            self.parallel_lang = normalize_lang(self.parallel_lang)
+
+
+COMMANDS = {"pages": PagesArguments, "render": RenderArguments, "evalset": EvalsetArguments}
+
+
+def _check_io(inputs: list[str], output: str | None, *, resume=False, overwrite=False, input_flag="--input") -> None:
+    if not inputs:
+        raise UsageError(f"{input_flag} is empty; give at least one path.")
+    check_input_paths(inputs, input_flag)
+    if output is None:
+        raise UsageError("--output is not set; give the folder to write to.")
+    check_output_dir(output, resume=resume, overwrite=overwrite, flag="--output")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        raise UsageError(f"give a command first: python -m data_prep {{{','.join(COMMANDS)}}} ... (--help after it).")
+    command, rest = argv[0], argv[1:]
+    recipe_args, settings, args = parse_stage_arguments(
+        "data_prep",
+        (DataPrepSettings,),
+        rest,
+        cli_only_types=(COMMANDS[command],),
+        prog=f"python -m data_prep {command}",
+    )
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if command == "render":
+        manifest = render_documents(
+            args.input,
+            args.output,
+            lang=recipe_args.lang,
+            fonts=settings.fonts,
+            seed=recipe_args.seed,
+            workers=settings.workers,
+            resume=args.resume,
+            section_pages=args.section_pages,
+        )
+        print(
+            f"data_prep render: {len(manifest['documents'])} PDFs, {len(manifest['skipped'])} inputs skipped -> "
+            f"{args.output}"
+        )
+        return
+    if command == "evalset":
+        make_evalset(args)
+        return
+    settings.check_tesseract()
+    manifest = build_pages_dataset(  # SkipThresholdExceeded past max_skip_fraction: exit code 1 under run_cli
+        args.input,
+        args.output,
+        PageSettings.from_recipe(recipe_args.lang, settings),
+        workers=settings.workers,
+        resume=args.resume,
+        max_skip_fraction=settings.max_skip_fraction,
+        page_timeout_s=settings.page_timeout_s,
+        document_memory_mb=settings.document_memory_mb,
+    )
+    counts = manifest["counts"]
+    print(
+        f"data_prep pages: {counts['pages']} pages from {counts['documents']} documents "
+        f"({counts['pages_layer']} text layer, {counts['pages_ocr']} OCR), {counts['skipped']} inputs skipped, "
+        f"{manifest['elapsed_s']}s -> {args.output}"
+    )
+
+
+def make_evalset(args: EvalsetArguments) -> None:
+    if args.parquet:
+        summary = convert_parquet_evalset(args.parquet, args.output)
+    else:
+        summary = build_evalset(
+            args.pages,
+            args.output,
+            parallel_source=args.parallel_source,
+            parallel_lang=args.parallel_lang,
+            outline_level=args.outline_level,
+        )
+    unmatched = len(summary.get("unmatched_documents", []))
+    print(
+        f"data_prep evalset: {summary['queries']} queries, {summary['qrels']} relevance judgements, "
+        f"{summary['pages']} pages"
+        + (f", {unmatched} documents whose outline did not match" if unmatched else "")
+        + f" -> {args.output}"
+    )

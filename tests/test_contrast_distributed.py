@@ -1,0 +1,90 @@
+"""Multi-process contrastive training is one process's training, split: the same learning rate at every step,
+the same losses and the same weights at the same global batch and seed (DESIGN.md, contracts)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from common.run_record import read_run_record
+
+from .conftest import REPO, thai_pages_dataset
+from .test_contrast import contrast_argv
+
+# no dropout: its masks are drawn per process, so they could not match one process's draws
+SCHEDULE = ["--max_steps", "6", "--warmup_ratio", "0.3333", "--learning_rate", "1.0e-3", "--lora_dropout", "0.0"]
+
+
+@pytest.fixture(scope="module")
+def pages(tmp_path_factory):
+    return thai_pages_dataset(tmp_path_factory.mktemp("pages"), documents=6, chars=220, bookmarks=True)
+
+
+def run_contrast(processes: int, base, pages, output, *extra) -> subprocess.CompletedProcess:
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes)] if processes > 1 else []
+    argv = contrast_argv(base, pages, output, *SCHEDULE, *extra)
+    result = subprocess.run(
+        [sys.executable, *launcher, "-m", "stages.contrast", *argv],
+        capture_output=True, text=True, timeout=900, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_two_processes_train_as_one_at_the_same_global_batch_and_seed(recorded_base, pages, tmp_path):
+    run_contrast(1, recorded_base, pages, tmp_path / "one")
+    run_contrast(2, recorded_base, pages, tmp_path / "two")
+
+    one, two = (read_run_record(tmp_path / name / "final")["results"] for name in ("one", "two"))
+    # warm-up over 2 steps, then linear decay to 0 at step 6: a schedule stepped once per optimizer step
+    assert [entry["lr"] for entry in one["loss_history"]] == pytest.approx([5e-4, 1e-3, 7.5e-4, 5e-4, 2.5e-4, 0.0])
+    assert [entry["lr"] for entry in two["loss_history"]] == [entry["lr"] for entry in one["loss_history"]]
+    assert [entry["candidates"] for entry in two["loss_history"]] == [8] * 6  # 4 anchors per process, gathered
+    # losses are rounded to 4 decimals in the record; float sums in another order differ by ~1e-7
+    for a, b in zip(one["loss_history"], two["loss_history"]):
+        assert b["loss"] == pytest.approx(a["loss"], abs=2e-4)
+    weights_one = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+    weights_two = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
+    assert weights_one.keys() == weights_two.keys()
+    for name, weight in weights_one.items():
+        torch.testing.assert_close(weights_two[name], weight, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def _count_all_reduces(rank, base, pages, output, mini_batch_size, counts):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533", WORLD_SIZE="2", RANK=str(rank))
+    os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2", OMP_NUM_THREADS="1")
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    from common.recipe import parse_stage_arguments
+    from stages.contrast import ContrastArguments, ContrastiveTraining, load_model, load_pairs
+
+    recipe_args, args = parse_stage_arguments(
+        "contrast", (ContrastArguments,), contrast_argv(base, pages, output, "--mini_batch_size", str(mini_batch_size))
+    )
+    train_pairs, _, _ = load_pairs(args, recipe_args.seed)
+    model, processor = load_model(args, recipe_args.seed)
+    run = ContrastiveTraining(args, model, processor, train_pairs, recipe_args.seed)
+    calls = []
+
+    def counting_hook(state, bucket):
+        calls.append(bucket.index())
+        return allreduce_hook(state, bucket)
+
+    run.model.register_comm_hook(None, counting_hook)
+    for batch in run.epoch_batches(0)[:2]:
+        run.step(batch)
+    counts[(mini_batch_size, rank)] = len(calls)
+    torch.distributed.destroy_process_group()
+
+
+def test_plain_multi_process_training_all_reduces_once_per_step_whatever_the_mini_batches(
+    recorded_base, pages, tmp_path
+):
+    counts = mp.Manager().dict()
+    for mini_batch_size in (1, 4):  # 4 anchors per process: 8 backward passes per step, or 2
+        mp.spawn(_count_all_reduces, args=(recorded_base, pages, tmp_path / "run", mini_batch_size, counts), nprocs=2)
+    assert counts[(1, 0)] == counts[(4, 0)] == counts[(1, 1)] == counts[(4, 1)] > 0

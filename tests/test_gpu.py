@@ -1,0 +1,53 @@
+"""What only a GPU can show: bf16 arithmetic and CUDA's random state. Skipped where there is no CUDA device;
+run with `pytest -m gpu` on a GPU machine."""
+
+import pytest
+import torch
+
+from lco.contrastive_loss import backpropagate, cached_contrastive_step, info_nce
+from lco.embedder import Embedder, Item, model_inputs
+
+from .conftest import KHMER, THAI
+from .test_contrast import TEXTS, lora_embedding_model
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def test_cached_loss_equals_the_plain_loss_in_bf16_with_cuda_dropout_replayed(tiny_model):
+    processor = tiny_model[1]
+    model = lora_embedding_model(tiny_model[2], dropout=0.2).to("cuda", torch.bfloat16)
+    roles = [TEXTS, [text + " ." for text in TEXTS]]
+    chunks = [
+        [model_inputs(processor, [Item(t) for t in role[i : i + 2]], 64, 448).to("cuda") for i in range(0, 6, 2)]
+        for role in roles
+    ]
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    torch.cuda.manual_seed(1)  # dropout masks are drawn from CUDA's generator here, which the step must replay
+    plain = info_nce(*[torch.cat([model(**inputs) for inputs in role]) for role in chunks], temperature=0.05)[0]
+    plain.backward()
+    plain_grads = [p.grad.float().clone() for p in params]
+    model.zero_grad()
+
+    def backward_chunk(inputs, grad):
+        backpropagate(model(**inputs), grad).backward()
+
+    torch.cuda.manual_seed(1)
+    cached, _ = cached_contrastive_step(lambda inputs: model(**inputs), chunks, backward_chunk, 0.05)
+    assert cached == pytest.approx(plain.item(), rel=1e-2)  # bf16: 8 bits of mantissa
+    for plain_grad, param in zip(plain_grads, params):
+        torch.testing.assert_close(param.grad.float(), plain_grad, rtol=5e-2, atol=5e-3)
+    assert any(g.abs().sum() > 0 for g in plain_grads)
+
+
+def test_embeddings_do_not_depend_on_the_batch_size_in_bf16(tiny_model, thai_khmer_page):
+    embedder = Embedder(str(tiny_model[2]), device="cuda", dtype="bfloat16", image_max_side=224)
+    items = [Item(text) for text in [*TEXTS, THAI, KHMER]] + [Item(image=thai_khmer_page)] * 2
+    one_by_one = embedder.encode(items, batch_size=1)
+    together = embedder.encode(items, batch_size=len(items))
+    # left padding keeps the last token real; bf16 kernels may still differ slightly between batch shapes
+    torch.testing.assert_close(together, one_by_one, rtol=0, atol=2e-2)
+    assert (together * one_by_one).sum(dim=1).min() > 0.999
