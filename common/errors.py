@@ -1,3 +1,6 @@
+"""Errors a person can act on: bad input (exit 2), a run that breaks a recipe limit (exit 1), a full disk, a
+model folder that brings code; each reported as one line by `run_cli`."""
+
 import errno
 import sys
 from collections.abc import Callable

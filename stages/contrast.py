@@ -12,6 +12,7 @@ of processes and however small `mini_batch_size` must be to fit memory. Writes `
 with the loss history and the in-batch retrieval accuracy on held-out pairs.
 """
 
+import contextlib
 import json
 import logging
 import math
@@ -446,9 +447,10 @@ class ContrastiveTraining:
         return {"loss": round(loss, 4), "candidates": candidates, "lr": self.scheduler.get_last_lr()[0]}
 
     def held_out_accuracy(self, pairs, step: int) -> dict:
-        """The held-out accuracy entry of `step` (measured on the main process; the others wait)."""
+        """The held-out accuracy entry of `step`, measured on the main process while the others wait; under
+        ZeRO-3 on every process, as each forward gathers the weights' shards from all of them."""
         entry = None
-        if self.accelerator.is_main_process:
+        if self.accelerator.is_main_process or deepspeed_stage(self.args.deepspeed) == 3:
             model = self.accelerator.unwrap_model(self.model)
             accuracy = held_out_accuracy(model, self.processor, pairs, self.args, self.seed)
             entry = {"step": step, **(accuracy or {"in_batch_accuracy": None})}
@@ -541,10 +543,18 @@ def save(run: ContrastiveTraining, args: ContrastArguments, record: dict) -> Pat
 
     output_dir = run.output_dir
     final = output_dir / "final"
+    gathered = contextlib.nullcontext()
+    if deepspeed_stage(args.deepspeed) == 3:
+        import deepspeed
+
+        # every process takes part: each holds a shard of the LoRA weights, whole only inside this block
+        gathered = deepspeed.zero.GatheredParameters(run.trainable, modifier_rank=None)
+    with gathered:
+        if run.accelerator.is_main_process:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            with atomic_directory(output_dir / "adapter") as tmp:
+                run.accelerator.unwrap_model(run.model).model.save_pretrained(tmp)
     if run.accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_directory(output_dir / "adapter") as tmp:
-            run.accelerator.unwrap_model(run.model).model.save_pretrained(tmp)
         with atomic_directory(final) as tmp:
             save_merged(args.model_name_or_path, output_dir / "adapter", tmp)
             run.processor.save_pretrained(tmp)

@@ -1,6 +1,7 @@
 """Multi-process contrastive training is one process's training, split: the same learning rate at every step,
 the same losses and the same weights at the same global batch and seed (DESIGN.md, contracts)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -24,12 +25,12 @@ def pages(tmp_path_factory):
     return thai_pages_dataset(tmp_path_factory.mktemp("pages"), documents=6, chars=220, bookmarks=True)
 
 
-def run_contrast(processes: int, base, pages, output, *extra) -> subprocess.CompletedProcess:
+def run_contrast(processes: int, base, pages, output, *extra, timeout: int = 900) -> subprocess.CompletedProcess:
     launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes)] if processes > 1 else []
     argv = contrast_argv(base, pages, output, *SCHEDULE, *extra)
     result = subprocess.run(
         [sys.executable, *launcher, "-m", "stages.contrast", *argv],
-        capture_output=True, text=True, timeout=900, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=timeout, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -88,3 +89,24 @@ def test_plain_multi_process_training_all_reduces_once_per_step_whatever_the_min
     for mini_batch_size in (1, 4):  # 4 anchors per process: 8 backward passes per step, or 2
         mp.spawn(_count_all_reduces, args=(recorded_base, pages, tmp_path / "run", mini_batch_size, counts), nprocs=2)
     assert counts[(1, 0)] == counts[(4, 0)] == counts[(1, 1)] == counts[(4, 1)] > 0
+
+
+@pytest.mark.slow
+def test_two_process_zero3_finishes_and_its_model_embeds_like_the_zero2_ones(recorded_base, pages, tmp_path):
+    from lco.embedder import Embedder
+
+    from .test_contrast import TEXTS
+
+    # every parameter partitioned, as a 7B model's LoRA matrices are: by default ZeRO-3 keeps tensors of under
+    # 1e5 elements whole on every process, which is all of the tiny model's LoRA
+    config = json.loads((REPO / "recipes/deepspeed/zero3.json").read_text())
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (tmp_path / "zero3.json").write_text(json.dumps(config))
+    configs = {2: REPO / "recipes/deepspeed/zero2.json", 3: tmp_path / "zero3.json"}
+    embeddings = {}
+    for stage in (2, 3):
+        zero = ["--deepspeed", str(configs[stage]), "--homogeneous_batches", "true"]
+        run_contrast(2, recorded_base, pages, tmp_path / f"zero{stage}", *zero, timeout=600)  # a hang: a failure
+        embeddings[stage] = Embedder(str(tmp_path / f"zero{stage}" / "final")).encode_texts(TEXTS)
+    # the same training, partitioned differently: the sums of gradients differ in order only
+    torch.testing.assert_close(embeddings[3], embeddings[2], rtol=0, atol=1e-4)
