@@ -413,16 +413,16 @@ def pretrain_ours(ctx: dict, flags: tuple[str, ...] = ()) -> dict:
 
 def evaluate(ctx: dict) -> dict:
     """Pages/s and queries/s through the Embedder that stages.evaluate uses, with its recipe settings (pages
-    opened beforehand, as the stage does)."""
+    decoded beforehand, so that the Embedder alone is timed)."""
     import datasets
 
     from bench.meters import timed
     from common.recipe import load_recipe
     from lco.embedder import Embedder
-    from stages.evaluate import EvaluateArguments
+    from stages.evaluate import EvaluateArguments, page_size
 
     settings = EvaluateArguments(**load_recipe(ctx["recipe"])["evaluate"])
-    embedder = Embedder(ctx["base"], max_text_tokens=settings.max_text_tokens, image_max_side=settings.image_max_side)
+    embedder = Embedder(ctx["base"], max_text_tokens=settings.max_text_tokens, **page_size(ctx["base"], settings))
     images = [row["image"].convert("RGB") for row in datasets.load_from_disk(ctx["pages"][0])]
     queries = json.loads(Path(ctx["queries"]).read_text(encoding="utf-8"))
     figures = {"batch": settings.batch_size, "pages": len(images), "queries": len(queries)}

@@ -176,17 +176,23 @@ def verify_chain(folder: str | Path) -> list[dict[str, Any]]:
     return chain
 
 
+def chain_records(folder: str | Path) -> list[dict[str, Any]]:
+    """The run records of a model and of its ancestors, child first, as far as they exist (none for a plain
+    checkpoint)."""
+    records = []
+    while folder is not None and (Path(folder) / RUN_RECORD).is_file():
+        records.append(read_run_record(folder))
+        folder = (records[-1]["parent"] or {}).get("path")
+    return records
+
+
 def chain_training_documents(folder: str | Path) -> set[str] | None:
     """The sha256 of every document a model and its ancestors were trained on, from their run records' results
     (`training_documents`); None for a model without a run record (a plain checkpoint: not known)."""
-    if not (Path(folder) / RUN_RECORD).is_file():
+    records = chain_records(folder)
+    if not records:
         return None
-    documents = set()
-    while folder is not None and (Path(folder) / RUN_RECORD).is_file():
-        record = read_run_record(folder)
-        documents |= set(record.get("results", {}).get("training_documents", []))
-        folder = (record["parent"] or {}).get("path")
-    return documents
+    return {sha for record in records for sha in record.get("results", {}).get("training_documents", [])}
 
 
 def _parent_entry(parent: str | Path) -> dict[str, str]:

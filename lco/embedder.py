@@ -71,15 +71,28 @@ def thumbnail(image, max_side: int):
     return image
 
 
-def model_inputs(processor, items: list[Item], max_text_tokens: int, image_max_side: int) -> dict:
-    """Processor outputs for `items`, left-padded, texts cut to `max_text_tokens`, images to `image_max_side`."""
+def within_pixels(image, max_pixels: int):
+    """`image` scaled down, aspect kept, to at most `max_pixels` pixels (as pages are for pretraining)."""
+    image = image.convert("RGB")
+    scale = (max_pixels / (image.width * image.height)) ** 0.5
+    if scale < 1:
+        image = image.resize((max(1, int(image.width * scale)), max(1, int(image.height * scale))))
+    return image
+
+
+def model_inputs(
+    processor, items: list[Item], max_text_tokens: int, image_max_side: int | None, max_pixels: int | None = None
+) -> dict:
+    """Processor outputs for `items`, left-padded, texts cut to `max_text_tokens`, images to a pixel budget
+    (`max_pixels`) or, without one, thumbnailed into an `image_max_side` square."""
     tokenizer = processor.tokenizer
     prompts, images = [], []
     for item in items:
         item = Item(truncate_to_tokens(tokenizer, item.text, max_text_tokens)[0], item.image)
         prompts.append(processor.apply_chat_template(item_messages(item), add_generation_prompt=True, tokenize=False))
         if item.image is not None:
-            images.append(thumbnail(item.image, image_max_side))
+            fitted = within_pixels(item.image, max_pixels) if max_pixels else thumbnail(item.image, image_max_side)
+            images.append(fitted)
     tokenizer.padding_side = "left"
     return processor(text=prompts, images=images or None, padding=True, return_tensors="pt")
 
@@ -112,7 +125,8 @@ def encode_items(
     *,
     batch_size: int,
     max_text_tokens: int,
-    image_max_side: int,
+    image_max_side: int | None,
+    max_pixels: int | None = None,
     progress: str | None = None,
     workers: int | None = None,
 ) -> torch.Tensor:
@@ -133,7 +147,13 @@ def encode_items(
         items,
         batch_size=batch_size,
         num_workers=workers,
-        collate_fn=partial(model_inputs, processor, max_text_tokens=max_text_tokens, image_max_side=image_max_side),
+        collate_fn=partial(
+            model_inputs,
+            processor,
+            max_text_tokens=max_text_tokens,
+            image_max_side=image_max_side,
+            max_pixels=max_pixels,
+        ),
     )
     was_training = model.training
     model.eval()
@@ -155,7 +175,8 @@ class Embedder:
         device: str | None = None,
         dtype: str = "auto",
         max_text_tokens: int = 650,
-        image_max_side: int = 700,
+        image_max_side: int | None = 700,
+        max_pixels: int | None = None,
     ):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -165,6 +186,7 @@ class Embedder:
         self.processor = AutoProcessor.from_pretrained(model_dir)
         self.max_text_tokens = max_text_tokens
         self.image_max_side = image_max_side
+        self.max_pixels = max_pixels  # when given, images are fitted to this budget instead of the square
 
     def encode(self, items: Sequence[Item], batch_size: int = 16, progress: str | None = None) -> torch.Tensor:
         return encode_items(
@@ -174,6 +196,7 @@ class Embedder:
             batch_size=batch_size,
             max_text_tokens=self.max_text_tokens,
             image_max_side=self.image_max_side,
+            max_pixels=self.max_pixels,
             progress=progress,
         )
 

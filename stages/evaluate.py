@@ -24,6 +24,7 @@ from common.artifacts import check_model_source, write_bytes_atomic, write_text_
 from common.errors import UsageError, run_cli
 from common.recipe import parse_stage_arguments
 from common.run_record import (
+    chain_records,
     chain_training_documents,
     model_fingerprint,
     parent_run,
@@ -54,7 +55,16 @@ class EvaluateArguments:
     query_instruction: str = field(default="", metadata={"help": "Prefix added to every query."})
     batch_size: int = field(default=16, metadata={"help": "Inputs encoded at once; the scores do not depend on it."})
     max_text_tokens: int = 650
-    image_max_side: int = field(default=700, metadata={"help": "Pages are thumbnailed to fit this square, in pixels."})
+    max_pixels: int = field(
+        default=0,
+        metadata={
+            "help": "Pixel budget pages are embedded at (aspect kept); 0: the budget the model was pretrained "
+            "at (its run-record chain), else Qwen2.5-VL's 1003520."
+        },
+    )
+    image_max_side: int = field(
+        default=0, metadata={"help": "Instead of a budget: pages thumbnailed to fit this square, in pixels (0: off)."}
+    )
     faiss: bool = field(default=False, metadata={"help": "Search with a FAISS index instead of a matrix product."})
     cache_dir: str = field(default="checkpoints/.embedding-cache", metadata={"help": "Where embeddings are cached."})
     report_queries: int = field(default=20, metadata={"help": "Queries shown per model in the --report HTML."})
@@ -147,20 +157,37 @@ def cached_embeddings(key: dict, cache_dir: str, compute):
     return embeddings, False
 
 
+# 1280*28*28: Qwen2.5-VL's default budget, at which the reference embeds documents for evaluation
+DEFAULT_PIXELS = 1003520
+
+
+def page_size(model: str, args: EvaluateArguments) -> dict:
+    """How `model` gets its pages: thumbnailed into `image_max_side` when that is set; otherwise fitted to a pixel
+    budget, `max_pixels` if set, else the one its run-record chain was pretrained at (pages pretrained at a large
+    budget and embedded as small thumbnails would hide what pretraining taught), else DEFAULT_PIXELS."""
+    if args.image_max_side:
+        return {"image_max_side": args.image_max_side, "max_pixels": None}
+    pretrained_at = next(
+        (r["config"]["pretrain"]["max_pixels"] for r in chain_records(model) if r["stage"] == "pretrain"), None
+    )
+    return {"image_max_side": None, "max_pixels": args.max_pixels or pretrained_at or DEFAULT_PIXELS}
+
+
 def model_rankings(model: str, evalset, tasks: dict, args: EvaluateArguments) -> tuple[dict, dict]:
     """({task: rankings}, encoding facts) of one model; embeddings come from the cache when present."""
     from lco.embedder import Embedder, Item, LazyItems
 
     embedder = None
+    size = page_size(model, args)
 
     def get_embedder():
         nonlocal embedder
-        embedder = embedder or Embedder(model, max_text_tokens=args.max_text_tokens, image_max_side=args.image_max_side)
+        embedder = embedder or Embedder(model, max_text_tokens=args.max_text_tokens, **size)
         return embedder
 
     fingerprint = model_fingerprint(model)
     page_ids, query_ids = list(evalset.pages), list(evalset.queries)
-    settings = {"max_text_tokens": args.max_text_tokens, "image_max_side": args.image_max_side}
+    settings = {"max_text_tokens": args.max_text_tokens, **size}
     started = time.monotonic()
     pages, pages_cached = cached_embeddings(
         {"model": fingerprint, "pages": data_fingerprint(evalset, "pages"), **settings},
@@ -197,6 +224,7 @@ def model_rankings(model: str, evalset, tasks: dict, args: EvaluateArguments) ->
         )
     facts = {
         "fingerprint": fingerprint,
+        **size,
         "cached": pages_cached and queries_cached,
         "encode_and_search_s": round(time.monotonic() - started, 1),
     }

@@ -57,84 +57,25 @@ class PipelineArguments:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from trl import SFTConfig
-
-    recipe_args, pipeline_args = parse_stage_arguments("pipeline", (PipelineArguments,), argv)
+    recipe_args, args = parse_stage_arguments("pipeline", (PipelineArguments,), argv)
     if recipe_args.config is None:
         raise UsageError("give a recipe: python -m stages.pipeline --config recipes/tiny.yaml")
     started = time.monotonic()
     recipe = ["--config", recipe_args.config, "--seed", str(recipe_args.seed)]
 
-    # --overwrite: the pipeline itself decides below whether the existing folder is reused or rebuilt
-    _, base_args = parse_stage_arguments("base_model", (BaseModelArguments,), [*recipe, "--overwrite"])
-    print(f"[1/5] base model -> {base_args.output_dir}")
-    if not pipeline_args.rebuild and _is_up_to_date(base_args):
-        print("      up to date (same settings as its run record); reusing it")
-    else:
-        build_base_model([*recipe, "--overwrite"])
-
-    print(
-        f"[2/5] data_prep: render, pages and evalset for {', '.join(pipeline_args.languages)} -> "
-        f"{pipeline_args.data_dir}"
-    )
-    pretrain_pages = prepare_data(recipe_args.seed, pipeline_args)
-    evalset = str(Path(pipeline_args.data_dir) / "evalset")
-
-    # pretrain on exactly the pages prepared above; the eval set's documents are kept out of every training stage
-    pretrain_argv = [*recipe, "--model_name_or_path", base_args.output_dir, "--datasets", *pretrain_pages]
-    pretrain_argv += ["--exclude_evalsets", evalset, "--overwrite"]
-    _, pretrain_args, training = parse_stage_arguments(
-        "pretrain", (PretrainArguments, SFTConfig), pretrain_argv, machine_defaults=CPU_DEFAULTS
-    )
-    pretrained = Path(training.output_dir) / "final"
-    print(f"[3/5] stages.pretrain -> {pretrained}")
-    inputs = [*(str(Path(path) / "manifest.json") for path in pretrain_pages), str(Path(evalset) / "evalset.json")]
-    if not pipeline_args.rebuild and run_is_up_to_date(
-        pretrained, "pretrain", recipe_args.config, recipe_args.seed, pretrain_args, inputs, base_args.output_dir
-    ):
-        print(f"      {pretrained}: complete, same settings and data; reusing it")
-    else:
-        pretrain_main(pretrain_argv)
-
+    base = base_model_step(recipe, args.rebuild)
+    print(f"[2/5] data_prep: render, pages and evalset for {', '.join(args.languages)} -> {args.data_dir}")
+    pages = prepare_data(recipe_args.seed, args)
+    evalset = str(Path(args.data_dir) / "evalset")
+    # the eval set's documents are kept out of every training stage
+    pretrained = pretrain_step(recipe_args, recipe, [*pages, "--exclude_evalsets", evalset], base, args.rebuild)
     # contrastive refinement of that model, and of the base model as the no-pretraining baseline
     # (the comparison the method is about), with the same recipe, seed and pairs
-    refined = {}
-    for label, parent, suffix in (("4a", str(pretrained), ""), ("4b", base_args.output_dir, "-only")):
-        contrast_argv = [*recipe, "--model_name_or_path", parent, "--pages_datasets", *pretrain_pages]
-        contrast_argv += ["--exclude_evalsets", evalset, "--overwrite"]
-        _, contrast_args = parse_stage_arguments("contrast", (ContrastArguments,), contrast_argv)
-        contrast_argv += ["--output_dir", contrast_args.output_dir + suffix]
-        _, contrast_args = parse_stage_arguments("contrast", (ContrastArguments,), contrast_argv)
-        refined[suffix] = final = Path(contrast_args.output_dir) / "final"
-        print(f"[{label}/5] stages.contrast of {parent} -> {final}")
-        if not pipeline_args.rebuild and run_is_up_to_date(
-            final, "contrast", recipe_args.config, recipe_args.seed, contrast_args, contrast_args.input_files(), parent
-        ):
-            print(f"      {final}: complete, same settings and data; reusing it")
-        else:
-            contrast_main(contrast_argv)
-
-    # the models side by side with the baselines, on the cross-lingual eval set
-    evaluation = Path(pipeline_args.data_dir) / "evaluation"
-    print(f"[5/5] stages.evaluate -> {evaluation}")
-    if evaluation.exists():
-        shutil.rmtree(evaluation)  # the pipeline's own output; embeddings stay cached, so re-scoring is quick
-    evaluate_main(
-        [
-            *recipe,
-            "--model",
-            base_args.output_dir,
-            str(pretrained),
-            str(refined[""]),
-            str(refined["-only"]),
-            "--data",
-            evalset,
-            "--output",
-            str(evaluation / "results.json"),
-            "--report",
-            str(evaluation / "report"),
-        ]
-    )
+    refined = [
+        contrast_step(recipe_args, recipe, [*pages, "--exclude_evalsets", evalset], parent, suffix, label, args.rebuild)
+        for label, parent, suffix in (("4a", str(pretrained), ""), ("4b", base, "-only"))
+    ]
+    evaluation = evaluate_step(recipe, [base, str(pretrained), *map(str, refined)], evalset, Path(args.data_dir))
     print(
         f"pipeline: done in {time.monotonic() - started:.0f}s; results in {evaluation}/results.json, report in "
         f"{evaluation}/report/index.html"
@@ -143,6 +84,68 @@ def main(argv: list[str] | None = None) -> None:
         f"pipeline: the paper's analyses of these runs: python -m stages.analyze {{scaling,diagnostics}} --config "
         f"{recipe_args.config}"
     )
+
+
+def base_model_step(recipe: list[str], rebuild: bool) -> str:
+    """[1/5] The base model's folder, built unless an up-to-date one is there."""
+    # --overwrite: the pipeline itself decides here whether the existing folder is reused or rebuilt
+    _, base_args = parse_stage_arguments("base_model", (BaseModelArguments,), [*recipe, "--overwrite"])
+    print(f"[1/5] base model -> {base_args.output_dir}")
+    if not rebuild and _is_up_to_date(base_args):
+        print("      up to date (same settings as its run record); reusing it")
+    else:
+        build_base_model([*recipe, "--overwrite"])
+    return base_args.output_dir
+
+
+def pretrain_step(recipe_args, recipe: list[str], data: list[str], base: str, rebuild: bool) -> Path:
+    """[3/5] `final/` of pretraining `base` on `data` (pages datasets, then flags), reused when up to date."""
+    from trl import SFTConfig
+
+    argv = [*recipe, "--model_name_or_path", base, "--datasets", *data, "--overwrite"]
+    _, args, training = parse_stage_arguments(
+        "pretrain", (PretrainArguments, SFTConfig), argv, machine_defaults=CPU_DEFAULTS
+    )
+    pretrained = Path(training.output_dir) / "final"
+    print(f"[3/5] stages.pretrain -> {pretrained}")
+    inputs = [
+        *(Path(path) / "manifest.json" for path in args.datasets),
+        *(Path(path) / "evalset.json" for path in args.exclude_evalsets),
+    ]
+    if not rebuild and run_is_up_to_date(
+        pretrained, "pretrain", recipe_args.config, recipe_args.seed, args, inputs, base
+    ):
+        print(f"      {pretrained}: complete, same settings and data; reusing it")
+    else:
+        pretrain_main(argv)
+    return pretrained
+
+
+def contrast_step(recipe_args, recipe, data: list[str], parent: str, suffix: str, label: str, rebuild: bool) -> Path:
+    """[4/5] `final/` of the contrastive refinement of `parent` (into the recipe's output_dir + `suffix`)."""
+    argv = [*recipe, "--model_name_or_path", parent, "--pages_datasets", *data, "--overwrite"]
+    _, args = parse_stage_arguments("contrast", (ContrastArguments,), argv)
+    argv += ["--output_dir", args.output_dir + suffix]
+    _, args = parse_stage_arguments("contrast", (ContrastArguments,), argv)
+    final = Path(args.output_dir) / "final"
+    print(f"[{label}/5] stages.contrast of {parent} -> {final}")
+    config, seed = recipe_args.config, recipe_args.seed
+    if not rebuild and run_is_up_to_date(final, "contrast", config, seed, args, args.input_files(), parent):
+        print(f"      {final}: complete, same settings and data; reusing it")
+    else:
+        contrast_main(argv)
+    return final
+
+
+def evaluate_step(recipe: list[str], models: list[str], evalset: str, data_dir: Path) -> Path:
+    """[5/5] The models side by side with the baselines on the eval set, in `data_dir/evaluation`."""
+    evaluation = data_dir / "evaluation"
+    print(f"[5/5] stages.evaluate -> {evaluation}")
+    if evaluation.exists():
+        shutil.rmtree(evaluation)  # the pipeline's own output; embeddings stay cached, so re-scoring is quick
+    output = ["--output", str(evaluation / "results.json"), "--report", str(evaluation / "report")]
+    evaluate_main([*recipe, "--model", *models, "--data", evalset, *output])
+    return evaluation
 
 
 def prepare_data(seed: int, args: PipelineArguments) -> list[str]:

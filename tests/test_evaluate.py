@@ -296,3 +296,37 @@ def test_a_model_trained_on_evaluated_documents_is_warned_about_and_recorded(tin
     assert f"WARNING: {models['leaky']} was trained on 1 of the 2 documents" in out and "clean was trained" not in out
     overlap = json.loads(output.read_text())["trained_on_evaluated_documents"]
     assert overlap == {str(models["clean"]): 0, str(models["leaky"]): 1}
+
+
+def test_pages_are_embedded_at_the_pixel_budget_the_model_was_pretrained_at(tiny_model, tmp_path, monkeypatch):
+    """Not at a 700-px thumbnail that can hide what pretraining at a larger budget taught."""
+    import shutil
+
+    from common.run_record import write_run_record
+    from lco.embedder import EmbeddingModel
+
+    folder = tmp_path / "eval"
+    (folder / "images").mkdir(parents=True)
+    Image.new("RGB", (800, 1000), "white").save(folder / "images" / "p0.png")
+    (folder / "corpus.jsonl").write_text(json.dumps({"_id": "p0", "image": "images/p0.png", "text": "x", "lang": "th"}))
+    (folder / "queries.jsonl").write_text(json.dumps({"_id": "q0", "text": "x", "lang": "en"}))
+    (folder / "qrels.tsv").write_text("query-id\tcorpus-id\tscore\nq0\tp0\t1\n")
+    pretrained = tmp_path / "pretrained"  # a model whose run-record chain says it was pretrained at 150,000 pixels
+    shutil.copytree(tiny_model[2], pretrained)
+    write_run_record(pretrained, stage="pretrain", config={"pretrain": {"max_pixels": 150_000}}, seed=0)
+
+    pixels = []
+    forward = EmbeddingModel.forward
+
+    def recording_forward(self, **inputs):
+        if "image_grid_thw" in inputs:  # patches of 14 x 14 pixels
+            pixels.append(int(inputs["image_grid_thw"].prod(dim=1).sum()) * 14 * 14)
+        return forward(self, **inputs)
+
+    monkeypatch.setattr(EmbeddingModel, "forward", recording_forward)
+    evalset = load_evalset(str(folder))
+    # a plain model gets Qwen2.5-VL's budget, which the tiny model's own processor caps at 200,704 (448 x 448)
+    for model, budget, expected in ((pretrained, 150_000, 150_000), (tiny_model[2], 1003520, 200_704)):
+        pixels.clear()
+        results = model_rankings(str(model), evalset, evalset.tasks(), EvaluateArguments(cache_dir=str(tmp_path / "c")))
+        assert 0.8 * expected <= pixels[0] <= expected and results[1]["max_pixels"] == budget
