@@ -37,19 +37,21 @@ def evaluated_in(pages_folders: list[str], evalsets: list[str]) -> dict[str, str
     """doc_id -> sha256 of the documents of `pages_folders` that one of `evalsets` covers (the same content, under
     whatever file name): training leaves them out, so that no eval set scores a page its model was trained on."""
     from data_prep.evalset import evaluated_documents
-    from data_prep.pages import document_hashes
 
     covered = set().union(*(evaluated_documents(folder, "--exclude_evalsets") for folder in evalsets))
-    hashes = {doc: sha for folder in pages_folders for doc, sha in document_hashes(folder, "--datasets").items()}
-    return {doc: sha for doc, sha in hashes.items() if sha in covered}
+    return {doc: sha for doc, sha in _document_hashes(pages_folders).items() if sha in covered}
 
 
 def document_sha256(pages_folders: list[str], doc_ids) -> list[str]:
     """The sorted sha256 of the given documents of `pages_folders`, as the run record lists what was trained on."""
+    hashes = _document_hashes(pages_folders)
+    return sorted({hashes[doc] for doc in doc_ids if doc in hashes})
+
+
+def _document_hashes(pages_folders: list[str]) -> dict[str, str]:
     from data_prep.pages import document_hashes
 
-    hashes = {doc: sha for folder in pages_folders for doc, sha in document_hashes(folder, "--datasets").items()}
-    return sorted({hashes[doc] for doc in doc_ids if doc in hashes})
+    return {doc: sha for folder in pages_folders for doc, sha in document_hashes(folder, "--datasets").items()}
 
 
 def image_tokens(height: int, width: int, image_processor, max_pixels: int) -> int:

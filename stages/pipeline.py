@@ -199,9 +199,7 @@ def split_sample(text_file: Path, folder: Path, eval_sections: int) -> tuple[Pat
     paths = (folder / "train" / text_file.name, folder / "eval" / text_file.name)
     contents = (head + "".join(sections[:-eval_sections]), head + "".join(sections[-eval_sections:]))
     for path, content in zip(paths, contents):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if not path.is_file() or path.read_text(encoding="utf-8") != content:
-            write_text_atomic(path, content)
+        write_if_changed(path, content)
     return paths
 
 
@@ -222,10 +220,16 @@ def write_parts(text_file: Path, folder: Path, count: int) -> list[Path]:
     for number, group in enumerate(groups, start=1):
         path = folder / f"{text_file.stem}-part{number}.md"
         content = (head if number == 1 else "") + "".join(group)
-        if not path.is_file() or path.read_text(encoding="utf-8") != content:
-            write_text_atomic(path, content)
+        write_if_changed(path, content)
         parts.append(path)
     return parts
+
+
+def write_if_changed(path: Path, content: str) -> None:
+    """Write `path` only when its content changes, so that the renders made from it stay reusable."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.is_file() or path.read_text(encoding="utf-8") != content:
+        write_text_atomic(path, content)
 
 
 def _is_up_to_date(args: BaseModelArguments) -> bool:

@@ -444,7 +444,6 @@ def test_overwrite_keeps_the_earlier_run_until_the_new_one_is_complete(base, pag
 
 
 def test_optimizer_and_schedule_follow_the_reference_no_weight_decay_and_a_warm_up_share(base, pages, tmp_path):
-    from common.recipe import parse_stage_arguments
     from stages.contrast import ContrastArguments, ContrastiveTraining, load_model, load_pairs
 
     argv = contrast_argv(base, pages, tmp_path / "run", "--max_steps", "20", "--warmup_ratio", "0.1")
