@@ -90,11 +90,14 @@ def model_inputs(
     for item in items:
         item = Item(truncate_to_tokens(tokenizer, item.text, max_text_tokens)[0], item.image)
         prompts.append(processor.apply_chat_template(item_messages(item), add_generation_prompt=True, tokenize=False))
-        if item.image is not None:
+        if item.image is None:
+            images.append([])
+        else:
             fitted = within_pixels(item.image, max_pixels) if max_pixels else thumbnail(item.image, image_max_side)
-            images.append(fitted)
+            images.append([fitted])
     tokenizer.padding_side = "left"
-    return processor(text=prompts, images=images or None, padding=True, return_tensors="pt")
+    # images grouped by prompt: processors that count image placeholders per prompt (Gemma 3's) need it
+    return processor(text=prompts, images=images if any(images) else None, padding=True, return_tensors="pt")
 
 
 def last_token_embeddings(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -2,13 +2,15 @@
 
 from pathlib import Path
 
-LORA_TARGETS = r".*language_model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj"
+from .families import family_of
 
 
-def lora_config(r: int, alpha: int, dropout: float):
+def lora_config(model_config, r: int, alpha: int, dropout: float):
+    """LoRA on the linear layers the model's family names (`lco.families`)."""
     from peft import LoraConfig
 
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+    targets = family_of(model_config).lora_targets
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
 
 
 def save_merged(base_model: str, adapter: Path, folder: Path) -> None:

@@ -54,10 +54,14 @@ def _document_hashes(pages_folders: list[str]) -> dict[str, str]:
     return {doc: sha for folder in pages_folders for doc, sha in document_hashes(folder, "--datasets").items()}
 
 
-def image_tokens(height: int, width: int, image_processor, max_pixels: int) -> int:
-    """Visual tokens Qwen2(.5)-VL spends on an image: one per merged patch after its own resizing."""
+def image_tokens(height: int, width: int, processor, max_pixels: int) -> int:
+    """Visual tokens an image costs: a fixed count where the processor resizes every image to one square
+    (Gemma 3), else one per merged patch after the processor's own resizing (the Qwen families)."""
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
+    if hasattr(processor, "image_seq_length"):
+        return processor.image_seq_length
+    image_processor = processor.image_processor
     factor = image_processor.patch_size * image_processor.merge_size
     h, w = smart_resize(
         height, width, factor=factor, min_pixels=image_processor.size["shortest_edge"], max_pixels=max_pixels
@@ -66,16 +70,19 @@ def image_tokens(height: int, width: int, image_processor, max_pixels: int) -> i
 
 
 def fit_image(image, processor, max_pixels: int, max_image_tokens: int):
-    """`image` as RGB, scaled (aspect kept) to at most `max_pixels` and at most `max_image_tokens` tokens."""
-    image_processor = processor.image_processor
-    budget = min(max_pixels, image_processor.size["longest_edge"])
-    factor = image_processor.patch_size * image_processor.merge_size
-    budget = min(budget, max_image_tokens * factor * factor)
+    """`image` as RGB, scaled (aspect kept) to at most `max_pixels` and, where the token count depends on the
+    size, to at most `max_image_tokens` tokens."""
     image = image.convert("RGB")
+    budget, smallest_side = max_pixels, 1
+    if not hasattr(processor, "image_seq_length"):
+        image_processor = processor.image_processor
+        smallest_side = image_processor.patch_size * image_processor.merge_size
+        budget = min(budget, image_processor.size["longest_edge"], max_image_tokens * smallest_side**2)
     if image.width * image.height > budget:
         scale = math.sqrt(budget / (image.width * image.height))
-        image = image.resize((max(factor, int(image.width * scale)), max(factor, int(image.height * scale))))
-    return image, image_tokens(image.height, image.width, image_processor, budget)
+        size = (max(smallest_side, int(image.width * scale)), max(smallest_side, int(image.height * scale)))
+        image = image.resize(size)
+    return image, image_tokens(image.height, image.width, processor, budget)
 
 
 def prompt_overhead(processor, instruction: str) -> int:

@@ -1,13 +1,14 @@
-"""The embedded default base model: a tiny, randomly initialised Qwen2.5-VL (or Qwen2-VL), built offline.
+"""The embedded default base model: a tiny, randomly initialised VLM of one of the backbone families
+(Qwen2.5-VL by default; Qwen2-VL, Qwen3-VL, Gemma 3), built offline.
 
     python -m stages.base_model --config recipes/tiny.yaml
-    python -m stages.base_model --config recipes/tiny.yaml --family qwen2_vl --output_dir checkpoints/tiny/base-qwen2-vl
+    python -m stages.base_model --config recipes/tiny.yaml --family gemma3 --output_dir checkpoints/tiny/base-gemma3
 
-The tokenizer is a byte-level BPE trained on the sample corpus with Qwen2's normaliser and
-pre-tokeniser, the Qwen chat special tokens, and Qwen2.5-VL's chat template (as TRL ships it), so
-every stage treats this model exactly like a real Qwen2.5-VL checkpoint, only much smaller. The
-folder it writes is a normal HF model folder: `AutoModelForImageTextToText.from_pretrained` and
-`AutoProcessor.from_pretrained` load it with no other files.
+The tokenizer is a BPE trained on the sample corpus with the family's own tokenizer class (normaliser,
+pre-tokeniser, special tokens) and the family's chat template as TRL ships it, so every stage treats this
+model exactly like a real checkpoint of the family, only much smaller. The folder it writes is a normal
+HF model folder: `AutoModelForImageTextToText.from_pretrained` and `AutoProcessor.from_pretrained` load it
+with no other files.
 """
 
 import importlib.util
@@ -36,13 +37,20 @@ QWEN_SPECIAL_TOKENS = (
     "<|image_pad|>",
     "<|video_pad|>",
 )
+# Gemma's tokenizer class brings <pad> <eos> <bos> <unk> <mask>; these are the chat and image tokens of Gemma 3
+GEMMA3_SPECIAL_TOKENS = ("<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>")
 CORPUS_SUFFIXES = (".md", ".txt")
+# the tiny Gemma 3 reads every image as one 224-px square of 14-px patches, pooled to 8 x 8 tokens
+# (the real one: 896 px, 64 x 64 patches pooled to 16 x 16 = 256 tokens)
+GEMMA3_IMAGE_SIZE, GEMMA3_PATCH_SIZE, GEMMA3_IMAGE_TOKENS = 224, 14, 64
 
 
 @dataclass
 class BaseModelArguments:
     output_dir: str = field(default="checkpoints/tiny/base", metadata={"help": "Folder to write the model to."})
-    family: Literal["qwen2_5_vl", "qwen2_vl"] = field(default="qwen2_5_vl", metadata={"help": "Model family."})
+    family: Literal["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "gemma3"] = field(
+        default="qwen2_5_vl", metadata={"help": "Model family (lco/families.py)."}
+    )
     tokenizer_corpus: list[str] = field(
         default_factory=lambda: ["samples/udhr"],
         metadata={"help": "Text files (.md, .txt) or folders of them to train the tokenizer on."},
@@ -80,7 +88,8 @@ class BaseModelArguments:
         if remainder or head_dim % 8:
             raise UsageError(
                 f"hidden_size ({self.hidden_size}) / num_attention_heads ({self.num_attention_heads}) must be a "
-                "whole multiple of 8 (the multimodal rotary embedding splits head_dim / 2 into 3 sections)."
+                "whole multiple of 8 (the Qwen families' multimodal rotary embedding splits head_dim / 2 into 3 "
+                "sections; Gemma 3's rotary embedding needs an even head_dim)."
             )
         if self.num_attention_heads % self.num_key_value_heads:
             raise UsageError(
@@ -92,8 +101,12 @@ class BaseModelArguments:
                 f"vision_hidden_size ({self.vision_hidden_size}) must be a multiple of vision_num_heads "
                 f"({self.vision_num_heads})."
             )
-        if self.vocab_size < 256 + len(QWEN_SPECIAL_TOKENS):
-            raise UsageError(f"vocab_size ({self.vocab_size}) must be at least 270: 256 bytes + 14 special tokens.")
+        smallest = 256 + len(special_tokens(self.family))
+        if self.vocab_size < smallest:
+            raise UsageError(
+                f"vocab_size ({self.vocab_size}) must be at least {smallest} for {self.family}: "
+                "256 bytes + its special tokens."
+            )
         if self.embedding_rows and self.embedding_rows < self.vocab_size:
             raise UsageError(
                 f"embedding_rows ({self.embedding_rows}) must be 0 or at least vocab_size ({self.vocab_size})."
@@ -114,48 +127,88 @@ class BaseModelArguments:
         return files
 
 
-def train_tokenizer(texts: list[str], vocab_size: int):
-    """A byte-level BPE with Qwen2's normaliser (NFC), pre-tokeniser and special tokens, trained on `texts`."""
-    from transformers import Qwen2Tokenizer
-
-    template = Qwen2Tokenizer()  # empty vocabulary: used only for its normaliser/pre-tokeniser/decoder
-    tokenizer = template.train_new_from_iterator(
-        texts, vocab_size=vocab_size, new_special_tokens=list(QWEN_SPECIAL_TOKENS), show_progress=False
+def special_tokens(family: str) -> tuple[str, ...]:
+    return (
+        GEMMA3_SPECIAL_TOKENS + ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>")
+        if family == "gemma3"
+        else QWEN_SPECIAL_TOKENS
     )
-    # as in Qwen2.5-VL-*-Instruct: a turn ends with <|im_end|>, padding uses <|endoftext|>
-    tokenizer.eos_token = "<|im_end|>"
-    tokenizer.pad_token = "<|endoftext|>"
-    tokenizer.chat_template = qwen_vl_chat_template()
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, family: str = "qwen2_5_vl"):
+    """A BPE trained on `texts` with the family's tokenizer class (normaliser, pre-tokeniser, decoder) and
+    special tokens, its chat template, and the end-of-turn token as end of sequence, as in its instruct models."""
+    if family == "gemma3":
+        from transformers import GemmaTokenizer
+
+        trained = GemmaTokenizer().train_new_from_iterator(
+            texts, vocab_size=vocab_size, new_special_tokens=list(GEMMA3_SPECIAL_TOKENS), show_progress=False
+        )
+        # Gemma3Processor finds its image tokens under these names, as in the real tokenizer's config
+        image_tokens = {
+            "boi_token": "<start_of_image>",
+            "eoi_token": "<end_of_image>",
+            "image_token": "<image_soft_token>",
+        }
+        tokenizer = GemmaTokenizer(tokenizer_object=trained.backend_tokenizer, extra_special_tokens=image_tokens)
+        tokenizer.eos_token = "<end_of_turn>"
+    else:
+        from transformers import Qwen2Tokenizer
+
+        template = Qwen2Tokenizer()  # empty vocabulary: used only for its normaliser/pre-tokeniser/decoder
+        tokenizer = template.train_new_from_iterator(
+            texts, vocab_size=vocab_size, new_special_tokens=list(QWEN_SPECIAL_TOKENS), show_progress=False
+        )
+        # as in Qwen2.5-VL-*-Instruct: a turn ends with <|im_end|>, padding uses <|endoftext|>
+        tokenizer.eos_token = "<|im_end|>"
+        tokenizer.pad_token = "<|endoftext|>"
+    tokenizer.chat_template = trl_chat_template("qwen2_5_vl" if family == "qwen2_vl" else family)
     return tokenizer
 
 
-def qwen_vl_chat_template() -> str:
-    """Qwen2.5-VL's chat template, byte for byte as TRL stores it (TRL recognises the model by it)."""
+def trl_chat_template(name: str) -> str:
+    """A family's chat template, byte for byte as TRL stores it (TRL recognises the model by it)."""
     # found without importing trl, which would import deepspeed and probe for accelerators
     trl_folder = Path(importlib.util.find_spec("trl").origin).parent
-    return (trl_folder / "chat_templates" / "qwen2_5_vl.jinja").read_text(encoding="utf-8")
+    return (trl_folder / "chat_templates" / f"{name}.jinja").read_text(encoding="utf-8")
 
 
 def build_processor(tokenizer, args: BaseModelArguments):
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+    from transformers import (
+        Gemma3ImageProcessor,
+        Gemma3Processor,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+        Qwen3VLProcessor,
+        Qwen3VLVideoProcessor,
+    )
 
+    template = tokenizer.chat_template
+    if args.family == "gemma3":
+        image_processor = Gemma3ImageProcessor(size={"height": GEMMA3_IMAGE_SIZE, "width": GEMMA3_IMAGE_SIZE})
+        return Gemma3Processor(image_processor, tokenizer, template, image_seq_length=GEMMA3_IMAGE_TOKENS)
+    if args.family == "qwen3_vl":  # 16-px patches (28 in the earlier Qwen families)
+        image_processor = Qwen2VLImageProcessor(
+            patch_size=16,
+            min_pixels=args.min_pixels,
+            max_pixels=args.max_pixels,
+            image_mean=[0.5] * 3,
+            image_std=[0.5] * 3,
+        )
+        return Qwen3VLProcessor(image_processor, tokenizer, Qwen3VLVideoProcessor(), chat_template=template)
     image_processor = Qwen2VLImageProcessor(min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     processor_class = Qwen2_5_VLProcessor if args.family == "qwen2_5_vl" else Qwen2VLProcessor
     return processor_class(
         image_processor=image_processor,
         tokenizer=tokenizer,
         video_processor=Qwen2VLVideoProcessor(),
-        chat_template=tokenizer.chat_template,
+        chat_template=template,
     )
 
 
 def build_config(tokenizer, args: BaseModelArguments):
-    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
-
-    head_dim = args.hidden_size // args.num_attention_heads
-    half = head_dim // 2
-    # temporal / height / width sections of the multimodal rotary embedding; Qwen2.5-VL-3B uses 16/24/24 of 64
-    mrope_section = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
     text_config = dict(
         vocab_size=max(len(tokenizer), args.embedding_rows),
         hidden_size=args.hidden_size,
@@ -164,18 +217,85 @@ def build_config(tokenizer, args: BaseModelArguments):
         num_attention_heads=args.num_attention_heads,
         num_key_value_heads=args.num_key_value_heads,
         max_position_embeddings=32768,
-        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": mrope_section},
-        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        bos_token_id=tokenizer.convert_tokens_to_ids("<bos>" if args.family == "gemma3" else "<|endoftext|>"),
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=args.tie_word_embeddings,
     )
+    if args.family == "gemma3":
+        return gemma3_config(tokenizer, text_config, args)
+    return qwen_config(tokenizer, text_config, args)
+
+
+def gemma3_config(tokenizer, text_config: dict, args: BaseModelArguments):
+    from transformers import Gemma3Config
+
+    head_dim = args.hidden_size // args.num_attention_heads
+    layers = args.num_hidden_layers
+    # Gemma 3 attends within a sliding window in five of every six layers; the tiny one keeps its last global
+    layer_types = [
+        "full_attention" if (i + 1) % 6 == 0 or i == layers - 1 else "sliding_attention" for i in range(layers)
+    ]
+    text_config.update(head_dim=head_dim, query_pre_attn_scalar=head_dim, sliding_window=512, layer_types=layer_types)
+    vision_config = dict(
+        hidden_size=args.vision_hidden_size,
+        intermediate_size=args.vision_intermediate_size,
+        num_hidden_layers=args.vision_depth,
+        num_attention_heads=args.vision_num_heads,
+        image_size=GEMMA3_IMAGE_SIZE,
+        patch_size=GEMMA3_PATCH_SIZE,
+        vision_use_head=False,
+    )
+    return Gemma3Config(
+        text_config=text_config,
+        vision_config=vision_config,
+        mm_tokens_per_image=GEMMA3_IMAGE_TOKENS,
+        boi_token_index=tokenizer.convert_tokens_to_ids("<start_of_image>"),
+        eoi_token_index=tokenizer.convert_tokens_to_ids("<end_of_image>"),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image_soft_token>"),
+        tie_word_embeddings=args.tie_word_embeddings,
+    )
+
+
+def qwen_config(tokenizer, text_config: dict, args: BaseModelArguments):
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
+
+    head_dim = args.hidden_size // args.num_attention_heads
+    half = head_dim // 2
     special_ids = dict(
         image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
         video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
         vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
         vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
     )
+    if args.family == "qwen3_vl":
+        # temporal / height / width sections, interleaved; Qwen3-VL uses 24/20/20 of 64
+        spatial = half * 5 // 16
+        rope = {
+            "rope_type": "default",
+            "rope_theta": 5_000_000.0,
+            "mrope_section": [half - 2 * spatial, spatial, spatial],
+        }
+        text_config.update(head_dim=head_dim, rope_parameters={**rope, "mrope_interleaved": True})
+        vision_config = dict(
+            depth=args.vision_depth,
+            hidden_size=args.vision_hidden_size,
+            intermediate_size=args.vision_intermediate_size,
+            num_heads=args.vision_num_heads,
+            out_hidden_size=args.hidden_size,
+            num_position_embeddings=256,  # a 16 x 16 grid of learned positions, interpolated (48 x 48 in Qwen3-VL)
+            # features of a middle vision block are added to the first language layer (three blocks in Qwen3-VL)
+            deepstack_visual_indexes=[args.vision_depth // 2],
+        )
+        return Qwen3VLConfig(
+            text_config=text_config,
+            vision_config=vision_config,
+            tie_word_embeddings=args.tie_word_embeddings,
+            **special_ids,
+        )
+    # temporal / height / width sections of the multimodal rotary embedding; Qwen2.5-VL-3B uses 16/24/24 of 64
+    mrope_section = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
+    text_config["rope_parameters"] = {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": mrope_section}
     if args.family == "qwen2_5_vl":
         vision_config = dict(
             depth=args.vision_depth,
@@ -213,13 +333,17 @@ def build_tiny_base_model(args: BaseModelArguments, seed: int):
     from transformers import AutoModelForImageTextToText, GenerationConfig
 
     texts = [path.read_text(encoding="utf-8") for path in args.corpus_files()]
-    tokenizer = train_tokenizer(texts, args.vocab_size)
+    tokenizer = train_tokenizer(texts, args.vocab_size, args.family)
     processor = build_processor(tokenizer, args)
     config = build_config(tokenizer, args)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config, dtype=getattr(torch, args.dtype))
     model.generation_config = GenerationConfig(
-        eos_token_id=[config.text_config.eos_token_id, config.text_config.bos_token_id],
+        # the end of a turn or of the text, whichever comes first
+        eos_token_id=[
+            tokenizer.eos_token_id,
+            tokenizer.convert_tokens_to_ids("<eos>" if args.family == "gemma3" else "<|endoftext|>"),
+        ],
         pad_token_id=tokenizer.pad_token_id,
         do_sample=False,
     )

@@ -322,7 +322,9 @@ def load_model(args: ContrastArguments, seed: int):
     dtype = torch.bfloat16 if uses_bf16(args) else torch.float32
     base = AutoModelForImageTextToText.from_pretrained(args.model_name_or_path, dtype=dtype)
     processor = AutoProcessor.from_pretrained(args.model_name_or_path)
-    model = EmbeddingModel(get_peft_model(base, lora_config(args.lora_r, args.lora_alpha, args.lora_dropout)))
+    model = EmbeddingModel(
+        get_peft_model(base, lora_config(base.config, args.lora_r, args.lora_alpha, args.lora_dropout))
+    )
     return model, processor
 
 

@@ -28,23 +28,29 @@ from common.errors import UsageError, run_cli
 from common.run_record import model_fingerprint, parent_run, write_run_record
 from lco.embedder import IMAGE_PROMPT, IMAGE_TEXT_PROMPT, TEXT_PROMPT, Embedder, Item, item_messages
 
-# Put before the model's own chat template: adds to each user turn the text item with the prompt that Embedder
-# appends (see `lco_template`). It renders nothing itself; the model's template renders the changed messages.
+# Put before the model's own chat template: turns each user turn into Embedder's content (see `item_messages`): its
+# images, then one text item, its texts joined with the prompt Embedder appends. One item, not a prompt item of its
+# own, since some templates trim each item (Gemma 3's), which would drop the prompt's leading newline. It renders
+# nothing itself; the model's template renders the changed messages.
 LCO_TEMPLATE_PREFIX = """
 {%- set lco = namespace(messages=[]) -%}
 {%- for message in messages -%}
     {%- if message['role'] == 'user' -%}
         {%- set content = message['content'] if message['content'] is not string
             else [{'type': 'text', 'text': message['content']}] -%}
-        {%- set seen = namespace(image=false, text=false) -%}
+        {%- set parts = namespace(others=[], text='', image=false) -%}
         {%- for item in content -%}
-            {%- if item['type'] == 'image' -%}{%- set seen.image = true -%}{%- endif -%}
-            {%- if item['type'] == 'text' and item['text'] -%}{%- set seen.text = true -%}{%- endif -%}
+            {%- if item['type'] == 'text' -%}
+                {%- set parts.text = parts.text + item['text'] -%}
+            {%- else -%}
+                {%- set parts.others = parts.others + [item] -%}
+                {%- if item['type'] == 'image' -%}{%- set parts.image = true -%}{%- endif -%}
+            {%- endif -%}
         {%- endfor -%}
-        {%- set prompt = image_text_prompt if seen.image and seen.text
-            else image_prompt if seen.image else text_prompt -%}
-        {%- set suffix = [{'type': 'text', 'text': prompt}] -%}
-        {%- set lco.messages = lco.messages + [{'role': 'user', 'content': content + suffix}] -%}
+        {%- set prompt = image_text_prompt if parts.image and parts.text
+            else image_prompt if parts.image else text_prompt -%}
+        {%- set text = [{'type': 'text', 'text': parts.text + prompt}] -%}
+        {%- set lco.messages = lco.messages + [{'role': 'user', 'content': parts.others + text}] -%}
     {%- else -%}
         {%- set lco.messages = lco.messages + [message] -%}
     {%- endif -%}
@@ -119,7 +125,7 @@ def check_prompts(transformer) -> None:
         if ours != embedder:
             raise UsageError(
                 f"--model: its chat template renders {', '.join(typed)} inputs differently with the LCO suffix added "
-                f"as a content item ({ours!r} vs Embedder's {embedder!r}); export supports Qwen2-VL-style templates."
+                f"({ours!r} vs Embedder's {embedder!r}); export supports the families of lco/families.py."
             )
 
 

@@ -35,6 +35,7 @@ from common.recipe import parse_stage_arguments
 from common.run_record import RUN_RECORD, parent_run, read_run_record, stage_record, write_run_record
 from data_prep.pages import read_pages_manifest
 from lco.distributed import deepspeed_stage, world_size
+from lco.families import towers
 from lco.lora import lora_config, save_merged
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,9 @@ class PretrainArguments:
         default_factory=list, metadata={"help": "Pages datasets written by `python -m data_prep pages`."}
     )
     tuning: Literal["full", "lora"] = field(default="full", metadata={"help": "Full fine-tuning or LoRA."})
-    freeze_vision: bool = field(default=True, metadata={"help": "Freeze the vision tower and merger."})
+    freeze_vision: bool = field(
+        default=True, metadata={"help": "Freeze the modules that read images (the family's, lco/families.py)."}
+    )
     lora_r: int = 64
     lora_alpha: int = 128
     lora_dropout: float = 0.05
@@ -214,8 +217,10 @@ def load_model(args: PretrainArguments, training, checkpoint: str | None):
         model._weight_conversions = [c for c in model._weight_conversions if c.was_used()]
     processor = AutoProcessor.from_pretrained(args.model_name_or_path)
     if args.freeze_vision:
-        freeze(model.model.visual)
-    peft_config = lora_config(args.lora_r, args.lora_alpha, args.lora_dropout) if args.tuning == "lora" else None
+        for tower in towers(model):
+            freeze(tower)
+    lora = args.tuning == "lora"
+    peft_config = lora_config(model.config, args.lora_r, args.lora_alpha, args.lora_dropout) if lora else None
     return model, processor, peft_config
 
 

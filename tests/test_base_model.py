@@ -10,7 +10,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from common.errors import UsageError
 from common.recipe import parse_stage_arguments
-from stages.base_model import QWEN_SPECIAL_TOKENS, BaseModelArguments, build_tiny_base_model, qwen_vl_chat_template
+from stages.base_model import QWEN_SPECIAL_TOKENS, BaseModelArguments, build_tiny_base_model, trl_chat_template
 
 from .conftest import KHMER, REPO, THAI, tiny_args
 
@@ -117,7 +117,7 @@ def test_qwen_special_tokens_template_and_config_agree(tiny_model):
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
     assert model.config.text_config.eos_token_id == tokenizer.eos_token_id == ids["<|im_end|>"]
     assert model.config.text_config.pad_token_id == tokenizer.pad_token_id == ids["<|endoftext|>"]
-    assert processor.chat_template == qwen_vl_chat_template()
+    assert processor.chat_template == trl_chat_template("qwen2_5_vl")
 
     def chat(messages, **kwargs):
         return processor.apply_chat_template(messages, tokenize=False, **kwargs)

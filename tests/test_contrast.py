@@ -43,7 +43,7 @@ def test_loss_is_zero_for_a_perfect_separation():
 def lora_embedding_model(folder, dropout=0.1):
     torch.manual_seed(0)
     base = AutoModelForImageTextToText.from_pretrained(folder)
-    model = EmbeddingModel(get_peft_model(base, lora_config(4, 8, dropout)))
+    model = EmbeddingModel(get_peft_model(base, lora_config(base.config, 4, 8, dropout)))
     with torch.no_grad():  # LoRA B starts at zero; move it so the adapters matter
         for name, parameter in model.named_parameters():
             if "lora_B" in name:

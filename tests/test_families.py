@@ -1,0 +1,141 @@
+"""Every backbone family of lco/families.py through every stage, on its tiny model."""
+
+import pytest
+import torch
+from PIL import Image
+from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+from common.errors import UsageError, run_cli
+from common.run_record import read_run_record, verify_chain
+from data_prep.cli import main as data_prep
+from lco.embedder import Embedder, EmbeddingModel, Item, model_inputs
+from lco.families import FAMILIES, family_of, towers
+from lco.lora import lora_config
+from lco.pretrain_data import page_example
+from stages import base_model, contrast, evaluate, export, pretrain
+
+from .conftest import KHMER, REPO, THAI, thai_pages_dataset
+
+TEXTS = ["hello", THAI, f"{KHMER} {THAI}"]
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request, tmp_path_factory):
+    """(family name, the folder of its tiny model, written by stages.base_model)."""
+    folder = tmp_path_factory.mktemp(request.param) / "base"
+    recipe = str(REPO / "recipes/tiny.yaml")
+    base_model.main(["--config", recipe, "--family", request.param, "--output_dir", str(folder)])
+    return request.param, folder
+
+
+@pytest.fixture(scope="module")
+def pages(tmp_path_factory):
+    return thai_pages_dataset(tmp_path_factory.mktemp("pages"), documents=4, chars=160, bookmarks=True)
+
+
+def load(folder):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    torch.manual_seed(0)
+    return AutoModelForImageTextToText.from_pretrained(folder), AutoProcessor.from_pretrained(folder)
+
+
+def test_the_family_is_known_by_its_config_and_an_unknown_one_is_named(family):
+    name, folder = family
+    model, _ = load(folder)
+    assert model.config.model_type == name and family_of(model.config) is FAMILIES[name]
+    assert all(isinstance(tower, torch.nn.Module) for tower in towers(model))
+    with pytest.raises(UsageError, match="model type 'llama' is not a supported backbone; supported: qwen2_vl"):
+        family_of(type("Config", (), {"model_type": "llama"})())
+
+
+def test_left_padded_pooling_equals_the_unpadded_embedding(family, thai_khmer_page):
+    model, processor = load(family[1])
+    model = EmbeddingModel(model).eval()
+    items = [Item(TEXTS[0]), Item(image=thai_khmer_page), Item(TEXTS[2], thai_khmer_page), Item(TEXTS[1])]
+    with torch.no_grad():
+        batched = model(**model_inputs(processor, items, 64, 224))
+        alone = torch.cat([model(**model_inputs(processor, [item], 64, 224)) for item in items])
+    torch.testing.assert_close(batched, alone, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(batched.norm(dim=-1), torch.ones(len(items)))
+
+
+def test_frozen_towers_are_outside_the_backward_and_the_language_model_gets_gradients(family):
+    model, processor = load(family[1])
+    row = {"doc_id": "d", "page": 1, "image": Image.new("RGB", (300, 400), "gray"), "text": "ก" * 80}
+    example = page_example(row, processor, max_length=200, max_pixels=40_000, seed=0)
+    batch = DataCollatorForVisionLanguageModeling(processor=processor, completion_only_loss=True)([example])
+    image_token = getattr(model.config, "image_token_id", None) or model.config.image_token_index
+    assert int((batch["input_ids"] == image_token).sum()) == example["image_tokens"] > 0
+    for tower in towers(model):
+        pretrain.freeze(tower)
+    model.activation_checkpointing_enable()  # as the Trainer does: makes every input embedding require grad
+    model.train()
+    outputs = []
+    for tower in towers(model):
+        tower.register_forward_hook(lambda module, args, output: outputs.append(output))
+    model(**batch).loss.backward()
+    tensors = [t for output in outputs for t in (output.values() if isinstance(output, dict) else [output])]
+    assert tensors and not any(t.requires_grad for t in tensors if isinstance(t, torch.Tensor))  # no backward there
+    language = [p.grad for n, p in model.named_parameters() if "language_model.layers" in n]
+    assert language and all(g is not None for g in language) and any(g.abs().sum() > 0 for g in language)
+
+
+def test_lora_sits_on_the_language_model_only_and_the_merged_model_embeds_like_the_adapter(family):
+    from peft import get_peft_model
+
+    base, processor = load(family[1])
+    model = EmbeddingModel(get_peft_model(base, lora_config(base.config, 4, 8, 0.0))).eval()
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n and ".language_model.layers." in n for n in trainable)
+    with torch.no_grad():  # LoRA B starts at zero; move it so the adapters matter
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.1)
+        inputs = model_inputs(processor, [Item(text) for text in TEXTS], 64, 224)
+        adapted = model(**inputs)
+        merged = EmbeddingModel(model.model.merge_and_unload()).eval()(**inputs)
+    torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-5)
+
+
+def test_every_stage_runs_on_the_family_and_the_export_embeds_like_the_embedder(family, pages, tmp_path, capsys):
+    name, folder = family
+    recipe = ["--config", str(REPO / "recipes/tiny.yaml"), "--lang", "th"]
+    pretrain.main(
+        [
+            *recipe,
+            *("--model_name_or_path", str(folder), "--datasets", str(pages), "--output_dir", str(tmp_path / "pre")),
+            *("--max_length", "200", "--max_pixels", "40000", "--eval_fraction", "0.25", "--cer_pages", "1"),
+            *("--eval_strategy", "no", "--max_steps", "2", "--freeze_vision", "true"),
+        ]
+    )
+    contrast.main(
+        [
+            *recipe,
+            *("--model_name_or_path", str(tmp_path / "pre/final"), "--pages_datasets", str(pages)),
+            *("--output_dir", str(tmp_path / "contrast"), "--passage_chars", "40", "--contrastive_batch_size", "8"),
+            *("--mini_batch_size", "4", "--eval_fraction", "0.3", "--eval_steps", "0", "--image_max_side", "200"),
+            *("--max_text_tokens", "48", "--max_steps", "2"),
+        ]
+    )
+    final = tmp_path / "contrast/final"
+    assert [r["stage"] for r in verify_chain(final)] == ["contrast", "pretrain", "base_model"]
+    run_cli(data_prep, ["evalset", "--lang", "th", "--pages", str(pages), "--output", str(tmp_path / "evalset")])
+    evaluate.main(
+        [*recipe, "--model", str(final), "--data", str(tmp_path / "evalset"), "--output", str(tmp_path / "e")]
+    )
+    assert f"| {final} |" in capsys.readouterr().out
+    run_cli(export.main, ["--model", str(final), "--output", str(tmp_path / "st")])
+    assert read_run_record(tmp_path / "st")["stage"] == "export"
+
+    from sentence_transformers import SentenceTransformer
+
+    exported = SentenceTransformer(str(tmp_path / "st"), device="cpu")
+    embedder = Embedder(str(final), device="cpu")
+    page = Image.new("RGB", (180, 260), "white")
+    torch.testing.assert_close(
+        exported.encode(TEXTS, convert_to_tensor=True), embedder.encode_texts(TEXTS), atol=1e-5, rtol=0
+    )
+    torch.testing.assert_close(
+        exported.encode([page], convert_to_tensor=True), embedder.encode_images([page]), atol=1e-5, rtol=0
+    )
