@@ -1,5 +1,6 @@
-"""What differs between the backbone families the stages run, in one table: the modules that read images (which
-pretraining freezes around a pretrained tower), where LoRA goes, and how a page's visual tokens are counted.
+"""What differs between the backbone families the stages run, in one table: the modules that read images, audio
+and video (which pretraining freezes around a pretrained tower), and where LoRA goes. (How many tokens a page
+costs, the processor knows: `lco.pretrain_data.image_tokens`.)
 
 A family is known by its config's `model_type`, so a recipe's `model_name_or_path` naming a real checkpoint of
 any family here is all a user changes."""
@@ -15,18 +16,17 @@ LANGUAGE_MODEL_LINEAR = r".*language_model\.layers\.\d+\.(self_attn|mlp)\.\w+_pr
 
 @dataclass(frozen=True)
 class Family:
-    towers: tuple[str, ...]  # submodules of the model's `.model` that turn images into language-model inputs
+    towers: tuple[str, ...]  # submodules of the model's `.model` that turn images (or audio) into its inputs
     lora_targets: str
-    # True: the image is resized to one square and always costs `processor.image_seq_length` tokens (Gemma 3's
-    # SigLIP); False: native resolution, one token per merged patch (the Qwen families)
-    fixed_image_tokens: bool
 
 
 FAMILIES = {
-    "qwen2_vl": Family(("visual",), LANGUAGE_MODEL_LINEAR, fixed_image_tokens=False),
-    "qwen2_5_vl": Family(("visual",), LANGUAGE_MODEL_LINEAR, fixed_image_tokens=False),
-    "qwen3_vl": Family(("visual",), LANGUAGE_MODEL_LINEAR, fixed_image_tokens=False),
-    "gemma3": Family(("vision_tower", "multi_modal_projector"), LANGUAGE_MODEL_LINEAR, fixed_image_tokens=True),
+    "qwen2_vl": Family(("visual",), LANGUAGE_MODEL_LINEAR),
+    "qwen2_5_vl": Family(("visual",), LANGUAGE_MODEL_LINEAR),
+    "qwen3_vl": Family(("visual",), LANGUAGE_MODEL_LINEAR),
+    "gemma3": Family(("vision_tower", "multi_modal_projector"), LANGUAGE_MODEL_LINEAR),
+    # Qwen2.5-Omni's thinker: text, images, audio and video in, text out (its talker, which speaks, is not used)
+    "qwen2_5_omni_thinker": Family(("visual", "audio_tower"), LANGUAGE_MODEL_LINEAR),
 }
 
 

@@ -37,6 +37,45 @@ QWEN_SPECIAL_TOKENS = (
     "<|image_pad|>",
     "<|video_pad|>",
 )
+# Qwen2.5-Omni's: the chat tokens, and audio, image and video placeholders under its own names
+OMNI_SPECIAL_TOKENS = {
+    "<|endoftext|>": None,
+    "<|im_start|>": None,
+    "<|im_end|>": None,
+    "<|AUDIO|>": "audio_token",
+    "<|audio_bos|>": "audio_bos_token",
+    "<|audio_eos|>": "audio_eos_token",
+    "<|IMAGE|>": "image_token",
+    "<|VIDEO|>": "video_token",
+    "<|vision_bos|>": "vision_bos_token",
+    "<|vision_eos|>": "vision_eos_token",
+}
+# Qwen2.5-Omni's chat template (TRL ships none): a system turn unless one is given, then each content item in
+# order, audio, images and videos as their placeholders between begin and end tokens
+OMNI_CHAT_TEMPLATE = """\
+{%- for message in messages -%}
+{%- if loop.first and message['role'] != 'system' -%}
+<|im_start|>system
+You are a helpful assistant.<|im_end|>
+{% endif -%}
+<|im_start|>{{ message['role'] }}
+{% if message['content'] is string -%}
+{{ message['content'] }}
+{%- else -%}
+{%- for content in message['content'] -%}
+{%- if content['type'] == 'audio' -%}<|audio_bos|><|AUDIO|><|audio_eos|>
+{%- elif content['type'] == 'image' -%}<|vision_bos|><|IMAGE|><|vision_eos|>
+{%- elif content['type'] == 'video' -%}<|vision_bos|><|VIDEO|><|vision_eos|>
+{%- elif content['type'] == 'text' -%}{{ content['text'] }}
+{%- endif -%}
+{%- endfor -%}
+{%- endif -%}
+<|im_end|>
+{% endfor -%}
+{%- if add_generation_prompt -%}
+<|im_start|>assistant
+{% endif -%}
+"""
 # Gemma's tokenizer class brings <pad> <eos> <bos> <unk> <mask>; these are the chat and image tokens of Gemma 3
 GEMMA3_SPECIAL_TOKENS = ("<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>")
 CORPUS_SUFFIXES = (".md", ".txt")
@@ -48,7 +87,7 @@ GEMMA3_IMAGE_SIZE, GEMMA3_PATCH_SIZE, GEMMA3_IMAGE_TOKENS = 224, 14, 64
 @dataclass
 class BaseModelArguments:
     output_dir: str = field(default="checkpoints/tiny/base", metadata={"help": "Folder to write the model to."})
-    family: Literal["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "gemma3"] = field(
+    family: Literal["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "gemma3", "qwen2_5_omni"] = field(
         default="qwen2_5_vl", metadata={"help": "Model family (lco/families.py)."}
     )
     tokenizer_corpus: list[str] = field(
@@ -131,6 +170,8 @@ def special_tokens(family: str) -> tuple[str, ...]:
     return (
         GEMMA3_SPECIAL_TOKENS + ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>")
         if family == "gemma3"
+        else tuple(OMNI_SPECIAL_TOKENS)
+        if family == "qwen2_5_omni"
         else QWEN_SPECIAL_TOKENS
     )
 
@@ -152,6 +193,20 @@ def train_tokenizer(texts: list[str], vocab_size: int, family: str = "qwen2_5_vl
         }
         tokenizer = GemmaTokenizer(tokenizer_object=trained.backend_tokenizer, extra_special_tokens=image_tokens)
         tokenizer.eos_token = "<end_of_turn>"
+    elif family == "qwen2_5_omni":
+        from transformers import Qwen2Tokenizer
+
+        trained = Qwen2Tokenizer().train_new_from_iterator(
+            texts, vocab_size=vocab_size, new_special_tokens=list(OMNI_SPECIAL_TOKENS), show_progress=False
+        )
+        # Qwen2_5OmniProcessor finds its placeholders under these names, as in the real tokenizer's config
+        named = {name: token for token, name in OMNI_SPECIAL_TOKENS.items() if name}
+        tokenizer = Qwen2Tokenizer(
+            tokenizer_object=trained.backend_tokenizer,
+            extra_special_tokens=named,
+            eos_token="<|im_end|>",
+            pad_token="<|endoftext|>",
+        )
     else:
         from transformers import Qwen2Tokenizer
 
@@ -162,7 +217,8 @@ def train_tokenizer(texts: list[str], vocab_size: int, family: str = "qwen2_5_vl
         # as in Qwen2.5-VL-*-Instruct: a turn ends with <|im_end|>, padding uses <|endoftext|>
         tokenizer.eos_token = "<|im_end|>"
         tokenizer.pad_token = "<|endoftext|>"
-    tokenizer.chat_template = trl_chat_template("qwen2_5_vl" if family == "qwen2_vl" else family)
+    trl_name = {"qwen2_vl": "qwen2_5_vl", "qwen2_5_omni": None}.get(family, family)
+    tokenizer.chat_template = trl_chat_template(trl_name) if trl_name else OMNI_CHAT_TEMPLATE
     return tokenizer
 
 
@@ -178,14 +234,24 @@ def build_processor(tokenizer, args: BaseModelArguments):
         Gemma3ImageProcessor,
         Gemma3Processor,
         Qwen2_5_VLProcessor,
+        Qwen2_5OmniProcessor,
         Qwen2VLImageProcessor,
         Qwen2VLProcessor,
         Qwen2VLVideoProcessor,
         Qwen3VLProcessor,
         Qwen3VLVideoProcessor,
+        WhisperFeatureExtractor,
     )
 
     template = tokenizer.chat_template
+    if args.family == "qwen2_5_omni":
+        return Qwen2_5OmniProcessor(
+            image_processor=Qwen2VLImageProcessor(min_pixels=args.min_pixels, max_pixels=args.max_pixels),
+            video_processor=Qwen2VLVideoProcessor(),
+            feature_extractor=WhisperFeatureExtractor(feature_size=128),  # 128 mel bins, 16 kHz, as Qwen2.5-Omni's
+            tokenizer=tokenizer,
+            chat_template=template,
+        )
     if args.family == "gemma3":
         image_processor = Gemma3ImageProcessor(size={"height": GEMMA3_IMAGE_SIZE, "width": GEMMA3_IMAGE_SIZE})
         return Gemma3Processor(image_processor, tokenizer, template, image_seq_length=GEMMA3_IMAGE_TOKENS)
@@ -296,7 +362,7 @@ def qwen_config(tokenizer, text_config: dict, args: BaseModelArguments):
     # temporal / height / width sections of the multimodal rotary embedding; Qwen2.5-VL-3B uses 16/24/24 of 64
     mrope_section = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
     text_config["rope_parameters"] = {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": mrope_section}
-    if args.family == "qwen2_5_vl":
+    if args.family in ("qwen2_5_vl", "qwen2_5_omni"):
         vision_config = dict(
             depth=args.vision_depth,
             hidden_size=args.vision_hidden_size,
@@ -306,6 +372,8 @@ def qwen_config(tokenizer, text_config: dict, args: BaseModelArguments):
             # every 8th block attends globally, the rest within windows, as in Qwen2.5-VL ([7, 15, 23, 31] of 32)
             fullatt_block_indexes=[i for i in range(7, args.vision_depth, 8)] or [args.vision_depth - 1],
         )
+        if args.family == "qwen2_5_omni":
+            return omni_thinker_config(tokenizer, text_config, vision_config, args)
         return Qwen2_5_VLConfig(
             text_config=text_config,
             vision_config=vision_config,
@@ -325,6 +393,37 @@ def qwen_config(tokenizer, text_config: dict, args: BaseModelArguments):
         tie_word_embeddings=args.tie_word_embeddings,
         **special_ids,
     )
+
+
+def omni_thinker_config(tokenizer, text_config: dict, vision_config: dict, args: BaseModelArguments):
+    """Qwen2.5-Omni's thinker (the part that reads text, images, audio and video and writes text): Qwen2.5-VL's
+    vision tower and a Whisper-style audio encoder in front of the language model."""
+    from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import Qwen2_5OmniThinkerConfig
+
+    audio_config = dict(
+        num_mel_bins=128,
+        encoder_layers=args.vision_depth,
+        encoder_attention_heads=args.vision_num_heads,
+        encoder_ffn_dim=args.vision_intermediate_size,
+        d_model=args.vision_hidden_size,
+        output_dim=args.hidden_size,
+    )
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen2_5OmniThinkerConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        audio_config=audio_config,
+        audio_token_index=ids("<|AUDIO|>"),
+        image_token_index=ids("<|IMAGE|>"),
+        video_token_index=ids("<|VIDEO|>"),
+        audio_start_token_id=ids("<|audio_bos|>"),
+        audio_end_token_id=ids("<|audio_eos|>"),
+        user_token_id=ids(tokenizer.tokenize("user")[0]),
+        tie_word_embeddings=args.tie_word_embeddings,
+    )
+    # read by its multimodal rotary positions, though not among the config's arguments (the real config.json has them)
+    config.vision_start_token_id, config.vision_end_token_id = ids("<|vision_bos|>"), ids("<|vision_eos|>")
+    return config
 
 
 def build_tiny_base_model(args: BaseModelArguments, seed: int):
