@@ -5,6 +5,7 @@
     python -m data_prep evalset --lang km --pages checkpoints/km/pages --output checkpoints/km/evalset \
         [--parallel_source samples/udhr/en.md]
     python -m data_prep evalset --lang lo --parquet seadoc_lo/ --output checkpoints/lo/seadoc
+    python -m data_prep speak --lang en --evalset checkpoints/km/evalset --output checkpoints/km/evalset-spoken
 
 `--lang` selects recipes/<lang>.yaml (its `data_prep` section) unless `--config` names another recipe.
 """
@@ -22,6 +23,7 @@ from .evalset import build_evalset, convert_parquet_evalset
 from .pages import PageSettings, build_pages_dataset
 from .render import render_documents
 from .settings import DataPrepSettings
+from .speech import speak_evalset
 
 
 @dataclass
@@ -72,7 +74,20 @@ class EvalsetArguments:
             self.parallel_lang = normalize_lang(self.parallel_lang)
 
 
-COMMANDS = {"pages": PagesArguments, "render": RenderArguments, "evalset": EvalsetArguments}
+@dataclass
+class SpeakArguments:
+    evalset: str | None = field(default=None, metadata={"help": "An eval set whose text queries are to be spoken."})
+    output: str | None = field(default=None, metadata={"help": "Folder for the eval set with spoken queries."})
+    rate: int = field(default=150, metadata={"help": "espeak-ng's speaking rate, in words per minute."})
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        _check_io([self.evalset] if self.evalset else [], self.output, overwrite=self.overwrite, input_flag="--evalset")
+        if not 80 <= self.rate <= 450:
+            raise UsageError(f"--rate {self.rate} is outside espeak-ng's 80-450 words per minute.")
+
+
+COMMANDS = {"pages": PagesArguments, "render": RenderArguments, "evalset": EvalsetArguments, "speak": SpeakArguments}
 
 
 def _check_io(inputs: list[str], output: str | None, *, resume=False, overwrite=False, input_flag="--input") -> None:
@@ -115,6 +130,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     if command == "evalset":
         make_evalset(args)
+        return
+    if command == "speak":
+        counts = speak_evalset(args.evalset, args.output, recipe_args.lang, args.rate)
+        voices = ", ".join(f"{count} in voice {voice}" for voice, count in counts.items())
+        print(f"data_prep speak: {sum(counts.values())} queries spoken ({voices}) -> {args.output}")
         return
     settings.check_tesseract()
     manifest = build_pages_dataset(  # SkipThresholdExceeded past max_skip_fraction: exit code 1 under run_cli

@@ -2,6 +2,9 @@
 
 JSONL (the reference format, one object per line; "" = that modality absent; image paths relative to
 the file):  {"anchor": {"text": "...", "image_path": ""}, "positive": {...}, "negative": {...}}
+For the omnimodal family a side may also name an `audio_path` (an audio file) and a `video_path` (a folder of
+the video's frames); the reference's omni script reads only text and images, so these two names are ours,
+made like its `image_path`.
 
 From a pages dataset (pages cut into passages of about `passage_chars` characters at line breaks):
 - text pairs: consecutive passages of a document; two overlapping random crops of a passage (Contriever's
@@ -25,6 +28,7 @@ from common.errors import UsageError
 from .embedder import Item
 
 MAX_LISTED = 5
+MEDIA_FIELDS = ("image_path", "audio_path", "video_path")
 
 
 @dataclass(frozen=True)
@@ -50,15 +54,24 @@ def _pages_dataset(folder: str):
 class Side:
     text: str = ""
     image: str | PageImage | None = None  # a file path or a pages dataset's page, opened when batched
+    audio: str | None = None  # an audio file, read when batched
+    video: str | None = None  # a folder of frames, read when batched
 
     def item(self) -> Item:
+        from .embedder import load_audio, load_frames
+
+        audio = load_audio(self.audio) if self.audio else None
+        video = load_frames(self.video) if self.video else None
         if self.image is None:
-            return Item(text=self.text)
+            return Item(text=self.text, audio=audio, video=video)
         from PIL import Image
 
         source = io.BytesIO(self.image.read()) if isinstance(self.image, PageImage) else self.image
         with Image.open(source) as image:
-            return Item(text=self.text, image=image.convert("RGB"))
+            return Item(text=self.text, image=image.convert("RGB"), audio=audio, video=video)
+
+    def media(self) -> tuple:
+        return tuple(value for value in (self.image, self.audio, self.video) if value is not None)
 
 
 @dataclass(frozen=True)
@@ -73,12 +86,12 @@ class Pair:
     def __post_init__(self):
         if not self.sources:
             sides = [side for side in (self.anchor, self.positive, self.negative) if side is not None]
-            values = (value for side in sides for value in (side.text, side.image) if value)
+            values = (value for side in sides for value in (side.text, *side.media()) if value)
             object.__setattr__(self, "sources", frozenset(values))
 
 
 def _kind(*sides: Side | None) -> str:
-    return "multimodal" if any(side is not None and side.image is not None for side in sides) else "text"
+    return "multimodal" if any(side is not None and side.media() for side in sides) else "text"
 
 
 def read_jsonl_pairs(path: str) -> list[Pair]:
@@ -90,19 +103,23 @@ def read_jsonl_pairs(path: str) -> list[Pair]:
         if not isinstance(value, dict):
             problems.append(f"line {line_number}: `{role}` is not an object")
             return None
-        text, image_path = value.get("text") or "", value.get("image_path") or ""
-        if not isinstance(text, str) or not isinstance(image_path, str):
-            problems.append(f"line {line_number}: `{role}` text and image_path must be strings")
+        fields = {name: value.get(name) or "" for name in ("text", *MEDIA_FIELDS)}
+        if not all(isinstance(field, str) for field in fields.values()):
+            problems.append(f"line {line_number}: `{role}` text, {', '.join(MEDIA_FIELDS)} must be strings")
             return None
-        if not text.strip() and not image_path:
-            problems.append(f"line {line_number}: `{role}` has neither text nor image_path")
+        if not any(fields[name] for name in MEDIA_FIELDS) and not fields["text"].strip():
+            problems.append(f"line {line_number}: `{role}` has neither text nor image_path, audio_path or video_path")
             return None
-        if image_path and not (folder / image_path).is_file():
-            problems.append(
-                f"line {line_number}: `{role}` image {image_path} not found (paths are relative to {folder})"
-            )
-            return None
-        return Side(text, str(folder / image_path) if image_path else None)
+        for name in MEDIA_FIELDS:
+            if fields[name] and not (folder / fields[name]).exists():
+                problems.append(
+                    f"line {line_number}: `{role}` {name} {fields[name]} not found (paths are relative to {folder})"
+                )
+                return None
+        media = {
+            name.removesuffix("_path"): str(folder / fields[name]) if fields[name] else None for name in MEDIA_FIELDS
+        }
+        return Side(fields["text"], **media)
 
     with open(path, encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, start=1):

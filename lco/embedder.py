@@ -13,17 +13,28 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from common.errors import UsageError
+
 TEXT_PROMPT = "\nSummarize the above text in one word:"
 IMAGE_PROMPT = "\nSummarize the above image in one word:"
+# the reference's pattern for the omnimodal model's other inputs
+AUDIO_PROMPT = "\nSummarize the above audio in one word:"
+VIDEO_PROMPT = "\nSummarize the above video in one word:"
+# a text with any other input
 IMAGE_TEXT_PROMPT = "\nSummarize the above in one word:"
+# the sampling rate of Qwen2.5-Omni's (Whisper's) feature extractor
+AUDIO_SAMPLING_RATE = 16_000
 
 
 @dataclass(frozen=True)
 class Item:
-    """One side of a pair: a text, a page image (PIL), or both."""
+    """One side of a pair: a text, a page image (PIL), audio (mono samples at `AUDIO_SAMPLING_RATE`, see
+    `load_audio`), a video (its frames, PIL), or several of them."""
 
     text: str = ""
     image: object = None
+    audio: object = None
+    video: object = None
 
 
 class LazyItems(Sequence):
@@ -41,18 +52,46 @@ class LazyItems(Sequence):
 
 
 def item_messages(item: Item) -> list[dict]:
-    content = []
-    if item.image is not None:
-        content.append({"type": "image"})
-    prompt = (
-        IMAGE_TEXT_PROMPT
-        if item.image is not None and item.text
-        else IMAGE_PROMPT
-        if item.image is not None
-        else TEXT_PROMPT
-    )
+    inputs = {"image": item.image, "video": item.video, "audio": item.audio}
+    content = [{"type": kind} for kind, value in inputs.items() if value is not None]
+    prompts = {"image": IMAGE_PROMPT, "video": VIDEO_PROMPT, "audio": AUDIO_PROMPT}
+    if not content:
+        prompt = TEXT_PROMPT
+    elif item.text or len(content) > 1:
+        prompt = IMAGE_TEXT_PROMPT
+    else:
+        prompt = prompts[content[0]["type"]]
     content.append({"type": "text", "text": item.text + prompt})
     return [{"role": "user", "content": content}]
+
+
+def load_frames(folder) -> list:
+    """A video given as a folder of its frames (image files, in name order)."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    frames = []
+    for path in sorted(p for p in Path(folder).iterdir() if p.is_file()):
+        with Image.open(path) as frame:
+            frames.append(frame.convert("RGB"))
+    return frames
+
+
+def load_audio(path, sampling_rate: int = AUDIO_SAMPLING_RATE):
+    """An audio file (wav, flac, mp3, ...: what libsndfile reads) as mono float32 samples at `sampling_rate`."""
+    from math import gcd
+
+    import numpy as np
+    import soundfile
+    from scipy.signal import resample_poly
+
+    samples, rate = soundfile.read(path, dtype="float32", always_2d=True)
+    samples = samples.mean(axis=1)
+    if rate != sampling_rate:
+        common = gcd(rate, sampling_rate)
+        samples = resample_poly(samples, sampling_rate // common, rate // common).astype(np.float32)
+    return samples
 
 
 def truncate_to_tokens(tokenizer, text: str, max_tokens: int) -> tuple[str, bool]:
@@ -86,18 +125,30 @@ def model_inputs(
     """Processor outputs for `items`, left-padded, texts cut to `max_text_tokens`, images to a pixel budget
     (`max_pixels`) or, without one, thumbnailed into an `image_max_side` square."""
     tokenizer = processor.tokenizer
-    prompts, images = [], []
+    prompts, images, audio, videos = [], [], [], []
     for item in items:
-        item = Item(truncate_to_tokens(tokenizer, item.text, max_text_tokens)[0], item.image)
+        item = Item(truncate_to_tokens(tokenizer, item.text, max_text_tokens)[0], item.image, item.audio, item.video)
         prompts.append(processor.apply_chat_template(item_messages(item), add_generation_prompt=True, tokenize=False))
         if item.image is None:
             images.append([])
         else:
             fitted = within_pixels(item.image, max_pixels) if max_pixels else thumbnail(item.image, image_max_side)
             images.append([fitted])
+        if item.audio is not None:
+            audio.append(item.audio)
+        if item.video is not None:
+            videos.append([frame.convert("RGB") for frame in item.video])
     tokenizer.padding_side = "left"
     # images grouped by prompt: processors that count image placeholders per prompt (Gemma 3's) need it
-    return processor(text=prompts, images=images if any(images) else None, padding=True, return_tensors="pt")
+    kwargs = {"images": images if any(images) else None}
+    if audio or videos:
+        if not hasattr(processor, "feature_extractor"):
+            raise UsageError(
+                f"the model's processor ({type(processor).__name__}) reads no audio or video; "
+                "give an omnimodal model (the qwen2_5_omni family) for eval sets or pairs with audio or video."
+            )
+        kwargs |= {"audio": audio or None, "videos": videos or None, "sampling_rate": AUDIO_SAMPLING_RATE}
+    return processor(text=prompts, padding=True, return_tensors="pt", **kwargs)
 
 
 def last_token_embeddings(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ LANGUAGE_MODEL_LINEAR = r".*language_model\.layers\.\d+\.(self_attn|mlp)\.\w+_pr
 class Family:
     towers: tuple[str, ...]  # submodules of the model's `.model` that turn images (or audio) into its inputs
     lora_targets: str
+    reads: tuple[str, ...] = ("text", "image")  # the inputs it embeds besides text
 
 
 FAMILIES = {
@@ -26,7 +27,9 @@ FAMILIES = {
     "qwen3_vl": Family(("visual",), LANGUAGE_MODEL_LINEAR),
     "gemma3": Family(("vision_tower", "multi_modal_projector"), LANGUAGE_MODEL_LINEAR),
     # Qwen2.5-Omni's thinker: text, images, audio and video in, text out (its talker, which speaks, is not used)
-    "qwen2_5_omni_thinker": Family(("visual", "audio_tower"), LANGUAGE_MODEL_LINEAR),
+    "qwen2_5_omni_thinker": Family(
+        ("visual", "audio_tower"), LANGUAGE_MODEL_LINEAR, ("text", "image", "audio", "video")
+    ),
 }
 
 
@@ -39,6 +42,19 @@ def family_of(config) -> Family:
             "(a checkpoint of one of them, e.g. Qwen/Qwen2.5-VL-3B-Instruct or google/gemma-3-4b-it)."
         )
     return FAMILIES[model_type]
+
+
+def check_reads(model: str, kinds: set[str]) -> None:
+    """Refuse, before loading it, a model folder whose family cannot read every one of `kinds` of input."""
+    from transformers import AutoConfig
+
+    family = family_of(AutoConfig.from_pretrained(model))
+    unread = sorted(kinds - set(family.reads))
+    if unread:
+        raise UsageError(
+            f"{model} cannot read {' or '.join(unread)} (it reads {', '.join(family.reads)}); "
+            "give an omnimodal model (the qwen2_5_omni family) for inputs with audio or video."
+        )
 
 
 def towers(model) -> list:

@@ -16,12 +16,14 @@ MEASURES = {"ndcg_cut.1,5,10", "recall.1,5,10,100", "map"}
 METRICS = ("ndcg@1", "ndcg@5", "ndcg@10", "recall@1", "recall@5", "recall@10", "recall@100", "mrr@10", "map")
 DEPTH = 100  # rankings keep this many pages per query
 MAX_LISTED = 5
+# what a query may hold besides its text: an audio file, a video as a folder of its frames (relative paths)
+QUERY_MEDIA = ("audio", "video")
 
 
 @dataclass
 class EvalSet:
-    """Pages (id -> image as a path or bytes, text, lang), queries (id -> text, lang),
-    qrels (query -> page -> grade)."""
+    """Pages (id -> image as a path or bytes, text, lang), queries (id -> text, lang, and for spoken or filmed
+    queries audio and video paths: an audio file, a folder of frames), qrels (query -> page -> grade)."""
 
     pages: dict[str, dict]
     queries: dict[str, dict]
@@ -74,7 +76,11 @@ def load_evalset(folder: str) -> EvalSet:
                 "lang": str(row.get("lang") or ""),
             }
         queries = {
-            str(row["_id"]): {"text": str(row.get("text") or ""), "lang": str(row.get("lang") or "")}
+            str(row["_id"]): {
+                "text": str(row.get("text") or ""),
+                "lang": str(row.get("lang") or ""),
+                **{kind: root / row[kind] for kind in QUERY_MEDIA if isinstance(row.get(kind), str) and row[kind]},
+            }
             for row in _jsonl(root / "queries.jsonl")
         }
         qrels = _qrels(root / "qrels.tsv")
@@ -130,26 +136,37 @@ def _qrels(path: Path) -> dict[str, dict[str, int]]:
 
 def images_outside(evalset: EvalSet, folder: str) -> dict[str, str]:
     """{page id: how its image path leaves `folder`} for each page whose image resolves outside it."""
+    return paths_outside({pid: page["image"] for pid, page in evalset.pages.items()}, folder)
+
+
+def query_media(evalset: EvalSet) -> dict[str, Path]:
+    """{"<query id> <kind>": path} of the queries' audio and video."""
+    return {
+        f"{qid} {kind}": query[kind] for qid, query in evalset.queries.items() for kind in QUERY_MEDIA if kind in query
+    }
+
+
+def paths_outside(paths: dict[str, object], folder: str) -> dict[str, str]:
+    """{id: how its path leaves `folder`} for each of `paths` (those that are paths) that resolves outside it."""
     root = Path(folder)
     inside = root.resolve()
     outside = {}
-    for page_id, page in evalset.pages.items():
-        image = page["image"]
-        if not isinstance(image, Path):
+    for key, path in paths.items():
+        if not isinstance(path, Path):
             continue
         try:
-            target = image.resolve()
+            target = path.resolve()
         except (OSError, RuntimeError, ValueError) as error:  # a loop of links (RuntimeError before 3.13), a NUL byte
-            outside[page_id] = f"{str(image)[:80]!r} cannot be followed ({error})"
+            outside[key] = f"{str(path)[:80]!r} cannot be followed ({error})"
             continue
         if target.is_relative_to(inside):
             continue
-        if not image.is_relative_to(root):  # root / "/abs/path" is "/abs/path"
-            outside[page_id] = f"{image} is an absolute path"
-        elif os.path.normpath(image.relative_to(root)).split(os.sep)[0] == "..":
-            outside[page_id] = f"{image.relative_to(root)} goes up out of the folder"
+        if not path.is_relative_to(root):  # root / "/abs/path" is "/abs/path"
+            outside[key] = f"{path} is an absolute path"
+        elif os.path.normpath(path.relative_to(root)).split(os.sep)[0] == "..":
+            outside[key] = f"{path.relative_to(root)} goes up out of the folder"
         else:
-            outside[page_id] = f"{image.relative_to(root)} is a link to {target}"
+            outside[key] = f"{path.relative_to(root)} is a link to {target}"
     return outside
 
 
@@ -170,7 +187,21 @@ def check_evalset(evalset: EvalSet, folder: str) -> None:
     ]
     if missing:
         problems.append(f"{len(missing)} pages without an image file ({', '.join(missing[:MAX_LISTED])})")
-    empty = [qid for qid, query in evalset.queries.items() if not query["text"].strip()]
+    media = query_media(evalset)
+    media_outside = paths_outside(media, folder)
+    if media_outside:
+        problems.append(
+            f"{len(media_outside)} query audio or video paths outside the eval folder, which are not read "
+            f"({_listed([f'{key}: {how}' for key, how in media_outside.items()])}); give paths relative to the folder"
+        )
+    media_missing = [key for key, path in media.items() if key not in media_outside and not path.exists()]
+    if media_missing:
+        problems.append(f"{len(media_missing)} query audio or video files missing ({_listed(media_missing)})")
+    empty = [
+        qid
+        for qid, query in evalset.queries.items()
+        if not query["text"].strip() and not any(kind in query for kind in QUERY_MEDIA)
+    ]
     if empty:
         problems.append(f"{len(empty)} empty queries ({', '.join(empty[:MAX_LISTED])})")
     unknown_queries = [qid for qid in evalset.qrels if qid not in evalset.queries]

@@ -35,6 +35,7 @@ from common.errors import UsageError, run_cli
 from common.recipe import parse_stage_arguments
 from common.run_record import RUN_RECORD, parent_run, read_run_record, stage_record, write_run_record
 from lco.distributed import deepspeed_stage, local_rank, rank, world_size
+from lco.families import check_reads
 
 logger = logging.getLogger(__name__)
 PROGRESS = "progress.json"  # in a checkpoint: where training was, and the curves so far
@@ -172,6 +173,12 @@ def announce_base(model: str, lang: str) -> str | None:
     cer = f", held-out CER {history[0]['cer']} -> {history[-1]['cer']}" if history else ""
     print(f"contrast: base {model}: a {record['stage']} run of {record['created']} for `{base_lang}`{cer}")
     return model
+
+
+def input_kinds(pairs) -> set[str]:
+    """The kinds of input besides text that the pairs' sides hold (image, audio, video)."""
+    sides = [side for pair in pairs for side in (pair.anchor, pair.positive, pair.negative) if side is not None]
+    return {kind for side in sides for kind in ("image", "audio", "video") if getattr(side, kind) is not None}
 
 
 def load_pairs(args: ContrastArguments, seed: int):
@@ -587,6 +594,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO if rank() == 0 else logging.WARNING, format="%(message)s")
     announce_base(args.model_name_or_path, recipe_args.lang)
     train_pairs, held_out, counts = load_pairs(args, recipe_args.seed)
+    check_reads(args.model_name_or_path, input_kinds([*train_pairs, *held_out]))
 
     with staged_output(args.output_dir, overwrite=args.overwrite, is_main=rank() == 0) as output_dir:
         run, results = train(args, train_pairs, held_out, recipe_args.seed, output_dir)

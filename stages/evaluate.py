@@ -32,9 +32,11 @@ from common.run_record import (
     stage_record,
     write_run_record,
 )
+from lco.families import check_reads
 from lco.retrieval import (
     BEIR_FILES,
     METRICS,
+    QUERY_MEDIA,
     bm25_rankings,
     load_evalset,
     mean_scores,
@@ -136,7 +138,12 @@ def data_fingerprint(evalset, part: str) -> str:
             )
     else:
         for query_id, query in evalset.queries.items():
-            digest.update(json.dumps([query_id, query["text"]], ensure_ascii=False).encode())
+            media = [
+                sha256_file(query[kind]) if query[kind].is_file() else str(query[kind])
+                for kind in QUERY_MEDIA
+                if kind in query
+            ]
+            digest.update(json.dumps([query_id, query["text"], *media], ensure_ascii=False).encode())
     return digest.hexdigest()[:16]
 
 
@@ -173,6 +180,15 @@ def page_size(model: str, args: EvaluateArguments) -> dict:
     return {"image_max_side": None, "max_pixels": args.max_pixels or pretrained_at or DEFAULT_PIXELS}
 
 
+def query_item(query: dict, instruction: str):
+    """A query as the Embedder takes it: its text after the instruction, its audio and its video's frames."""
+    from lco.embedder import Item, load_audio, load_frames
+
+    audio, video = query.get("audio"), query.get("video")
+    text = instruction + query["text"] if query["text"] or not (audio or video) else instruction
+    return Item(text, audio=load_audio(audio) if audio else None, video=load_frames(video) if video else None)
+
+
 def model_rankings(model: str, evalset, tasks: dict, args: EvaluateArguments) -> tuple[dict, dict]:
     """({task: rankings}, encoding facts) of one model; embeddings come from the cache when present."""
     from lco.embedder import Embedder, Item, LazyItems
@@ -204,8 +220,8 @@ def model_rankings(model: str, evalset, tasks: dict, args: EvaluateArguments) ->
             **settings,
         },
         args.cache_dir,
-        lambda: get_embedder().encode_texts(
-            [args.query_instruction + evalset.queries[qid]["text"] for qid in query_ids],
+        lambda: get_embedder().encode(
+            LazyItems(query_ids, lambda qid: query_item(evalset.queries[qid], args.query_instruction)),
             args.batch_size,
             progress="queries",
         ),
@@ -250,7 +266,8 @@ def significance(per_query: dict, contenders: list[str], seed: int) -> tuple[dic
         system: [scores[COMPARED_METRIC] for scores in per_task["all"].values()]
         for system, per_task in per_query.items()
     }
-    pairs = [(system, BASELINES[1]) for system in contenders] + list(itertools.combinations(contenders, 2))
+    against_bm25 = [(system, BASELINES[1]) for system in contenders if BASELINES[1] in per_query]
+    pairs = against_bm25 + list(itertools.combinations(contenders, 2))
     return intervals, compare_systems(compared, pairs, seed)
 
 
@@ -335,12 +352,16 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     tasks = evalset.tasks()
-    runs = {
-        "random": {name: random_rankings(task, recipe_args.seed) for name, task in tasks.items()},
-        "bm25 (page text)": {name: bm25_rankings(task) for name, task in tasks.items()},
-    }
+    runs = {"random": {name: random_rankings(task, recipe_args.seed) for name, task in tasks.items()}}
+    if all(query["text"].strip() for query in evalset.queries.values()):
+        runs[BASELINES[1]] = {name: bm25_rankings(task) for name, task in tasks.items()}
+    else:
+        print(f"evaluate: {BASELINES[1]} left out: some queries have no text (spoken or filmed)")
     if inputs.run:
         runs[f"run {Path(inputs.run).name}"] = given_run(inputs.run, evalset, tasks)
+    media = {kind for query in evalset.queries.values() for kind in QUERY_MEDIA if kind in query}
+    for model in inputs.model:
+        check_reads(model, media)
     trained_on = training_overlap(inputs.model, inputs.data)
     encoding = {}
     for model in inputs.model:

@@ -1,16 +1,19 @@
 """Every backbone family of lco/families.py through every stage, on its tiny model."""
 
+import json
 import typing
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
 from common.errors import UsageError, run_cli
 from common.run_record import read_run_record, verify_chain
 from data_prep.cli import main as data_prep
-from lco.embedder import Embedder, EmbeddingModel, Item, model_inputs
+from data_prep.speech import speak_evalset
+from lco.embedder import Embedder, EmbeddingModel, Item, load_audio, model_inputs
 from lco.families import FAMILIES, family_of, towers
 from lco.lora import lora_config
 from lco.pretrain_data import page_example
@@ -124,7 +127,7 @@ def test_every_stage_runs_on_the_family_and_the_export_embeds_like_the_embedder(
     assert [r["stage"] for r in verify_chain(final)] == ["contrast", "pretrain", "base_model"]
     run_cli(data_prep, ["evalset", "--lang", "th", "--pages", str(pages), "--output", str(tmp_path / "evalset")])
     evaluate.main(
-        [*recipe, "--model", str(final), "--data", str(tmp_path / "evalset"), "--output", str(tmp_path / "e")]
+        [*recipe, "--model", str(final), "--data", str(tmp_path / "evalset"), "--output", str(tmp_path / "e.json")]
     )
     assert f"| {final} |" in capsys.readouterr().out
     run_cli(export.main, ["--model", str(final), "--output", str(tmp_path / "st")])
@@ -141,3 +144,108 @@ def test_every_stage_runs_on_the_family_and_the_export_embeds_like_the_embedder(
     torch.testing.assert_close(
         exported.encode([page], convert_to_tensor=True), embedder.encode_images([page]), atol=1e-5, rtol=0
     )
+
+
+@pytest.fixture(scope="module")
+def omni(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("omni") / "base"
+    base_model.main(
+        ["--config", str(REPO / "recipes/tiny.yaml"), "--family", "qwen2_5_omni", "--output_dir", str(folder)]
+    )
+    return folder
+
+
+def sine(path, hz: float, rate: int, seconds: float) -> None:
+    import numpy as np
+    import soundfile
+
+    soundfile.write(path, 0.3 * np.sin(2 * np.pi * hz * np.arange(int(rate * seconds)) / rate), rate)
+
+
+def test_audio_files_are_read_mono_at_the_feature_extractors_rate(tmp_path):
+    import numpy as np
+
+    sine(tmp_path / "a.wav", 440, 22050, 1.5)
+    samples = load_audio(tmp_path / "a.wav")
+    assert samples.dtype == np.float32 and samples.shape == (24000,)  # 1.5 s at 16 kHz
+    spectrum = np.abs(np.fft.rfft(samples))
+    assert np.argmax(spectrum) * 16000 / len(samples) == pytest.approx(440, abs=1)
+
+
+def test_audio_and_video_embed_deterministically_and_independent_of_the_batch_size(omni, tmp_path, thai_khmer_page):
+    for number, hz in enumerate((220, 440, 880)):
+        sine(tmp_path / f"{number}.wav", hz, 16000, 0.5 + number / 2)
+    frames = [thai_khmer_page, thai_khmer_page.rotate(3), Image.new("RGB", thai_khmer_page.size, "white")] * 2
+    items = [
+        Item(audio=load_audio(tmp_path / "0.wav")),
+        Item(TEXTS[1]),
+        Item(TEXTS[0], audio=load_audio(tmp_path / "1.wav")),
+        Item(video=frames),
+        Item(image=thai_khmer_page),
+        Item(audio=load_audio(tmp_path / "2.wav")),
+    ]
+    embedder = Embedder(str(omni), device="cpu")
+    together = embedder.encode(items, batch_size=6)
+    torch.testing.assert_close(
+        torch.cat([embedder.encode([item], batch_size=1) for item in items]), together, rtol=1e-4, atol=1e-5
+    )
+    assert torch.equal(embedder.encode(items, batch_size=6), together)
+    assert torch.cdist(together, together).fill_diagonal_(1).min() > 1e-3  # six inputs, six embeddings
+
+
+def test_spoken_queries_run_through_evaluate_and_a_model_that_cannot_hear_is_refused(
+    omni, family, pages, tmp_path, capsys
+):
+    run_cli(data_prep, ["evalset", "--lang", "th", "--pages", str(pages), "--output", str(tmp_path / "evalset")])
+    run_cli(
+        data_prep,
+        ["speak", "--lang", "th", "--evalset", str(tmp_path / "evalset"), "--output", str(tmp_path / "spoken")],
+    )
+    assert "4 queries spoken (4 in voice th)" in capsys.readouterr().out
+    queries = [json.loads(line) for line in (tmp_path / "spoken/queries.jsonl").read_text().splitlines()]
+    written = [json.loads(line) for line in (tmp_path / "evalset/queries.jsonl").read_text().splitlines()]
+    assert [q["transcript"] for q in queries] == [q["text"] for q in written] and not any(q["text"] for q in queries)
+    assert all((tmp_path / "spoken" / q["audio"]).stat().st_size > 1000 for q in queries)
+
+    recipe = ["--config", str(REPO / "recipes/tiny.yaml"), "--lang", "th", "--data", str(tmp_path / "spoken")]
+    evaluate.main([*recipe, "--model", str(omni), "--output", str(tmp_path / "results.json")])
+    out = capsys.readouterr().out
+    assert "bm25 (page text) left out" in out and f"| {omni} |" in out
+    results = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert results[str(omni)]["all"]["queries"] == 4
+    if family[0] != "qwen2_5_omni":
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(evaluate.main, [*recipe, "--model", str(family[1]), "--output", str(tmp_path / "e2.json")])
+        assert exit_info.value.code == 2
+        assert "cannot read audio (it reads text, image); give an omnimodal model" in capsys.readouterr().err
+
+
+def test_a_language_without_a_voice_is_named(tmp_path):
+    evalset = tmp_path / "evalset"
+    evalset.mkdir()
+    (evalset / "queries.jsonl").write_text('{"_id": "q1", "text": "សួស្តី", "lang": "km"}\n', encoding="utf-8")
+    with pytest.raises(UsageError, match="espeak-ng has no voice for language `km`"):
+        speak_evalset(str(evalset), str(tmp_path / "out"), None, 150)
+    assert not (tmp_path / "out").exists()
+
+
+def test_contrast_trains_the_omni_model_on_audio_pairs(omni, tmp_path):
+    lines = []
+    for number in range(8):
+        sine(tmp_path / f"{number}.wav", 200 + 90 * number, 16000, 0.5)
+        pair = {"anchor": {"text": "", "audio_path": f"{number}.wav"}, "positive": {"text": THAI[number * 4 :][:20]}}
+        lines.append(json.dumps(pair, ensure_ascii=False))
+    (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    recipe = yaml.safe_load((REPO / "recipes/tiny.yaml").read_text(encoding="utf-8"))
+    recipe["contrast"]["pages_datasets"] = []  # the JSONL pairs only
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    contrast.main(
+        [
+            *("--config", str(tmp_path / "recipe.yaml"), "--lang", "th", "--model_name_or_path", str(omni)),
+            *("--train_files", str(tmp_path / "pairs.jsonl"), "--output_dir", str(tmp_path / "run")),
+            *("--contrastive_batch_size", "4", "--mini_batch_size", "2", "--eval_fraction", "0", "--eval_steps", "0"),
+            *("--max_steps", "2", "--max_text_tokens", "48"),
+        ]
+    )
+    record = read_run_record(tmp_path / "run/final", expected_stage="contrast")
+    assert record["results"]["pairs"]["train_multimodal"] == 8 and len(record["results"]["loss_history"]) == 2
