@@ -36,6 +36,12 @@ FAMILIES = {
 def family_of(config) -> Family:
     """The family of a model `config` (a transformers config); a `UsageError` naming the supported ones."""
     model_type = getattr(config, "model_type", None)
+    if model_type == "qwen2_5_omni":
+        raise UsageError(
+            "a whole Qwen2.5-Omni checkpoint (thinker and talker): the stages take its thinker, the part that reads "
+            "and writes text; save it as a folder of its own with Qwen2_5OmniThinkerForConditionalGeneration."
+            "from_pretrained(path).save_pretrained(folder), and the processor beside it, and give that folder."
+        )
     if model_type not in FAMILIES:
         raise UsageError(
             f"model type {model_type!r} is not a supported backbone; supported: {', '.join(FAMILIES)} "
@@ -45,7 +51,8 @@ def family_of(config) -> Family:
 
 
 def check_reads(model: str, kinds: set[str]) -> None:
-    """Refuse, before loading it, a model folder whose family cannot read every one of `kinds` of input."""
+    """Refuse, before loading its weights, a model of no supported family, or of one that cannot read every one of
+    `kinds` of input."""
     from transformers import AutoConfig
 
     family = family_of(AutoConfig.from_pretrained(model))

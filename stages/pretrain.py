@@ -35,7 +35,7 @@ from common.recipe import parse_stage_arguments
 from common.run_record import RUN_RECORD, parent_run, read_run_record, stage_record, write_run_record
 from data_prep.pages import read_pages_manifest
 from lco.distributed import deepspeed_stage, world_size
-from lco.families import towers
+from lco.families import check_reads, towers
 from lco.lora import lora_config, save_merged
 
 logger = logging.getLogger(__name__)
@@ -86,6 +86,7 @@ class PretrainArguments:
 
 def validate_run(args: PretrainArguments, training, lang: str) -> None:
     """Checks that need the recipe's language and the trainer settings too."""
+    check_reads(args.model_name_or_path, {"image"})  # a supported family, before the weights are loaded
     for dataset in args.datasets:
         dataset_lang = read_pages_manifest(dataset, "--datasets").get("lang")
         if lang != "multi" and dataset_lang != lang:

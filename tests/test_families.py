@@ -52,6 +52,8 @@ def test_the_family_is_known_by_its_config_and_an_unknown_one_is_named(family):
     assert all(isinstance(tower, torch.nn.Module) for tower in towers(model))
     with pytest.raises(UsageError, match="model type 'llama' is not a supported backbone; supported: qwen2_vl"):
         family_of(type("Config", (), {"model_type": "llama"})())
+    with pytest.raises(UsageError, match="whole Qwen2.5-Omni checkpoint .* save it as a folder of its own"):
+        family_of(type("Config", (), {"model_type": "qwen2_5_omni"})())
 
 
 def test_left_padded_pooling_equals_the_unpadded_embedding(family, thai_khmer_page):
