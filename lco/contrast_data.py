@@ -113,7 +113,8 @@ def read_jsonl_pairs(path: str) -> list[Pair]:
         for name in MEDIA_FIELDS:
             if fields[name] and not (folder / fields[name]).exists():
                 problems.append(
-                    f"line {line_number}: `{role}` {name} {fields[name]} not found (paths are relative to {folder})"
+                    f"line {line_number}: `{role}` {name.removesuffix('_path')} {fields[name]} not found "
+                    f"(paths are relative to {folder})"
                 )
                 return None
         media = {

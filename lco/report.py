@@ -77,12 +77,26 @@ def _significance(scores: dict, comparisons: list[dict]) -> str:
     return "".join(parts)
 
 
+def _picture(evalset, page_id: str):
+    """The page's image; for a corpus entry without one, its video's first frame or a plain grey square (audio)."""
+    from PIL import Image
+
+    page = evalset.pages[page_id]
+    if page["image"] is not None:
+        return evalset.open_image(page_id)
+    if "video" in page:
+        from .embedder import load_frames
+
+        return load_frames(page["video"])[0]
+    return Image.new("RGB", (THUMBNAIL_SIDE, THUMBNAIL_SIDE), "lightgrey")
+
+
 def _thumbnail(evalset, page_id: str, folder: Path, shown: set[str]) -> str:
     # readable, and unique: the hash tells apart ids that read alike once sanitised (`a/b`, `a_b`)
     readable = "".join(c if c.isalnum() or c in "-_." else "_" for c in page_id)[:80]
     name = f"{readable}-{hashlib.sha256(page_id.encode()).hexdigest()[:12]}.jpg"
     if page_id not in shown:
-        image = evalset.open_image(page_id)
+        image = _picture(evalset, page_id)
         image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
         image.save(folder / name, quality=85)
         shown.add(page_id)

@@ -16,14 +16,15 @@ MEASURES = {"ndcg_cut.1,5,10", "recall.1,5,10,100", "map"}
 METRICS = ("ndcg@1", "ndcg@5", "ndcg@10", "recall@1", "recall@5", "recall@10", "recall@100", "mrr@10", "map")
 DEPTH = 100  # rankings keep this many pages per query
 MAX_LISTED = 5
-# what a query may hold besides its text: an audio file, a video as a folder of its frames (relative paths)
-QUERY_MEDIA = ("audio", "video")
+# what a query or a corpus entry may hold besides text and image: an audio file, a video as a folder of its frames
+# (paths relative to the eval folder, as images are)
+MEDIA = ("audio", "video")
 
 
 @dataclass
 class EvalSet:
-    """Pages (id -> image as a path or bytes, text, lang), queries (id -> text, lang, and for spoken or filmed
-    queries audio and video paths: an audio file, a folder of frames), qrels (query -> page -> grade)."""
+    """Pages (id -> image as a path or bytes, text, lang), queries (id -> text, lang), qrels (query -> page ->
+    grade). Queries and pages may also hold `audio` and `video` paths (an audio file, a folder of frames)."""
 
     pages: dict[str, dict]
     queries: dict[str, dict]
@@ -74,12 +75,13 @@ def load_evalset(folder: str) -> EvalSet:
                 "image": root / image if isinstance(image, str) and image else None,
                 "text": str(row.get("text") or ""),
                 "lang": str(row.get("lang") or ""),
+                **_media(row, root),
             }
         queries = {
             str(row["_id"]): {
                 "text": str(row.get("text") or ""),
                 "lang": str(row.get("lang") or ""),
-                **{kind: root / row[kind] for kind in QUERY_MEDIA if isinstance(row.get(kind), str) and row[kind]},
+                **_media(row, root),
             }
             for row in _jsonl(root / "queries.jsonl")
         }
@@ -96,6 +98,10 @@ def load_evalset(folder: str) -> EvalSet:
     evalset = EvalSet(pages, queries, qrels)
     check_evalset(evalset, folder)
     return evalset
+
+
+def _media(row: dict, root: Path) -> dict[str, Path]:
+    return {kind: root / row[kind] for kind in MEDIA if isinstance(row.get(kind), str) and row[kind]}
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -139,11 +145,10 @@ def images_outside(evalset: EvalSet, folder: str) -> dict[str, str]:
     return paths_outside({pid: page["image"] for pid, page in evalset.pages.items()}, folder)
 
 
-def query_media(evalset: EvalSet) -> dict[str, Path]:
-    """{"<query id> <kind>": path} of the queries' audio and video."""
-    return {
-        f"{qid} {kind}": query[kind] for qid, query in evalset.queries.items() for kind in QUERY_MEDIA if kind in query
-    }
+def media_paths(evalset: EvalSet) -> dict[str, Path]:
+    """{"<kind> of <query or page id>": path} of the audio and video of queries and pages."""
+    entries = [*evalset.queries.items(), *evalset.pages.items()]
+    return {f"{kind} of {key}": entry[kind] for key, entry in entries for kind in MEDIA if kind in entry}
 
 
 def paths_outside(paths: dict[str, object], folder: str) -> dict[str, str]:
@@ -183,24 +188,27 @@ def check_evalset(evalset: EvalSet, folder: str) -> None:
         pid
         for pid, page in evalset.pages.items()
         if pid not in outside
-        and (page["image"] is None or (isinstance(page["image"], Path) and not page["image"].is_file()))
+        and (
+            (page["image"] is None and not any(kind in page for kind in MEDIA))
+            or (isinstance(page["image"], Path) and not page["image"].is_file())
+        )
     ]
     if missing:
         problems.append(f"{len(missing)} pages without an image file ({', '.join(missing[:MAX_LISTED])})")
-    media = query_media(evalset)
+    media = media_paths(evalset)
     media_outside = paths_outside(media, folder)
     if media_outside:
         problems.append(
-            f"{len(media_outside)} query audio or video paths outside the eval folder, which are not read "
+            f"{len(media_outside)} audio or video paths outside the eval folder, which are not read "
             f"({_listed([f'{key}: {how}' for key, how in media_outside.items()])}); give paths relative to the folder"
         )
     media_missing = [key for key, path in media.items() if key not in media_outside and not path.exists()]
     if media_missing:
-        problems.append(f"{len(media_missing)} query audio or video files missing ({_listed(media_missing)})")
+        problems.append(f"{len(media_missing)} audio or video files missing ({_listed(media_missing)})")
     empty = [
         qid
         for qid, query in evalset.queries.items()
-        if not query["text"].strip() and not any(kind in query for kind in QUERY_MEDIA)
+        if not query["text"].strip() and not any(kind in query for kind in MEDIA)
     ]
     if empty:
         problems.append(f"{len(empty)} empty queries ({', '.join(empty[:MAX_LISTED])})")

@@ -35,8 +35,8 @@ from common.run_record import (
 from lco.families import check_reads
 from lco.retrieval import (
     BEIR_FILES,
+    MEDIA,
     METRICS,
-    QUERY_MEDIA,
     bm25_rankings,
     load_evalset,
     mean_scores,
@@ -129,21 +129,14 @@ def save_results(output: str, summary: dict, recipe_args, inputs: EvaluateInputs
 
 def data_fingerprint(evalset, part: str) -> str:
     digest = hashlib.sha256()
-    if part == "pages":
-        for page_id, page in evalset.pages.items():
-            image = page["image"]
-            digest.update(
-                page_id.encode()
-                + (hashlib.sha256(image).hexdigest() if isinstance(image, bytes) else sha256_file(image)).encode()
-            )
-    else:
-        for query_id, query in evalset.queries.items():
-            media = [
-                sha256_file(query[kind]) if query[kind].is_file() else str(query[kind])
-                for kind in QUERY_MEDIA
-                if kind in query
-            ]
-            digest.update(json.dumps([query_id, query["text"], *media], ensure_ascii=False).encode())
+    entries = evalset.pages if part == "pages" else evalset.queries
+    for key, entry in entries.items():
+        image = entry.get("image")
+        files = [entry[kind] for kind in MEDIA if kind in entry] + ([image] if isinstance(image, Path) else [])
+        contents = [sha256_file(path) if path.is_file() else str(path) for path in files]
+        if isinstance(image, bytes):
+            contents.append(hashlib.sha256(image).hexdigest())
+        digest.update(json.dumps([key, entry["text"] if part == "queries" else "", *contents]).encode())
     return digest.hexdigest()[:16]
 
 
@@ -180,18 +173,23 @@ def page_size(model: str, args: EvaluateArguments) -> dict:
     return {"image_max_side": None, "max_pixels": args.max_pixels or pretrained_at or DEFAULT_PIXELS}
 
 
-def query_item(query: dict, instruction: str):
-    """A query as the Embedder takes it: its text after the instruction, its audio and its video's frames."""
+def entry_item(evalset, key: str, part: str, instruction: str = ""):
+    """A query or a page as the Embedder takes it. A query: its text after the instruction, and its audio and
+    video; a page: its image, audio and video (its extracted text is for BM25 only)."""
     from lco.embedder import Item, load_audio, load_frames
 
-    audio, video = query.get("audio"), query.get("video")
-    text = instruction + query["text"] if query["text"] or not (audio or video) else instruction
-    return Item(text, audio=load_audio(audio) if audio else None, video=load_frames(video) if video else None)
+    entry = (evalset.pages if part == "pages" else evalset.queries)[key]
+    audio, video = entry.get("audio"), entry.get("video")
+    media = {"audio": load_audio(audio) if audio else None, "video": load_frames(video) if video else None}
+    if part == "pages":
+        return Item(image=evalset.open_image(key) if entry["image"] is not None else None, **media)
+    text = instruction + entry["text"] if entry["text"] or not (audio or video) else instruction
+    return Item(text, **media)
 
 
 def model_rankings(model: str, evalset, tasks: dict, args: EvaluateArguments) -> tuple[dict, dict]:
     """({task: rankings}, encoding facts) of one model; embeddings come from the cache when present."""
-    from lco.embedder import Embedder, Item, LazyItems
+    from lco.embedder import Embedder, LazyItems
 
     embedder = None
     size = page_size(model, args)
@@ -209,7 +207,7 @@ def model_rankings(model: str, evalset, tasks: dict, args: EvaluateArguments) ->
         {"model": fingerprint, "pages": data_fingerprint(evalset, "pages"), **settings},
         args.cache_dir,
         lambda: get_embedder().encode(
-            LazyItems(page_ids, lambda pid: Item(image=evalset.open_image(pid))), args.batch_size, progress="pages"
+            LazyItems(page_ids, lambda pid: entry_item(evalset, pid, "pages")), args.batch_size, progress="pages"
         ),
     )
     queries, queries_cached = cached_embeddings(
@@ -221,7 +219,7 @@ def model_rankings(model: str, evalset, tasks: dict, args: EvaluateArguments) ->
         },
         args.cache_dir,
         lambda: get_embedder().encode(
-            LazyItems(query_ids, lambda qid: query_item(evalset.queries[qid], args.query_instruction)),
+            LazyItems(query_ids, lambda qid: entry_item(evalset, qid, "queries", args.query_instruction)),
             args.batch_size,
             progress="queries",
         ),
@@ -359,7 +357,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"evaluate: {BASELINES[1]} left out: some queries have no text (spoken or filmed)")
     if inputs.run:
         runs[f"run {Path(inputs.run).name}"] = given_run(inputs.run, evalset, tasks)
-    media = {kind for query in evalset.queries.values() for kind in QUERY_MEDIA if kind in query}
+    entries = [*evalset.queries.values(), *evalset.pages.values()]
+    media = {kind for entry in entries for kind in MEDIA if kind in entry}
     for model in inputs.model:
         check_reads(model, media)
     trained_on = training_overlap(inputs.model, inputs.data)

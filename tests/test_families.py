@@ -251,3 +251,28 @@ def test_contrast_trains_the_omni_model_on_audio_pairs(omni, tmp_path):
     )
     record = read_run_record(tmp_path / "run/final", expected_stage="contrast")
     assert record["results"]["pairs"]["train_multimodal"] == 8 and len(record["results"]["loss_history"]) == 2
+
+
+def test_a_corpus_of_audio_and_video_is_scored_and_reported(omni, tmp_path, thai_khmer_page, capsys):
+    data = tmp_path / "evalset"
+    (data / "audio").mkdir(parents=True)
+    (data / "clip").mkdir()
+    for number in range(3):
+        sine(data / "audio" / f"{number}.wav", 300 + 200 * number, 16000, 0.5)
+    for number in range(2):
+        thai_khmer_page.rotate(number).save(data / "clip" / f"{number}.png")
+    corpus = [{"_id": f"a{n}", "audio": f"audio/{n}.wav", "text": ""} for n in range(3)]
+    corpus.append({"_id": "v", "video": "clip", "text": ""})
+    (data / "corpus.jsonl").write_text("".join(json.dumps(row) + "\n" for row in corpus))
+    queries = [{"_id": "q1", "text": "a low tone"}, {"_id": "q2", "text": THAI[:30]}]
+    (data / "queries.jsonl").write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in queries))
+    (data / "qrels.tsv").write_text("query-id\tcorpus-id\tscore\nq1\ta0\t1\nq2\tv\t1\n")
+    argv = ["--config", str(REPO / "recipes/tiny.yaml"), "--lang", "th", "--data", str(data), "--model", str(omni)]
+    evaluate.main([*argv, "--output", str(tmp_path / "results.json"), "--report", str(tmp_path / "report")])
+    assert "evaluate: 2 queries, 4 pages, 2 judgements" in capsys.readouterr().out
+    assert json.loads((tmp_path / "results.json").read_text())["results"][str(omni)]["all"]["queries"] == 2
+    assert len(list((tmp_path / "report").rglob("*.jpg"))) == 4  # the clip's first frame, grey squares for audio
+
+    (data / "corpus.jsonl").write_text(json.dumps({"_id": "a0", "audio": "../outside.wav"}) + "\n")
+    with pytest.raises(UsageError, match="audio or video paths outside the eval folder"):
+        evaluate.main([*argv, "--output", str(tmp_path / "again.json")])
