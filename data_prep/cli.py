@@ -215,7 +215,7 @@ def make_queries(argv: list[str]) -> None:
             **stage_record(
                 "queries",
                 recipe_args,
-                {"queries": asdict(settings), "inputs": asdict(args), "generator": generator},
+                {"queries": asdict(settings), "languages": languages, "inputs": asdict(args), "generator": generator},
                 [Path(args.pages) / "manifest.json"],
             ),
             parent=parent_run(args.generator) if local else None,
