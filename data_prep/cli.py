@@ -23,7 +23,7 @@ from common.recipe import parse_stage_arguments
 
 from .evalset import build_evalset, convert_parquet_evalset
 from .pages import PageSettings, build_pages_dataset
-from .queries import QueriesSettings
+from .queries import QueriesSettings, check_generator, check_pages
 from .render import render_documents
 from .settings import DataPrepSettings
 
@@ -90,8 +90,6 @@ class QueriesArguments:
         if not self.pages:
             raise UsageError("--pages is not set; give a pages dataset written by `python -m data_prep pages`.")
         _check_io([self.pages], self.output, resume=self.resume, overwrite=self.overwrite, input_flag="--pages")
-        from .queries import check_generator, check_pages
-
         check_pages(self.pages)
         check_generator(self.generator)
 
@@ -243,7 +241,8 @@ def make_queries(argv: list[str]) -> None:
         )
     refused = ", ".join(f"{count} {name}" for name, count in counts["rejected"].items())
     print(
-        f"data_prep queries: {counts['candidates']} questions from {counts['pages']} pages "
-        f"({manifest['pages_per_s']} pages/s), {counts['kept']} kept (refused: {refused}); "
+        f"data_prep queries: {counts['candidates']} questions from {counts['pages']} pages"
+        + (f" ({manifest['pages_per_s']} pages/s)" if manifest["pages_per_s"] else "")
+        + f", {counts['kept']} kept (refused: {refused}); "
         f"{counts['eval_queries']} eval queries, {counts['train_pairs']} training pairs -> {args.output}"
     )

@@ -11,8 +11,8 @@ is counted in the manifest:
     length          fewer than `min_chars` or more than `max_chars` characters
     language        under `min_script_fraction` of its letters in the language's script (the recipes' ranges)
     copied          shares a span of `max_copied_chars` characters with the page text
-    duplicate       the same letters and digits as a question kept before (any page)
-    near_duplicate  as similar as `near_duplicate` (difflib ratio) to a question kept for the same page
+    duplicate       the same letters and digits as an earlier question that passed the filters above (any page)
+    near_duplicate  as similar as `near_duplicate` (difflib ratio) to such a question of the same page and language
     consistency     its page is not in the top `top_k` under BM25 over the page texts (questions in the pages'
                     language) or under the embedding model `consistency_model` (any language, when given)
 
@@ -264,12 +264,11 @@ def check_engine(engine: str) -> None:
         raise UsageError("--engine vllm needs a GPU and none is visible; use --engine transformers.")
 
 
-def build_prompt(settings: QueriesSettings, lang: str, page_text: str) -> str:
-    prompt = settings.prompt.format(n=settings.per_page, language=language_name(lang))
-    text = page_text.strip()[: settings.context_chars]
-    if settings.text_context and text:
-        prompt += settings.context_prompt.format(text=text)
-    return prompt
+def build_prompt(settings: QueriesSettings, lang: str, page_text: str) -> tuple[str, str, int]:
+    """(the prompt, its instruction, the characters of page text it gives as context)."""
+    instruction = settings.prompt.format(n=settings.per_page, language=language_name(lang))
+    context = page_text.strip()[: settings.context_chars] if settings.text_context else ""
+    return instruction + (settings.context_prompt.format(text=context) if context else ""), instruction, len(context)
 
 
 def parse_questions(output: str, limit: int) -> list[str]:
@@ -314,8 +313,9 @@ def bm25_top(questions: list[str], pages: dict[str, str], top_k: int) -> list[li
     return [sorted(rankings[qid], key=lambda pid: -rankings[qid][pid]) for qid in queries]
 
 
-def embedding_ranker(model: str, pages, batch_size: int = 8) -> Callable[[list[str]], list[list[str]]]:
-    """questions -> the top pages of each under the embedding model `model` (page images encoded once)."""
+def embedding_ranker(model: str, pages, batch_size: int = 8) -> Callable[[list[str], int], list[list[str]]]:
+    """(questions, k) -> the ids of the top k pages of each under the embedding model `model` (the pages' images
+    are encoded once, here)."""
     from lco.embedder import Embedder, LazyItems
     from lco.retrieval import search
 
@@ -440,11 +440,12 @@ def generate_pages(
             for offset, row in enumerate(rows):
                 image = within_pixels(row["image"], settings.max_pixels)
                 for lang in languages:
-                    prompt = build_prompt(settings, lang, row["text"])
+                    prompt, instruction, context_chars = build_prompt(settings, lang, row["text"])
                     images.append(image)
                     prompts.append(prompt)
                     meta = {"row": start + offset, "doc_id": row["doc_id"], "page": row["page"], "lang": lang}
-                    records.append({**meta, "prompt": prompt, "seed": batch_seed})
+                    # the page text a prompt holds is in the pages dataset: records keep how much of it was given
+                    records.append({**meta, "prompt": instruction, "context_chars": context_chars, "seed": batch_seed})
             for record, output in zip(records, engine(images, prompts, batch_seed), strict=True):
                 record["output"] = output
             write_text_atomic(
@@ -511,6 +512,7 @@ def run_queries(
                         "doc_id": generation["doc_id"],
                         "row": generation["row"],
                         "prompt": generation["prompt"],
+                        "context_chars": generation["context_chars"],
                         "seed": generation["seed"],
                     }
                 )
@@ -591,6 +593,7 @@ def _write_evalset(folder: Path, pages, queries, eval_documents, documents, gene
             "provenance": {
                 "generator": generator["fingerprint"],
                 "prompt": query["prompt"],
+                "context_chars": query["context_chars"],  # of the page's text, given after the prompt
                 "seed": query["seed"],
                 "checks": query["checks"],
             },

@@ -15,7 +15,14 @@ from common.errors import UsageError, run_cli
 from common.run_record import read_run_record
 from data_prep.cli import main as data_prep_main
 from data_prep.evalset import evaluated_documents, page_id
-from data_prep.queries import FILTERS, QueriesSettings, filter_candidates, run_queries, transformers_engine
+from data_prep.queries import (
+    FILTERS,
+    QueriesSettings,
+    embedding_ranker,
+    filter_candidates,
+    run_queries,
+    transformers_engine,
+)
 from lco.contrast_data import read_jsonl_pairs
 from lco.pretrain_data import evaluated_in
 from lco.retrieval import load_evalset
@@ -102,6 +109,13 @@ def test_the_embedding_model_checks_questions_in_every_language(page_texts):
     assert counts["consistency"] == 1
 
 
+def test_an_embedding_model_ranks_the_pages_for_the_consistency_check(pages, page_texts, tiny_model):
+    top = embedding_ranker(str(tiny_model[2]), datasets.load_from_disk(str(pages)))
+    rankings = top(["Which rights does everyone have?", "สิทธิมนุษยชนคืออะไร"], len(page_texts))
+    assert [sorted(ranking) for ranking in rankings] == [sorted(page_texts)] * 2
+    assert [len(ranking) for ranking in top(["Who is free?"], 2)] == [2]
+
+
 def fake_engine(calls: list):
     """A generator that writes two questions per page from the context text of the prompt: a Thai one BM25
     retrieves its page with, and an English one unique to the page; and a copied sentence (refused)."""
@@ -153,7 +167,8 @@ def test_outputs_are_an_evalset_and_training_pairs_split_by_document(pages, page
     assert len(evalset.queries) == counts["eval_queries"] == 2 * 2
     assert all(evalset.qrels[qid] == {qid.rsplit("-", 2)[0]: 1} for qid in evalset.queries)
     written = [json.loads(line) for line in (output / "evalset/queries.jsonl").read_text().splitlines()]
-    assert all(set(q["provenance"]) == {"generator", "prompt", "seed", "checks"} for q in written)
+    assert all(set(q["provenance"]) == {"generator", "prompt", "context_chars", "seed", "checks"} for q in written)
+    assert all(q["provenance"]["prompt"].startswith("Write 2 questions in ") for q in written)
     # training leaves the eval documents out, by content
     assert evaluated_in([str(pages)], [str(output / "evalset")]).keys() == eval_documents
     assert len(evaluated_documents(output / "evalset", "--exclude_evalsets")) == 1
