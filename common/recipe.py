@@ -27,7 +27,7 @@ MAX_KNOWN_KEYS = 20  # an unknown-key error lists at most this many known keys
 _REPR = reprlib.Repr()
 _REPR.maxstring, _REPR.maxother, _REPR.maxlevel, _REPR.maxlist, _REPR.maxdict = 80, 80, 2, 5, 4
 # one section per command that reads a recipe; the dataclasses each fills are the commands' own (stages.SECTION_TYPES)
-SECTIONS = ("base_model", "data_prep", "pretrain", "contrast", "evaluate", "pipeline", "analyze")
+SECTIONS = ("base_model", "data_prep", "queries", "pretrain", "contrast", "evaluate", "pipeline", "analyze")
 
 
 @dataclass

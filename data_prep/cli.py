@@ -5,9 +5,12 @@
     python -m data_prep evalset --lang km --pages checkpoints/km/pages --output checkpoints/km/evalset \
         [--parallel_source samples/udhr/en.md]
     python -m data_prep evalset --lang lo --parquet seadoc_lo/ --output checkpoints/lo/seadoc
+    python -m data_prep queries --config recipes/km.yaml --pages checkpoints/km/pages --generator MODEL_DIR \
+        --output checkpoints/km/queries [--languages en km] [--per_page 3] [--engine transformers|vllm] [--resume]
     python -m data_prep speak --lang en --evalset checkpoints/km/evalset --output checkpoints/km/evalset-spoken
 
-`--lang` selects recipes/<lang>.yaml (its `data_prep` section) unless `--config` names another recipe.
+`--lang` selects recipes/<lang>.yaml (its `data_prep` section; `queries` for the queries command) unless `--config`
+names another recipe.
 """
 
 import logging
@@ -21,6 +24,7 @@ from common.recipe import parse_stage_arguments
 
 from .evalset import build_evalset, convert_parquet_evalset
 from .pages import PageSettings, build_pages_dataset
+from .queries import QueriesSettings, check_generator, check_pages
 from .render import render_documents
 from .settings import DataPrepSettings
 from .speech import speak_evalset
@@ -87,7 +91,31 @@ class SpeakArguments:
             raise UsageError(f"--rate {self.rate} is outside espeak-ng's 80-450 words per minute.")
 
 
-COMMANDS = {"pages": PagesArguments, "render": RenderArguments, "evalset": EvalsetArguments, "speak": SpeakArguments}
+@dataclass
+class QueriesArguments:
+    pages: str | None = field(default=None, metadata={"help": "Pages dataset whose pages the questions are about."})
+    generator: str | None = field(
+        default=None, metadata={"help": "Instruction-tuned chat VLM (a model folder or hub id) that writes them."}
+    )
+    output: str | None = field(default=None, metadata={"help": "Folder for evalset/, train_pairs.jsonl, manifest."})
+    resume: bool = field(default=False, metadata={"help": "Keep the pages an interrupted run finished."})
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        if not self.pages:
+            raise UsageError("--pages is not set; give a pages dataset written by `python -m data_prep pages`.")
+        _check_io([self.pages], self.output, resume=self.resume, overwrite=self.overwrite, input_flag="--pages")
+        check_pages(self.pages)
+        check_generator(self.generator)
+
+
+COMMANDS = {
+    "pages": PagesArguments,
+    "render": RenderArguments,
+    "evalset": EvalsetArguments,
+    "queries": QueriesArguments,
+    "speak": SpeakArguments,
+}
 
 
 def _check_io(inputs: list[str], output: str | None, *, resume=False, overwrite=False, input_flag="--input") -> None:
@@ -104,6 +132,9 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] not in COMMANDS:
         raise UsageError(f"give a command first: python -m data_prep {{{','.join(COMMANDS)}}} ... (--help after it).")
     command, rest = argv[0], argv[1:]
+    if command == "queries":
+        make_queries(rest)
+        return
     recipe_args, settings, args = parse_stage_arguments(
         "data_prep",
         (DataPrepSettings,),
@@ -172,4 +203,67 @@ def make_evalset(args: EvalsetArguments) -> None:
         f"{summary['pages']} pages"
         + (f", {unmatched} documents whose outline did not match" if unmatched else "")
         + f" -> {args.output}"
+    )
+
+
+def make_queries(argv: list[str]) -> None:
+    """Parse (the recipe's `queries` section), check every input, then load the generator, generate, filter, write."""
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from common.artifacts import check_model_source
+    from common.run_record import model_fingerprint, parent_run, stage_record, write_run_record
+
+    from .queries import check_engine, resolve_languages, run_queries, transformers_engine, vllm_engine
+
+    recipe_args, settings, args = parse_stage_arguments(
+        "queries", (QueriesSettings,), argv, cli_only_types=(QueriesArguments,), prog="python -m data_prep queries"
+    )
+    languages, ranges = resolve_languages(settings, recipe_args.config, recipe_args.lang, args.pages)
+    check_engine(settings.engine)
+    if settings.consistency_model:
+        check_model_source(settings.consistency_model, "--consistency_model")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    local = Path(args.generator).exists()
+    generator = {"path": args.generator, "fingerprint": model_fingerprint(args.generator) if local else args.generator}
+    engine = (vllm_engine if settings.engine == "vllm" else transformers_engine)(args.generator, settings)
+
+    def record(folder: Path, manifest: dict) -> None:
+        write_run_record(
+            folder,
+            **stage_record(
+                "queries",
+                recipe_args,
+                {"queries": asdict(settings), "languages": languages, "inputs": asdict(args), "generator": generator},
+                [Path(args.pages) / "manifest.json"],
+            ),
+            parent=parent_run(args.generator) if local else None,
+            results={"counts": manifest["counts"], "pages_per_s": manifest["pages_per_s"]},
+        )
+
+    manifest = run_queries(
+        args.pages,
+        args.output,
+        settings,
+        engine,
+        languages=languages,
+        ranges=ranges,
+        generator=generator,
+        seed=recipe_args.seed,
+        resume=args.resume,
+        record=record,
+    )
+    counts = manifest["counts"]
+    if not counts["kept"]:
+        logging.warning(
+            "data_prep queries: no question passed the filters; candidates.jsonl in %s says which filter refused "
+            "each (a generator that is not instruction-tuned writes no usable questions)",
+            args.output,
+        )
+    refused = ", ".join(f"{count} {name}" for name, count in counts["rejected"].items())
+    print(
+        f"data_prep queries: {counts['candidates']} questions from {counts['pages']} pages"
+        + (f" ({manifest['pages_per_s']} pages/s)" if manifest["pages_per_s"] else "")
+        + f", {counts['kept']} kept (refused: {refused}); "
+        f"{counts['eval_queries']} eval queries, {counts['train_pairs']} training pairs -> {args.output}"
     )

@@ -73,7 +73,7 @@ def build_evalset(
                         "lang": row["lang"],
                     }
                     corpus.write(json.dumps(record, ensure_ascii=False) + "\n")
-        _write_queries_and_qrels(tmp, queries, qrels)
+        write_queries_and_qrels(tmp, queries, qrels)
         summary = {
             "pages": sum(m["counts"]["pages"] for m in manifests.values()),
             "queries": len(queries),
@@ -134,7 +134,7 @@ def _parallel_queries(documents: list[dict], source: Path, lang: str, level: int
     return [query for query in queries if query["_id"] in used and query["text"]], qrels, unmatched
 
 
-def _write_queries_and_qrels(folder: Path, queries: list[dict], qrels: list[tuple]) -> None:
+def write_queries_and_qrels(folder: Path, queries: list[dict], qrels: list[tuple]) -> None:
     kept = {query["_id"] for query in queries}
     with open(folder / "queries.jsonl", "w", encoding="utf-8") as handle:
         handle.writelines(json.dumps(query, ensure_ascii=False) + "\n" for query in queries)
@@ -201,7 +201,7 @@ def convert_parquet_evalset(source: str, output: str) -> dict:
                 name = _image_name(row["_id"], row["image"])
                 (tmp / name).write_bytes(row["image"])
                 handle.write(json.dumps({**row, "image": name}, ensure_ascii=False) + "\n")
-        _write_queries_and_qrels(tmp, queries, qrels)
+        write_queries_and_qrels(tmp, queries, qrels)
     return {"pages": len(corpus), "queries": len(queries), "qrels": len(qrels)}
 
 
