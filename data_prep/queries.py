@@ -53,7 +53,7 @@ from common.errors import UsageError
 from common.languages import LANGUAGES, normalize_lang
 from common.recipe import RECIPES_DIR, load_recipe
 
-from .evalset import write_queries_and_qrels, page_id
+from .evalset import page_id, write_queries_and_qrels
 from .settings import DataPrepSettings
 from .text_quality import parse_ranges
 
