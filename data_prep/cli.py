@@ -5,6 +5,7 @@
     python -m data_prep evalset --lang km --pages checkpoints/km/pages --output checkpoints/km/evalset \
         [--parallel_source samples/udhr/en.md]
     python -m data_prep evalset --lang lo --parquet seadoc_lo/ --output checkpoints/lo/seadoc
+    python -m data_prep recipe --lang dz --output recipes/dz.yaml
 
 `--lang` selects recipes/<lang>.yaml (its `data_prep` section) unless `--config` names another recipe.
 """
@@ -13,12 +14,13 @@ import logging
 import sys
 from dataclasses import dataclass, field
 
-from common.artifacts import check_input_paths, check_output_dir
+from common.artifacts import check_input_paths, check_output_dir, usable_path, write_text_atomic
 from common.errors import UsageError
 from common.languages import normalize_lang
 from common.recipe import parse_stage_arguments
 
 from .evalset import build_evalset, convert_parquet_evalset
+from .language_data import derive_language_data, write_recipe
 from .pages import PageSettings, build_pages_dataset
 from .render import render_documents
 from .settings import DataPrepSettings
@@ -72,7 +74,27 @@ class EvalsetArguments:
             self.parallel_lang = normalize_lang(self.parallel_lang)
 
 
-COMMANDS = {"pages": PagesArguments, "render": RenderArguments, "evalset": EvalsetArguments}
+@dataclass
+class RecipeCommandArguments:
+    output: str | None = field(default=None, metadata={"help": "Recipe file to write, e.g. recipes/dz.yaml."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing --output."})
+
+    def validate(self) -> None:
+        if self.output is None:
+            raise UsageError("--output is not set; give the recipe file to write (e.g. recipes/dz.yaml).")
+        path = usable_path(self.output, "--output")
+        if path.exists() and not self.overwrite:
+            raise UsageError(f"--output {path} already exists; pass --overwrite to replace it, or choose another.")
+        if not path.parent.is_dir():
+            raise UsageError(f"--output {path}: folder {path.parent} does not exist; create it or choose another.")
+
+
+COMMANDS = {
+    "pages": PagesArguments,
+    "render": RenderArguments,
+    "evalset": EvalsetArguments,
+    "recipe": RecipeCommandArguments,
+}
 
 
 def _check_io(inputs: list[str], output: str | None, *, resume=False, overwrite=False, input_flag="--input") -> None:
@@ -115,6 +137,15 @@ def main(argv: list[str] | None = None) -> None:
         return
     if command == "evalset":
         make_evalset(args)
+        return
+    if command == "recipe":
+        data = derive_language_data(recipe_args.lang)
+        write_text_atomic(args.output, write_recipe(data))
+        print(
+            f"data_prep recipe: {data.name} ({data.code}), {data.script} script, OCR {data.tesseract_langs}, "
+            f"fonts {', '.join(data.fonts)} -> {args.output}; rerun setup/install.sh to install "
+            f"{', '.join(data.debian_packages)}"
+        )
         return
     settings.check_tesseract()
     manifest = build_pages_dataset(  # SkipThresholdExceeded past max_skip_fraction: exit code 1 under run_cli
