@@ -77,6 +77,10 @@ class EvalsetArguments:
 @dataclass
 class RecipeCommandArguments:
     output: str | None = field(default=None, metadata={"help": "Recipe file to write, e.g. recipes/dz.yaml."})
+    script: str | None = field(
+        default=None,
+        metadata={"help": "ISO 15924 script (e.g. Java), for a language written in another than its usual one."},
+    )
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing --output."})
 
     def validate(self) -> None:
@@ -139,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
         make_evalset(args)
         return
     if command == "recipe":
-        data = derive_language_data(recipe_args.lang)
+        data = derive_language_data(recipe_args.lang, args.script)
         write_text_atomic(args.output, write_recipe(data))
         print(
             f"data_prep recipe: {data.name} ({data.code}), {data.script} script, OCR {data.tesseract_langs}, "

@@ -2,7 +2,8 @@
 
 - the script: CLDR's likely subtags (`langcodes`: `dz` -> `Tibt`);
 - the script's characters, for the garble check: Unicode's Scripts.txt as fontTools ships it;
-- the OCR model: Tesseract's model for the language (`dzo`), else the one for its script (`script/Tibetan`),
+- the OCR model: Tesseract's model for the language (`dzo`), else the one for its script (`Tibetan`; `script/Tibetan`
+  in upstream's tessdata layout),
   among those installed (`tesseract --list-langs`) or installable (the Debian packages `tesseract-ocr-<model>`
   and `tesseract-ocr-script-<script>`, `apt-cache pkgnames`);
 - the fonts: those fontconfig says cover the language (`fc-list :lang=dz`), Noto's for the script first;
@@ -71,16 +72,18 @@ def script_ranges(script: str) -> list[str]:
 
 
 def tesseract_script_model(script: str) -> str:
-    return "script/" + TESSERACT_SCRIPT_NAMES.get(script, script_name(script).replace(" ", "_"))
+    """Tesseract's model for a script (`Tibt` -> `Tibetan`): Debian installs it as `Tibetan`, upstream's tessdata
+    as `script/Tibetan`; language models are named in lower case."""
+    return TESSERACT_SCRIPT_NAMES.get(script, script_name(script).replace(" ", "_"))
 
 
 def debian_package(model: str) -> str:
-    """The Debian package carrying a Tesseract model (`script/Tibetan` -> `tesseract-ocr-script-tibt`)."""
-    if model.startswith("script/"):
-        wanted = model.removeprefix("script/")
-        codes = {tesseract_script_model(code).removeprefix("script/"): code for code in _script_codes()}
-        return f"tesseract-ocr-script-{codes.get(wanted, wanted).lower()}"
-    return "tesseract-ocr-" + model.lower().replace("_", "-")
+    """The Debian package carrying a Tesseract model (`Tibetan` or `script/Tibetan` -> `tesseract-ocr-script-tibt`)."""
+    name = model.removeprefix("script/")
+    if name[:1].isupper():
+        codes = {tesseract_script_model(code): code for code in _script_codes()}
+        return f"tesseract-ocr-script-{codes.get(name, name).lower()}"
+    return "tesseract-ocr-" + name.lower().replace("_", "-")
 
 
 @cache
@@ -108,12 +111,14 @@ def choose_tesseract_model(code: str, script: str) -> tuple[str, str]:
     alpha3 = {language.to_alpha3()}
     standard = langcodes.Language.get(langcodes.standardize_tag(code))  # CLDR's preferred code: tl -> fil
     alpha3.add(standard.to_alpha3())
-    candidates = [f"{a3}_{script.lower()}" for a3 in sorted(alpha3)] + sorted(alpha3, key=lambda a3: a3 != "fil")
-    candidates.append(tesseract_script_model(script))
+    candidates = [f"{a3}_{script.lower()}" for a3 in sorted(alpha3)]
+    if script == likely_script(code):  # a model named by the language alone reads it in its usual script
+        candidates += sorted(alpha3, key=lambda a3: a3 != "fil")
+    candidates += [tesseract_script_model(script), "script/" + tesseract_script_model(script)]
     installed, installable = installed_tesseract_models(), installable_packages("tesseract-ocr-")
     for model in candidates:
-        if model in installed or debian_package(model) in installable:
-            kind = "script" if model.startswith("script/") else "language"
+        if model in installed or (debian_package(model) in installable and not model.startswith("script/")):
+            kind = "script" if debian_package(model).startswith("tesseract-ocr-script-") else "language"
             return model, f"Tesseract's {kind} model ({debian_package(model)})"
     raise UsageError(
         f"no Tesseract model reads {language_name(code)} ({code}) or its script {script_name(script)} ({script}): "
@@ -201,9 +206,12 @@ def font_packages(files: list[str]) -> list[str]:
     return sorted({line.split(":", 1)[0] for line in listing.splitlines() if ":" in line})
 
 
-def derive_language_data(code: str) -> LanguageData:
-    """Everything `data_prep recipe` writes for `code`; `UsageError` naming the fix when no OCR model or no font."""
-    script = likely_script(code)
+def derive_language_data(code: str, script: str | None = None) -> LanguageData:
+    """Everything `data_prep recipe` writes for `code`, in `script` (default: the language's likely script);
+    `UsageError` naming the fix when no OCR model or no font covers it."""
+    if script is not None and script not in unicode_data.Scripts.NAMES and script not in TESSERACT_SCRIPT_NAMES:
+        raise UsageError(f"--script {script!r} is not an ISO 15924 script code Unicode knows (e.g. Tibt, Java, Latn).")
+    script = script or likely_script(code)
     model, tesseract_source = choose_tesseract_model(code, script)
     fonts, files, font_source = choose_fonts(code, script)
     tesseract_langs = model if model == "eng" else f"{model}+eng"
@@ -233,7 +241,8 @@ def write_recipe(data: LanguageData) -> str:
         ),
         "script_ranges": (
             "[" + ", ".join(data.script_ranges) + "]",
-            f"derived: Unicode Scripts.txt, {script_name(data.script)} ({data.script}), CLDR's likely script",
+            f"derived: Unicode Scripts.txt, {script_name(data.script)} ({data.script})"
+            + (", CLDR's likely script" if data.script == likely_script(data.code) else ", given by --script"),
         ),
         "fonts": ("[" + ", ".join(data.fonts) + "]", f"derived: {data.font_source}, Noto first"),
         "debian_packages": (
