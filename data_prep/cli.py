@@ -122,6 +122,13 @@ def main(argv: list[str] | None = None) -> None:
         cli_only_types=(COMMANDS[command],),
         prog=f"python -m data_prep {command}",
     )
+    if command in ("pages", "render") and recipe_args.config is None:
+        # the defaults (English OCR, Latin characters) would read another script's pages wrong without a word
+        lang = recipe_args.lang
+        raise UsageError(
+            f"no recipe for {lang} (recipes/{lang}.yaml); write one with python -m data_prep recipe --lang {lang} "
+            f"--output recipes/{lang}.yaml, or pass --config."
+        )
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if command == "render":
         manifest = render_documents(
