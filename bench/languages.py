@@ -25,7 +25,7 @@ import datasets
 import jiwer
 import yaml
 
-from common.errors import UsageError
+from common.errors import RunFailed, UsageError
 from common.languages import likely_script, normalize_lang
 from data_prep.cli import main as data_prep
 from data_prep.language_data import script_name

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+import langcodes
 from fontTools import unicodedata as unicode_data
 
 from common.errors import UsageError
@@ -27,6 +28,8 @@ from common.languages import language_name, likely_script
 # Tesseract names its script models after Unicode's script names, except where one Unicode script has several
 # models (Han) or a model covers a writing system rather than a script
 TESSERACT_SCRIPT_NAMES = {"Hans": "HanS", "Hant": "HanT", "Jpan": "Japanese", "Kore": "Hangul"}
+# ISO 15924 codes for writing systems that Unicode's Scripts.txt splits into several scripts, or lumps into one
+UNICODE_SCRIPTS = {"Hans": ("Hani",), "Hant": ("Hani",), "Jpan": ("Hani", "Hira", "Kana"), "Kore": ("Hang", "Hani")}
 FONT_STYLE_ORDER = ("Serif", "Sans", "Looped")  # the order of the shipped recipes' fonts
 MAX_FONTS = 3
 NOTO_PACKAGES = ("fonts-noto-core", "fonts-noto-extra", "fonts-noto-cjk")
@@ -50,17 +53,17 @@ class LanguageData:
 
 def script_name(script: str) -> str:
     """Unicode's name of an ISO 15924 script code (`Tibt` -> `Tibetan`)."""
-    base = {"Hans": "Hani", "Hant": "Hani", "Jpan": "Hani", "Kore": "Hang"}.get(script, script)
+    base = UNICODE_SCRIPTS.get(script, (script,))[0]
     return unicode_data.Scripts.NAMES.get(base, script).replace("_", " ")
 
 
 def script_ranges(script: str) -> list[str]:
     """The code point ranges Unicode assigns to `script` (Scripts.txt), adjacent ones merged, as `0F00-0F47`."""
-    base = {"Hans": "Hani", "Hant": "Hani", "Kore": "Hang"}.get(script, script)
+    wanted = UNICODE_SCRIPTS.get(script, (script,))
     starts, values = unicode_data.Scripts.RANGES, unicode_data.Scripts.VALUES
     merged: list[list[int]] = []
     for index, value in enumerate(values):
-        if value != base:
+        if value not in wanted:
             continue
         low = starts[index]
         high = (starts[index + 1] if index + 1 < len(starts) else 0x110000) - 1
@@ -105,8 +108,6 @@ def installable_packages(prefix: str) -> frozenset[str]:
 
 def choose_tesseract_model(code: str, script: str) -> tuple[str, str]:
     """The language's own Tesseract model if there is one, else its script's; with where it was found."""
-    import langcodes
-
     language = langcodes.Language.get(code)
     alpha3 = {language.to_alpha3()}
     standard = langcodes.Language.get(langcodes.standardize_tag(code))  # CLDR's preferred code: tl -> fil
@@ -145,8 +146,9 @@ def choose_fonts(code: str, script: str) -> tuple[list[str], list[str], str]:
     found = _font_families(f":lang={code}")
     source = f"fc-list :lang={code}"
     if not found:
-        letters = [f"{c:x}" for c in _script_letters(script)[:: max(1, len(_script_letters(script)) // 8)][:8]]
-        found = _font_families(":charset=" + " ".join(letters)) if letters else []
+        letters = _script_letters(script)
+        sample = [f"{point:x}" for point in letters[:: max(1, len(letters) // 8)][:8]]  # 8 spread over the script
+        found = _font_families(":charset=" + " ".join(sample)) if sample else []
         source = f"fc-list covering {script_name(script)} letters"
     files = {}
     for family, file in found:

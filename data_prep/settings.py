@@ -1,10 +1,13 @@
 """Per-language data preparation settings (the `data_prep` section of a recipe) and their checks."""
 
 import re
+import shutil
 from dataclasses import dataclass, field
 from typing import Literal
 
 from common.errors import UsageError
+
+from .language_data import debian_package, installed_tesseract_models
 
 SCRIPT_RANGE = re.compile(r"^[0-9A-Fa-f]{4,6}-[0-9A-Fa-f]{4,6}$")
 DEBIAN_PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")  # Debian policy 5.6.1; set-up passes these to apt-get
@@ -66,19 +69,15 @@ class DataPrepSettings:
         """Fail before any work if OCR may run and Tesseract or a language pack is missing."""
         if self.ocr == "never":
             return
-        import pytesseract
-
-        try:
-            installed = set(pytesseract.get_languages(config=""))
-        except (pytesseract.TesseractNotFoundError, OSError):
+        if shutil.which("tesseract") is None:
             raise UsageError(
                 "tesseract is not installed; install the Debian package tesseract-ocr (the README's set-up does), "
                 "or pass --ocr never."
-            ) from None
+            )
+        # `tesseract --list-langs`: pytesseract's list leaves out script models named in capitals (Myanmar)
+        installed = installed_tesseract_models()
         missing = [lang for lang in self.tesseract_langs.split("+") if lang not in installed]
         if missing:
-            from .language_data import debian_package
-
             packages = " ".join(debian_package(lang) for lang in missing)
             raise UsageError(
                 f"Tesseract language data missing for {', '.join(missing)} (tesseract_langs={self.tesseract_langs}); "

@@ -17,6 +17,7 @@ from common.languages import normalize_lang
 from common.recipe import load_recipe
 from data_prep.language_data import derive_language_data
 from data_prep.render import parse_blocks
+from data_prep.settings import DataPrepSettings
 from stages import SECTION_TYPES, check_recipe
 
 from .conftest import REPO
@@ -181,3 +182,10 @@ def test_a_language_without_a_recipe_is_told_how_to_write_one(command, tmp_path,
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1
     assert "python -m data_prep recipe --lang shn --output recipes/shn.yaml" in err
+
+
+def test_a_script_model_passes_the_tesseract_check():
+    # Debian installs script models as `Myanmar`, a name pytesseract's language list leaves out
+    settings = DataPrepSettings(**load_recipe(REPO / "recipes/shn.yaml")["data_prep"])
+    assert settings.tesseract_langs == "Myanmar+eng"
+    settings.check_tesseract()
