@@ -100,27 +100,18 @@ def measure(package: Path, name: str, tag: str, work: Path, images: Path, articl
     source.write_text(first_articles(package, name, articles), encoding="utf-8")
     reference = no_space("".join(text for _, text in parse_blocks(source.read_text(encoding="utf-8"))))
     config = ["--config", str(recipe), "--lang", code]
-    data_prep(["render", *config, "--input", str(source), "--output", str(work / name / "pdf")])
-    for ocr, key in (("always", "cer_ocr"), ("never", "cer_text_layer")):
-        out = work / name / f"pages-{ocr}"
-        data_prep(
-            [
-                "pages",
-                *config,
-                "--ocr",
-                ocr,
-                "--workers",
-                "1",
-                "--input",
-                str(work / name / "pdf"),
-                "--output",
-                str(out),
-            ]
-        )
-        text, row["pages"], image = pages_text(out)
-        row[key] = round(jiwer.cer(reference, no_space(text)), 4)
-        if ocr == "always":
-            image.save(images / f"{code}.png")
+    pdfs = str(work / name / "pdf")
+    try:
+        data_prep(["render", *config, "--input", str(source), "--output", pdfs])
+        for ocr, key in (("always", "cer_ocr"), ("never", "cer_text_layer")):
+            out = work / name / f"pages-{ocr}"
+            data_prep(["pages", *config, "--ocr", ocr, "--workers", "1", "--input", pdfs, "--output", str(out)])
+            text, row["pages"], image = pages_text(out)
+            row[key] = round(jiwer.cer(reference, no_space(text)), 4)
+            if ocr == "always":
+                image.save(images / f"{code}.png")
+    except (UsageError, RunFailed) as error:
+        return row | {"status": f"failed: {error}"}
     row["reference_chars"] = len(reference)
     row["seconds"] = round(time.perf_counter() - start, 1)
     return row | {"status": "ok"}
