@@ -174,14 +174,14 @@ def test_pages_reads_a_rendered_page_of_a_new_script(code, tmp_path, capsys):
 
 @pytest.mark.parametrize("command", ["pages", "render"])
 def test_a_language_without_a_recipe_is_told_how_to_write_one(command, tmp_path, capsys):
-    # Shan has no recipes/shn.yaml: the defaults (English OCR, Latin characters) would read its pages wrong
+    # Mon has no recipes/mnw.yaml: the defaults (English OCR, Latin characters) would read its pages wrong
     (tmp_path / "in").mkdir()
     with pytest.raises(SystemExit) as exit_info:
-        argv = [command, "--lang", "shn", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")]
+        argv = [command, "--lang", "mnw", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")]
         run_cli(data_prep_cli.main, argv)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1
-    assert "python -m data_prep recipe --lang shn --output recipes/shn.yaml" in err
+    assert "python -m data_prep recipe --lang mnw --output recipes/mnw.yaml" in err
 
 
 def test_a_script_model_passes_the_tesseract_check():
