@@ -1,4 +1,4 @@
-"""`python -m data_prep {pages,render,evalset} ...`: see data_prep/cli.py."""
+"""`python -m data_prep {pages,render,evalset,recipe} ...`: see data_prep/cli.py."""
 
 from common.errors import run_cli
 

@@ -8,6 +8,7 @@
     python -m data_prep queries --config recipes/km.yaml --pages checkpoints/km/pages --generator MODEL_DIR \
         --output checkpoints/km/queries [--languages en km] [--per_page 3] [--engine transformers|vllm] [--resume]
     python -m data_prep speak --lang en --evalset checkpoints/km/evalset --output checkpoints/km/evalset-spoken
+    python -m data_prep recipe --lang dz --output recipes/dz.yaml
 
 `--lang` selects recipes/<lang>.yaml (its `data_prep` section; `queries` for the queries command) unless `--config`
 names another recipe.
@@ -17,12 +18,13 @@ import logging
 import sys
 from dataclasses import dataclass, field
 
-from common.artifacts import check_input_paths, check_output_dir
+from common.artifacts import check_input_paths, check_output_dir, usable_path, write_text_atomic
 from common.errors import UsageError
 from common.languages import normalize_lang
 from common.recipe import parse_stage_arguments
 
 from .evalset import build_evalset, convert_parquet_evalset
+from .language_data import derive_language_data, write_recipe
 from .pages import PageSettings, build_pages_dataset
 from .queries import QueriesSettings, check_generator, check_pages
 from .render import render_documents
@@ -109,12 +111,32 @@ class QueriesArguments:
         check_generator(self.generator)
 
 
+@dataclass
+class RecipeCommandArguments:
+    output: str | None = field(default=None, metadata={"help": "Recipe file to write, e.g. recipes/dz.yaml."})
+    script: str | None = field(
+        default=None,
+        metadata={"help": "ISO 15924 script (e.g. Java), for a language written in another than its usual one."},
+    )
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing --output."})
+
+    def validate(self) -> None:
+        if self.output is None:
+            raise UsageError("--output is not set; give the recipe file to write (e.g. recipes/dz.yaml).")
+        path = usable_path(self.output, "--output")
+        if path.exists() and not self.overwrite:
+            raise UsageError(f"--output {path} already exists; pass --overwrite to replace it, or choose another.")
+        if not path.parent.is_dir():
+            raise UsageError(f"--output {path}: folder {path.parent} does not exist; create it or choose another.")
+
+
 COMMANDS = {
     "pages": PagesArguments,
     "render": RenderArguments,
     "evalset": EvalsetArguments,
     "queries": QueriesArguments,
     "speak": SpeakArguments,
+    "recipe": RecipeCommandArguments,
 }
 
 
@@ -142,6 +164,13 @@ def main(argv: list[str] | None = None) -> None:
         cli_only_types=(COMMANDS[command],),
         prog=f"python -m data_prep {command}",
     )
+    if command in ("pages", "render") and recipe_args.config is None:
+        # the defaults (English OCR, Latin characters) would read another script's pages wrong without a word
+        lang = recipe_args.lang
+        raise UsageError(
+            f"no recipe for {lang} (recipes/{lang}.yaml); write one with python -m data_prep recipe --lang {lang} "
+            f"--output recipes/{lang}.yaml, or pass --config."
+        )
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if command == "render":
         manifest = render_documents(
@@ -166,6 +195,15 @@ def main(argv: list[str] | None = None) -> None:
         counts = speak_evalset(args.evalset, args.output, recipe_args.lang, args.rate)
         voices = ", ".join(f"{count} in voice {voice}" for voice, count in counts.items())
         print(f"data_prep speak: {sum(counts.values())} queries spoken ({voices}) -> {args.output}")
+        return
+    if command == "recipe":
+        data = derive_language_data(recipe_args.lang, args.script)
+        write_text_atomic(args.output, write_recipe(data))
+        print(
+            f"data_prep recipe: {data.name} ({data.code}), {data.script} script, OCR {data.tesseract_langs}, "
+            f"fonts {', '.join(data.fonts)} -> {args.output}; rerun setup/install.sh to install "
+            f"{', '.join(data.debian_packages)}"
+        )
         return
     settings.check_tesseract()
     manifest = build_pages_dataset(  # SkipThresholdExceeded past max_skip_fraction: exit code 1 under run_cli

@@ -50,7 +50,7 @@ from common.artifacts import (
     write_text_atomic,
 )
 from common.errors import UsageError
-from common.languages import LANGUAGES, normalize_lang
+from common.languages import language_name, normalize_lang
 from common.recipe import RECIPES_DIR, load_recipe
 
 from .evalset import page_id, write_queries_and_qrels
@@ -158,10 +158,6 @@ class QueriesSettings:
         """The settings that decide what the generator writes: a work folder is resumed only under the same."""
         names = ("per_page", "prompt", "text_context", "context_prompt", "context_chars", "max_pixels")
         return {name: getattr(self, name) for name in (*names, "max_new_tokens", "temperature", "batch_size")}
-
-
-def language_name(code: str) -> str:
-    return LANGUAGES[code][1]
 
 
 def script_ranges(lang: str, recipe: str | None, recipe_lang: str) -> list[str]:

@@ -126,13 +126,15 @@ body {{ margin: 0; }}
 h1 {{ font-size: 1.7em; margin: 0 0 0.6em 0; column-span: all; color: {style.heading_color}; }}
 h2 {{ font-size: 1.2em; margin: 1em 0 0.3em 0; break-after: avoid; color: {style.heading_color}; }}
 p {{ margin: 0 0 0.5em 0; text-align: {style.align}; orphans: 2; widows: 2; }}
-ul {{ margin: 0 0 0.5em 0; padding-left: 1.4em; }}
+ul {{ margin: 0 0 0.5em 0; padding-inline-start: 1.4em; }}
 """
     if section_pages:  # every section after the first on a page of its own (the first shares the title's); Chromium
         # breaks pages inside a multi-column box only at its end, so such documents flow in one column
         css += ".columns { columns: auto; }\nh2 ~ h2 { break-before: page; }\n"
     return (
-        f'<!DOCTYPE html>\n<html lang="{lang}"><head><meta charset="utf-8"><title>{title}</title>'
+        # dir="auto": the document's first letter sets the direction, so Hebrew, Arabic or Thaana pages run right to
+        # left (lines, columns, list indents) as they are printed
+        f'<!DOCTYPE html>\n<html lang="{lang}" dir="auto"><head><meta charset="utf-8"><title>{title}</title>'
         f'<style>{css}</style></head>\n<body><div class="columns">\n' + "\n".join(body) + "\n</div></body></html>\n"
     )
 

@@ -1,12 +1,16 @@
 """Per-language data preparation settings (the `data_prep` section of a recipe) and their checks."""
 
 import re
+import shutil
 from dataclasses import dataclass, field
 from typing import Literal
 
 from common.errors import UsageError
 
+from .language_data import debian_package, installed_tesseract_models
+
 SCRIPT_RANGE = re.compile(r"^[0-9A-Fa-f]{4,6}-[0-9A-Fa-f]{4,6}$")
+DEBIAN_PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")  # Debian policy 5.6.1; set-up passes these to apt-get
 
 
 @dataclass
@@ -17,6 +21,10 @@ class DataPrepSettings:
         metadata={"help": "Unicode ranges (hex, e.g. 1780-17FF) of the language's script, for the garble check."},
     )
     fonts: list[str] = field(default_factory=lambda: ["Noto Sans"], metadata={"help": "Fonts for rendering."})
+    debian_packages: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Debian packages of the OCR model and fonts; setup/install.sh installs those of recipes/."},
+    )
     dpi: int = field(default=144, metadata={"help": "Render resolution; higher = sharper pages, more pixels."})
     max_pixels: int = field(default=1003520, metadata={"help": "Pixel cap per page image (aspect ratio kept)."})
     ocr_dpi: int = field(
@@ -46,6 +54,9 @@ class DataPrepSettings:
         for value in self.script_ranges:
             if not SCRIPT_RANGE.match(value):
                 raise UsageError(f"script_ranges: {value!r} is not a hex range like 1780-17FF.")
+        for package in self.debian_packages:
+            if not DEBIAN_PACKAGE.match(package):
+                raise UsageError(f"debian_packages: {package!r} is not a Debian package name (e.g. fonts-noto-core).")
         positive = (self.dpi, self.ocr_dpi, self.max_pixels, self.workers, self.page_timeout_s, self.document_memory_mb)
         if min(positive) <= 0:
             raise UsageError(
@@ -58,18 +69,16 @@ class DataPrepSettings:
         """Fail before any work if OCR may run and Tesseract or a language pack is missing."""
         if self.ocr == "never":
             return
-        import pytesseract
-
-        try:
-            installed = set(pytesseract.get_languages(config=""))
-        except (pytesseract.TesseractNotFoundError, OSError):
+        if shutil.which("tesseract") is None:
             raise UsageError(
                 "tesseract is not installed; install the Debian package tesseract-ocr (the README's set-up does), "
                 "or pass --ocr never."
-            ) from None
+            )
+        # `tesseract --list-langs`: pytesseract's list leaves out script models named in capitals (Myanmar)
+        installed = installed_tesseract_models()
         missing = [lang for lang in self.tesseract_langs.split("+") if lang not in installed]
         if missing:
-            packages = " ".join(f"tesseract-ocr-{lang}" for lang in missing)
+            packages = " ".join(debian_package(lang) for lang in missing)
             raise UsageError(
                 f"Tesseract language data missing for {', '.join(missing)} (tesseract_langs={self.tesseract_langs}); "
                 f"install the Debian package(s) {packages}, or pass --ocr never."

@@ -130,3 +130,19 @@ def test_section_pages_start_every_section_on_a_page_of_its_own(tmp_path):
     ):
         assert len(flowing) == 1
         assert [page for level, _, page in paged.get_toc() if level == 2] == [1, 2, 3, 4]
+
+
+def test_right_to_left_text_is_laid_out_right_to_left(tmp_path):
+    # Hebrew: lines start at the right margin and the first column is the right one (bench/languages.py found
+    # Hebrew and Thaana laid out left to right, which Tesseract then read in the wrong order)
+    paragraph = " ".join(["כל בני האדם נולדו בני חורין ושווים בערכם ובזכויותיהם."] * 6)
+    (tmp_path / "he.md").write_text(f"# הכרזה\n\n{paragraph}\n", encoding="utf-8")
+    render_documents(
+        [str(tmp_path / "he.md")], str(tmp_path / "pdf"), lang="he", fonts=["Noto Sans Hebrew"], seed=0, workers=1
+    )
+    with pymupdf.open(tmp_path / "pdf" / "he.pdf") as document:
+        page = document[0]
+        lines = [line["bbox"] for block in page.get_text("dict")["blocks"] for line in block.get("lines", [])]
+    *_, before, last, _page_number = sorted(lines, key=lambda bbox: bbox[1])
+    # the paragraph's short last line starts at the right, as the full line above it does, and is ragged on the left
+    assert abs(last[2] - before[2]) < 2 and last[0] - before[0] > 20

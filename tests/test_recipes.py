@@ -1,4 +1,5 @@
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,7 @@ import stages.pretrain
 from common.errors import UsageError
 from common.languages import normalize_lang
 from common.recipe import SECTIONS, load_recipe, parse_stage_arguments
+from data_prep.language_data import debian_package
 from data_prep.settings import DataPrepSettings
 from stages import SECTION_TYPES, check_recipe, section_types
 from stages.base_model import BaseModelArguments
@@ -110,11 +112,16 @@ def test_language_recipes_are_complete_and_named_by_their_language(path):
     assert recipe["contrast"]["temperature"] == 0.03  # the method's default (DESIGN.md section 2)
 
 
-def test_every_recipe_tesseract_language_is_installed_by_setup():
-    packages = (REPO / "setup" / "debian-packages.txt").read_text().split()
+def test_every_recipe_debian_package_is_installed_by_setup():
+    listed = subprocess.run(
+        ["bash", "setup/install.sh", "--packages"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert {"tesseract-ocr", "chromium"} <= set(listed)
     for path in LANGUAGE_RECIPES:
-        for lang in load_recipe(path)["data_prep"]["tesseract_langs"].split("+"):
-            assert f"tesseract-ocr-{lang}" in packages, (path.name, lang)
+        section = load_recipe(path)["data_prep"]
+        packages = section["debian_packages"]
+        assert {debian_package(model) for model in section["tesseract_langs"].split("+")} <= set(packages), path.name
+        assert set(packages) <= set(listed), path.name
 
 
 def test_unknown_key_names_the_key_the_file_and_a_suggestion(tmp_path):
