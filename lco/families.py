@@ -5,7 +5,9 @@ costs, the processor knows: `lco.pretrain_data.image_tokens`.)
 A family is known by its config's `model_type`, so a recipe's `model_name_or_path` naming a real checkpoint of
 any family here is all a user changes."""
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from common.errors import UsageError
 
@@ -35,7 +37,10 @@ FAMILIES = {
 
 def family_of(config) -> Family:
     """The family of a model `config` (a transformers config); a `UsageError` naming the supported ones."""
-    model_type = getattr(config, "model_type", None)
+    return family_named(getattr(config, "model_type", None))
+
+
+def family_named(model_type: str | None) -> Family:
     if model_type == "qwen2_5_omni":
         raise UsageError(
             "a whole Qwen2.5-Omni checkpoint (thinker and talker): the stages take its thinker, the part that reads "
@@ -51,11 +56,16 @@ def family_of(config) -> Family:
 
 
 def check_reads(model: str, kinds: set[str]) -> None:
-    """Refuse, before loading its weights, a model of no supported family, or of one that cannot read every one of
-    `kinds` of input."""
-    from transformers import AutoConfig
-
-    family = family_of(AutoConfig.from_pretrained(model))
+    """Refuse a model folder of no supported family, or of one that cannot read every one of `kinds` of input,
+    from its config.json alone (before its weights load; a hub id is checked when it loads)."""
+    config = Path(model) / "config.json"
+    if not config.is_file():
+        return
+    try:
+        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as error:
+        raise UsageError(f"{config} is not a JSON object ({error}); the model folder is damaged.") from None
+    family = family_named(model_type)
     unread = sorted(kinds - set(family.reads))
     if unread:
         raise UsageError(

@@ -42,7 +42,8 @@ def stage_argv(path: Path, section: str, folder: Path) -> list[str]:
     model, pages, evalset = folder / "stand-in-model", folder / "stand-in-pages", folder / "stand-in-evalset"
     for stand_in in (model, pages, evalset):
         stand_in.mkdir(parents=True, exist_ok=True)
-    (model / "config.json").write_text("{}")  # what check_model_source asks of a local model folder
+    # what check_model_source asks of a local model folder, and the stages of its family (lco/families.py)
+    (model / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))
     # what pretrain's validate_run reads of a pages dataset: its language
     (pages / "manifest.json").write_text(json.dumps({"lang": normalize_lang(recipe["lang"])}))
     stand_ins = {
