@@ -18,7 +18,7 @@ import io
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from common.artifacts import (
@@ -261,7 +261,8 @@ def write_index(output: str, todo: list, vectors, existing, settings: dict, reco
             "pages_added": len(todo),
             "pages_per_s": round(pages_per_s, 3),  # encoding the added pages
         }
-        write_run_record(tmp, **record, config={"index": settings}, results=results)
+        config = {**record["config"], "index": settings}
+        write_run_record(tmp, **{**record, "config": config}, results=results)
     return results
 
 
@@ -303,6 +304,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # the PDFs' pages dataset goes with the work folder: the pages' sha256 say which documents they came from
     record = dict(
+        config={"recipe": vars(recipe_args), "evaluate": asdict(args), "inputs": asdict(inputs)},
         stage="index",
         seed=recipe_args.seed,
         inputs=[*([recipe_args.config] if recipe_args.config else []), *(Path(d) / "manifest.json" for d in datasets)],
