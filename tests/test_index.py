@@ -184,3 +184,8 @@ def vectors_of_pages(folder):
 
     rows = hf.load_from_disk(str(folder)).select_columns(["doc_id", "page", "lang"])
     return [(row["doc_id"], row["page"], row["lang"]) for row in rows]
+
+
+def test_the_recipe_comes_from_the_models_run_record(recorded_base, datasets, tmp_path):
+    index(["--model", str(recorded_base), "--input", str(datasets[0]), "--output", str(tmp_path / "index")])
+    assert load_index(tmp_path / "index").record["config"]["recipe"]["config"] == TINY
