@@ -189,3 +189,11 @@ def vectors_of_pages(folder):
 def test_the_recipe_comes_from_the_models_run_record(recorded_base, datasets, tmp_path):
     index(["--model", str(recorded_base), "--input", str(datasets[0]), "--output", str(tmp_path / "index")])
     assert load_index(tmp_path / "index").record["config"]["recipe"]["config"] == TINY
+
+
+def test_overwrite_replaces_the_index_once_the_new_one_is_complete(tiny_model, datasets, tmp_path):
+    build(tiny_model[2], [datasets[0]], tmp_path / "index")
+    build(tiny_model[2], [datasets[1]], tmp_path / "index", "--overwrite", "--quantize", "binary")
+    replaced = load_index(tmp_path / "index")
+    assert replaced.settings["quantize"] == "binary" and len(replaced.pages) == 6
+    assert {page["source"] for page in replaced.pages} <= {str(path) for path in datasets[1].parent.glob("*.pdf")}
