@@ -40,7 +40,7 @@ def encode(model: str, evalset, args: EvaluateArguments):
 def rankings(pages, queries, page_ids, query_ids, dim: int, quantize: str, k: int = 100):
     """({query: {page: score}} from the pair's FAISS index, its bytes per page)."""
     fitted_pages, fitted_queries = fit_vectors(pages, dim), fit_vectors(queries, dim)
-    index = new_faiss_index(fitted_pages.shape[1], quantize)
+    index = new_faiss_index(fitted_pages, quantize)
     add_vectors(index, fitted_pages, quantize)
     scores, rows = search_vectors(index, fitted_queries, k, quantize)
     run = {

@@ -234,7 +234,7 @@ def write_index(output: str, todo: list, vectors, existing, settings: dict, reco
     pages = list(existing.pages) if existing else []
     faiss_index = existing.faiss_index if existing else None
     fitted = fit_vectors(vectors, settings["dim"])
-    faiss_index = faiss_index or new_faiss_index(fitted.shape[1], settings["quantize"])
+    faiss_index = faiss_index or new_faiss_index(fitted, settings["quantize"])
     add_vectors(faiss_index, fitted, settings["quantize"])
     with atomic_directory(output) as tmp:
         (tmp / "images").mkdir()
