@@ -1,7 +1,7 @@
 """nDCG@10 and FAISS index bytes per page for each (dim, quantisation) pair that `stages.index` writes.
 
     .venv/bin/python -m bench.index_sizes --config recipes/tiny.yaml --data checkpoints/tiny/evalset \
-        --model checkpoints/tiny/contrast/final checkpoints/tiny/contrast-matryoshka/final \
+        --model checkpoints/tiny/base checkpoints/tiny/contrast-16/final checkpoints/tiny/contrast-matryoshka-16/final \
         [--dims 0 128 64 32 16] --output bench/results/index_sizes_cpu2.json
 
 Each model encodes the eval set's pages and queries once, as `stages.evaluate` (and so `stages.index`) encodes
