@@ -8,6 +8,9 @@ Each model encodes the eval set's pages and queries once, as `stages.evaluate` (
 them; each pair then truncates, re-normalises and quantises the vectors with the functions `stages.index` uses,
 builds the FAISS index and searches it. Besides nDCG@10: overlap@10, the share of the full-size float32
 ranking's top 10 pages that the pair's top 10 keeps (how faithfully the smaller index ranks as the full one).
+The two refined models of bench/results/index_sizes_cpu2 came from `python -m stages.contrast --config
+recipes/tiny.yaml --model_name_or_path checkpoints/tiny/base --max_steps 16 --eval_steps 0 --output_dir DIR`
+(with the pipeline's pages datasets and --exclude_evalsets), the second with `--matryoshka_dims 256 128 64 32 16`.
 """
 
 import argparse
