@@ -38,19 +38,31 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     return _GatherWithGrad.apply(tensor)
 
 
-def info_nce(anchors, positives, negatives=None, temperature: float = 0.03) -> tuple[torch.Tensor, int]:
+def info_nce(
+    anchors, positives, negatives=None, temperature: float = 0.03, matryoshka_dims: list[int] | tuple[int, ...] = ()
+) -> tuple[torch.Tensor, int]:
     """Mean InfoNCE of this process's anchors against every process's positives (and negatives).
 
-    Anchor i of rank r has its positive at r * local_batch + i in the gathered candidates. Returns the
-    loss and the number of candidates each anchor is scored against."""
+    Anchor i of rank r has its positive at r * local_batch + i in the gathered candidates. With
+    `matryoshka_dims`, the loss is summed over those embedding sizes: each term is InfoNCE on the first `d`
+    components of every embedding, re-normalised (Kusupati et al. 2022), so that a prefix is an embedding
+    of its own; list the full size among them to keep the plain term. Returns the loss and the number of
+    candidates each anchor is scored against."""
     candidates = [gather_with_grad(positives)]
     if negatives is not None:
         candidates.append(gather_with_grad(negatives))
-    candidates = torch.cat(candidates)
+    candidates = torch.cat(candidates)  # (candidates, dim)
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     labels = torch.arange(anchors.shape[0], device=anchors.device) + rank * anchors.shape[0]
-    logits = anchors @ candidates.T / temperature
-    return F.cross_entropy(logits, labels), candidates.shape[0]
+    if not matryoshka_dims:
+        return F.cross_entropy(anchors @ candidates.T / temperature, labels), candidates.shape[0]
+    loss = sum(
+        F.cross_entropy(
+            F.normalize(anchors[:, :dim], dim=-1) @ F.normalize(candidates[:, :dim], dim=-1).T / temperature, labels
+        )
+        for dim in matryoshka_dims
+    )
+    return loss, candidates.shape[0]
 
 
 class _RandomState:
@@ -67,7 +79,7 @@ class _RandomState:
 
 
 def cached_contrastive_step(
-    encode, chunks_by_role: list[list], backward_chunk, temperature: float
+    encode, chunks_by_role: list[list], backward_chunk, temperature: float, matryoshka_dims: list[int] | tuple = ()
 ) -> tuple[float, int]:
     """One cached InfoNCE step: returns (loss value, candidates per anchor).
 
@@ -75,7 +87,8 @@ def cached_contrastive_step(
     mini-batch; `encode(inputs)` returns their embeddings (called without a graph); `backward_chunk(inputs,
     grad)` encodes `inputs` again with a graph and backpropagates `grad`, the loss's gradient with respect to
     their embeddings, through it (see `backpropagate`). Forward and backward happen in one call so that the
-    caller can put both under one context: DDP decides in the forward whether the backward all-reduces."""
+    caller can put both under one context: DDP decides in the forward whether the backward all-reduces.
+    `matryoshka_dims` as in `info_nce`: the truncation happens after encoding, so the cached gradients carry it."""
     states, sizes, embeddings = [], [], []
     with torch.no_grad():
         for chunks in chunks_by_role:
@@ -86,7 +99,7 @@ def cached_contrastive_step(
                 sizes.append(role[-1].shape[0])
             embeddings.append(torch.cat(role))
     leaves = [e.detach().requires_grad_() for e in embeddings]
-    loss, candidates = info_nce(*leaves, temperature=temperature)
+    loss, candidates = info_nce(*leaves, temperature=temperature, matryoshka_dims=matryoshka_dims)
     loss.backward()
 
     step = 0

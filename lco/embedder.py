@@ -151,6 +151,19 @@ def model_inputs(
     return processor(text=prompts, padding=True, return_tensors="pt", **kwargs)
 
 
+def embedding_size(model_dir: str) -> int | None:
+    """The size of a model folder's embeddings (its language model's hidden size), read from config.json without
+    loading the model; None for a hub id."""
+    import json
+    from pathlib import Path
+
+    config = Path(model_dir) / "config.json"
+    if not config.is_file():
+        return None
+    content = json.loads(config.read_text(encoding="utf-8"))
+    return (content.get("text_config") or {}).get("hidden_size") or content.get("hidden_size")
+
+
 def last_token_embeddings(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     if not bool(attention_mask[:, -1].all()):
         raise ValueError("the last position is padding: inputs must be padded on the left")

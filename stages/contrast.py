@@ -62,6 +62,13 @@ class ContrastArguments:
     lora_alpha: int = field(default=128, metadata={"help": "The reference uses 16 for text-only training."})
     lora_dropout: float = 0.05
     temperature: float = field(default=0.03, metadata={"help": "InfoNCE temperature."})
+    matryoshka_dims: list[int] = field(
+        default_factory=list,
+        metadata={
+            "help": "Embedding sizes whose InfoNCE losses are summed (e.g. 256 128 64 with the full size first), "
+            "so that truncated, re-normalised embeddings work (stages.index --dim); empty: the plain loss."
+        },
+    )
     contrastive_batch_size: int = field(
         default=1024, metadata={"help": "Candidates each anchor is scored against, whatever the GPU count."}
     )
@@ -102,6 +109,16 @@ class ContrastArguments:
 
     def validate(self) -> None:
         check_model_source(self.model_name_or_path, "--model_name_or_path")
+        if any(dim < 1 for dim in self.matryoshka_dims) or len(set(self.matryoshka_dims)) < len(self.matryoshka_dims):
+            raise UsageError(f"--matryoshka_dims must be distinct positive sizes, got {self.matryoshka_dims}.")
+        from lco.embedder import embedding_size
+
+        size = embedding_size(self.model_name_or_path) if self.matryoshka_dims else None
+        if size and max(self.matryoshka_dims) > size:
+            raise UsageError(
+                f"--matryoshka_dims {self.matryoshka_dims}: the model's embeddings have {size} components; "
+                f"use sizes up to {size}."
+            )
         if not self.train_files and not self.pages_datasets:
             raise UsageError("no training data: give --train_files (JSONL pairs) and/or --pages_datasets.")
         check_input_paths([*self.train_files, *self.pages_datasets], "--train_files/--pages_datasets")
@@ -447,7 +464,9 @@ class ContrastiveTraining:
             ]
             for role in self.roles
         ]
-        loss, candidates = cached_contrastive_step(self.encode, chunks_by_role, self.backward_chunk, args.temperature)
+        loss, candidates = cached_contrastive_step(
+            self.encode, chunks_by_role, self.backward_chunk, args.temperature, args.matryoshka_dims
+        )
         self.accelerator.clip_grad_norm_(self.trainable, 1.0)  # DeepSpeed clips by its config's gradient_clipping
         self.optimizer.step()
         self.scheduler.step()

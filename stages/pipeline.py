@@ -84,6 +84,21 @@ def main(argv: list[str] | None = None) -> None:
         f"pipeline: the paper's analyses of these runs: python -m stages.analyze {{scaling,diagnostics}} --config "
         f"{recipe_args.config}"
     )
+    print_search_commands(refined, [str(Path(args.data_dir) / "pages" / lang) for lang in args.languages], evalset)
+
+
+def print_search_commands(models: list[Path], pages: list[str], evalset: str) -> None:
+    """How to search the eval set's pages with each refined model (a query of the eval set as the example)."""
+    import json
+    import shlex
+
+    query = json.loads(Path(evalset, "queries.jsonl").read_text(encoding="utf-8").splitlines()[0])["text"]
+    print("pipeline: search the eval set's pages with a model it built:")
+    for model in models:
+        index = model.parent.with_name(f"{model.parent.name}-index")
+        print(f"  python -m stages.index --model {model} --input {' '.join(pages)} --output {index}")
+        print(f"  python -m stages.search --index {index} {shlex.quote(query)}")
+        print(f"  python -m stages.serve --index {index}")
 
 
 def base_model_step(recipe: list[str], rebuild: bool) -> str:

@@ -483,3 +483,59 @@ def test_documents_of_an_excluded_evalset_give_no_pairs_and_are_recorded(base, p
     doc0 = next(entry["sha256"] for entry in manifest["inputs"] if entry["doc_id"].startswith("doc0-"))
     assert doc0 not in record["results"]["training_documents"] and len(record["results"]["training_documents"]) >= 3
     assert str(tmp_path / "eval" / "evalset.json") in record["inputs"]
+
+
+def test_matryoshka_loss_at_the_full_size_is_the_plain_loss():
+    torch.manual_seed(0)
+    anchors, positives, negatives = (F.normalize(torch.randn(6, 16), dim=-1) for _ in range(3))
+    plain = info_nce(anchors, positives, negatives, temperature=0.05)[0]
+    assert info_nce(anchors, positives, negatives, temperature=0.05, matryoshka_dims=[16])[0].item() == pytest.approx(
+        plain.item(), rel=1e-6
+    )
+
+
+def test_matryoshka_loss_sums_infonce_over_renormalised_prefixes():
+    # two anchors, 4 components: the 2-component prefixes are (1, 0) and (0, 1) once re-normalised, so the
+    # term at size 2 is InfoNCE of orthonormal vectors, and the term at size 4 is worked out by hand
+    anchors = torch.tensor([[3.0, 0.0, 4.0, 0.0], [0.0, 3.0, 0.0, 4.0]]) / 5
+    positives = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]])
+    t = 0.5
+    # size 4: anchor 0 scores 0.6 with its positive and 0 with the other; anchor 1 the same by symmetry
+    full = -math.log(math.exp(0.6 / t) / (math.exp(0.6 / t) + 1))
+    prefix = -math.log(math.exp(1 / t) / (math.exp(1 / t) + 1))
+    loss, candidates = info_nce(anchors, positives, temperature=t, matryoshka_dims=[4, 2])
+    assert candidates == 2 and loss.item() == pytest.approx(full + prefix, rel=1e-6)
+
+
+def test_cached_matryoshka_loss_equals_the_plain_one_in_value_and_gradients(tiny_model):
+    processor = tiny_model[1]
+    model = lora_embedding_model(tiny_model[2], dropout=0.0)
+    chunks = [
+        [model_inputs(processor, [Item(t) for t in TEXTS[i : i + 3]], 64, 448) for i in range(0, 6, 3)],
+        [model_inputs(processor, [Item(t + " .") for t in TEXTS[i : i + 3]], 64, 448) for i in range(0, 6, 3)],
+    ]
+    params = [p for p in model.parameters() if p.requires_grad]
+    dims = [model.model.config.text_config.hidden_size, 32, 8]
+    embeddings = [torch.cat([model(**inputs) for inputs in role]) for role in chunks]
+    plain = info_nce(*embeddings, temperature=0.05, matryoshka_dims=dims)
+    plain[0].backward()
+    plain_grads = [p.grad.clone() for p in params]
+    model.zero_grad()
+
+    def backward_chunk(inputs, grad):
+        backpropagate(model(**inputs), grad).backward()
+
+    cached, _ = cached_contrastive_step(lambda inputs: model(**inputs), chunks, backward_chunk, 0.05, dims)
+    assert cached == pytest.approx(plain[0].item(), rel=1e-5)
+    for plain_grad, param in zip(plain_grads, params):
+        torch.testing.assert_close(param.grad, plain_grad, rtol=1e-4, atol=1e-6)
+    single = info_nce(*[torch.cat([model(**inputs) for inputs in role]) for role in chunks], temperature=0.05)[0]
+    assert cached > single.item()  # three terms, each positive
+
+
+def test_matryoshka_dims_larger_than_the_model_are_refused(tiny_model, tmp_path):
+    with pytest.raises(UsageError, match="matryoshka_dims"):
+        contrast(
+            ["--config", str(REPO / "recipes/tiny.yaml"), "--model_name_or_path", str(tiny_model[2]),
+             "--train_files", str(tmp_path), "--output_dir", str(tmp_path / "out"), "--matryoshka_dims", "4096", "64"]
+        )  # fmt: skip

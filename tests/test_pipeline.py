@@ -1,4 +1,5 @@
 import json
+import shlex
 import shutil
 import unicodedata
 
@@ -6,8 +7,10 @@ import pytest
 import yaml
 
 from common.run_record import read_run_record, verify_chain
+from stages.index import main as index_main
 from stages.pipeline import main as run_pipeline
 from stages.pipeline import write_parts
+from stages.search import main as search_main
 
 from .conftest import REPO
 
@@ -42,6 +45,13 @@ def test_embedded_default_runs_what_exists_and_reuses_it(tmp_path, monkeypatch, 
     assert [r["stage"] for r in verify_chain("checkpoints/tiny/contrast-only/final")] == ["contrast", "base_model"]
     assert set(results["results"]["checkpoints/tiny/base"]) == {"all", "km", "vi"}
     created = read_run_record("checkpoints/tiny/base", expected_stage="base_model")["created"]
+
+    # the index and search commands it prints run as printed, on the model it built
+    commands = [shlex.split(line) for line in first.splitlines() if line.startswith("  python -m stages.")]
+    assert [argv[2] for argv in commands] == ["stages.index", "stages.search", "stages.serve"] * 2
+    index_main(commands[0][3:])
+    search_main([*commands[1][3:], "--k", "3"])
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()[-3:]] == ["1", "2", "3"]
     qrels = (tmp_path / "checkpoints/tiny/evalset/qrels.tsv").read_text()
 
     run_pipeline(argv)
