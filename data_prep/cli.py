@@ -22,11 +22,11 @@ from common.artifacts import check_input_paths, check_output_dir, usable_path, w
 from common.errors import UsageError
 from common.languages import normalize_lang
 from common.recipe import parse_stage_arguments
+from lco.queries import QueriesSettings, check_generator, check_pages
 
 from .evalset import build_evalset, convert_parquet_evalset
 from .language_data import derive_language_data, write_recipe
 from .pages import PageSettings, build_pages_dataset
-from .queries import QueriesSettings, check_generator, check_pages
 from .render import render_documents
 from .settings import DataPrepSettings
 from .speech import speak_evalset
@@ -251,8 +251,7 @@ def make_queries(argv: list[str]) -> None:
 
     from common.artifacts import check_model_source
     from common.run_record import model_fingerprint, parent_run, stage_record, write_run_record
-
-    from .queries import check_engine, resolve_languages, run_queries, transformers_engine, vllm_engine
+    from lco.queries import check_engine, resolve_languages, run_queries, transformers_engine, vllm_engine
 
     recipe_args, settings, args = parse_stage_arguments(
         "queries", (QueriesSettings,), argv, cli_only_types=(QueriesArguments,), prog="python -m data_prep queries"

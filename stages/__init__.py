@@ -13,7 +13,7 @@ from common.recipe import check_recipe as _check_recipe
 SECTION_TYPES = {
     "base_model": ("stages.base_model:BaseModelArguments",),
     "data_prep": ("data_prep.settings:DataPrepSettings",),
-    "queries": ("data_prep.queries:QueriesSettings",),
+    "queries": ("lco.queries:QueriesSettings",),
     "pretrain": ("stages.pretrain:PretrainArguments", "trl:SFTConfig"),
     "contrast": ("stages.contrast:ContrastArguments",),
     "evaluate": ("stages.evaluate:EvaluateArguments",),

@@ -10,12 +10,14 @@ import zlib
 import datasets
 import pytest
 
-import data_prep.queries as queries
+import lco.queries as queries
 from common.errors import UsageError, run_cli
 from common.run_record import read_run_record
 from data_prep.cli import main as data_prep_main
 from data_prep.evalset import evaluated_documents, page_id
-from data_prep.queries import (
+from lco.contrast_data import read_jsonl_pairs
+from lco.pretrain_data import evaluated_in
+from lco.queries import (
     FILTERS,
     QueriesSettings,
     embedding_ranker,
@@ -23,8 +25,6 @@ from data_prep.queries import (
     run_queries,
     transformers_engine,
 )
-from lco.contrast_data import read_jsonl_pairs
-from lco.pretrain_data import evaluated_in
 from lco.retrieval import load_evalset
 from stages.contrast import main as contrast
 from stages.evaluate import main as evaluate

@@ -52,10 +52,9 @@ from common.artifacts import (
 from common.errors import UsageError
 from common.languages import language_name, normalize_lang
 from common.recipe import RECIPES_DIR, load_recipe
-
-from .evalset import page_id, write_queries_and_qrels
-from .settings import DataPrepSettings
-from .text_quality import parse_ranges
+from data_prep.evalset import page_id, write_queries_and_qrels
+from data_prep.settings import DataPrepSettings
+from data_prep.text_quality import parse_ranges
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +176,7 @@ def resolve_languages(
     settings: QueriesSettings, recipe: str | None, recipe_lang: str, pages_folder: str
 ) -> tuple[list[str], dict[str, list[str]]]:
     """The languages to ask in and each one's script ranges, checked against the pages' language."""
-    from .pages import read_pages_manifest
+    from data_prep.pages import read_pages_manifest
 
     page_lang = read_pages_manifest(pages_folder, "--pages")["lang"]
     if recipe_lang not in (page_lang, "multi"):
@@ -193,7 +192,7 @@ def check_pages(folder: str) -> None:
     """A finished pages dataset with page images and at least one page."""
     import datasets
 
-    from .pages import read_pages_manifest
+    from data_prep.pages import read_pages_manifest
 
     manifest = read_pages_manifest(folder, "--pages")
     try:
@@ -299,7 +298,7 @@ def copies_span(question: str, page_text: str, span: int) -> bool:
 
 def bm25_top(questions: list[str], pages: dict[str, str], top_k: int) -> list[list[str]]:
     """The ids of the `top_k` pages BM25 ranks first for each question, over the pages' texts."""
-    from lco.retrieval import EvalSet, bm25_rankings
+    from .retrieval import EvalSet, bm25_rankings
 
     if not questions:  # bm25s cannot retrieve for no query
         return []
@@ -312,8 +311,8 @@ def bm25_top(questions: list[str], pages: dict[str, str], top_k: int) -> list[li
 def embedding_ranker(model: str, pages, batch_size: int = 8) -> Callable[[list[str], int], list[list[str]]]:
     """(questions, k) -> the ids of the top k pages of each under the embedding model `model` (the pages' images
     are encoded once, here)."""
-    from lco.embedder import Embedder, LazyItems
-    from lco.retrieval import search
+    from .embedder import Embedder, LazyItems
+    from .retrieval import search
 
     embedder = Embedder(model)
     page_ids = [page_id(row["doc_id"], row["page"]) for row in pages.select_columns(["doc_id", "page"])]
@@ -328,7 +327,7 @@ def embedding_ranker(model: str, pages, batch_size: int = 8) -> Callable[[list[s
 
 
 def _page_item(pages, index: int):
-    from lco.embedder import Item
+    from .embedder import Item
 
     return Item(image=pages[index]["image"])
 
@@ -406,8 +405,8 @@ def _rank(top: list[str], pid: str) -> int | None:
 
 def best_passage(question: str, page_text: str, passage_chars: int) -> str:
     """The page's passage that shares most words (bigrams in unspaced scripts) with the question."""
-    from lco.contrast_data import passages
-    from lco.retrieval import scripts_tokens
+    from .contrast_data import passages
+    from .retrieval import scripts_tokens
 
     words = set(scripts_tokens(question))
     found = passages(page_text, passage_chars)
@@ -420,7 +419,7 @@ def generate_pages(
     """Generate for every batch of pages that has no file in `work` yet; return (pages generated, seconds)."""
     from tqdm import tqdm
 
-    from lco.embedder import within_pixels
+    from .embedder import within_pixels
 
     total = len(pages)
     batches = range(0, total, settings.batch_size)
@@ -470,9 +469,9 @@ def run_queries(
     model ({path, fingerprint}); `record(folder, manifest)` writes the run record into the finished folder."""
     import datasets
 
-    from lco.pretrain_data import held_out_documents
+    from data_prep.pages import read_pages_manifest
 
-    from .pages import read_pages_manifest
+    from .pretrain_data import held_out_documents
 
     started = time.monotonic()
     pages_manifest = read_pages_manifest(pages_folder, "--pages")
