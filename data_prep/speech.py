@@ -52,7 +52,17 @@ def read_queries(evalset: Path) -> list[dict]:
     path = evalset / "queries.jsonl"
     if not path.is_file():
         raise UsageError(f"--evalset {evalset} has no queries.jsonl; give a folder written by `data_prep evalset`.")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict):
+            raise UsageError(f"{path} line {number} is not a JSON object; fix the eval set.")
+        rows.append(row)
     without_text = [str(row.get("_id")) for row in rows if not str(row.get("text") or "").strip()]
     if without_text:
         raise UsageError(f"--evalset {evalset}: {len(without_text)} queries have no text to read ({without_text[:5]}).")

@@ -20,7 +20,7 @@ LANGUAGE_MODEL_LINEAR = r".*language_model\.layers\.\d+\.(self_attn|mlp)\.\w+_pr
 class Family:
     towers: tuple[str, ...]  # submodules of the model's `.model` that turn images (or audio) into its inputs
     lora_targets: str
-    reads: tuple[str, ...] = ("text", "image")  # the inputs it embeds besides text
+    reads: tuple[str, ...] = ("text", "image")  # the kinds of input it embeds
 
 
 FAMILIES = {

@@ -276,3 +276,12 @@ def test_a_corpus_of_audio_and_video_is_scored_and_reported(omni, tmp_path, thai
     (data / "corpus.jsonl").write_text(json.dumps({"_id": "a0", "audio": "../outside.wav"}) + "\n")
     with pytest.raises(UsageError, match="audio or video paths outside the eval folder"):
         evaluate.main([*argv, "--output", str(tmp_path / "again.json")])
+
+
+def test_a_broken_queries_file_is_named_and_nothing_is_written(tmp_path):
+    evalset = tmp_path / "evalset"
+    evalset.mkdir()
+    (evalset / "queries.jsonl").write_text('{"_id": "q1", "text": "hello", "lang": "en"}\n[1, 2]\n', encoding="utf-8")
+    with pytest.raises(UsageError, match="queries.jsonl line 2 is not a JSON object"):
+        speak_evalset(str(evalset), str(tmp_path / "out"), None, 150)
+    assert not (tmp_path / "out").exists()
