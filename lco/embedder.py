@@ -232,6 +232,13 @@ def encode_items(
     return torch.cat(chunks) if chunks else torch.empty(0, 0)
 
 
+def _process_group() -> tuple[int, int]:
+    """(world size, rank) of the initialised process group, (1, 0) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
 class Embedder:
     """Load a model folder and encode texts and page images in batches."""
 
@@ -247,7 +254,8 @@ class Embedder:
     ):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        # under torchrun, each process on its own GPU
+        self.device = device or (f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
         model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype)
         self.model = EmbeddingModel(model).to(self.device).eval()
         self.processor = AutoProcessor.from_pretrained(model_dir)
@@ -256,16 +264,27 @@ class Embedder:
         self.max_pixels = max_pixels  # when given, images are fitted to this budget instead of the square
 
     def encode(self, items: Sequence[Item], batch_size: int = 16, progress: str | None = None) -> torch.Tensor:
-        return encode_items(
+        """Embeddings of `items` in order. In a process group (`torchrun`), each process encodes its contiguous
+        share and all of them return the whole, gathered in order: the same as one process encoding all."""
+        from torch.utils.data import Subset
+
+        world, rank = _process_group()
+        start, end = len(items) * rank // world, len(items) * (rank + 1) // world
+        share = encode_items(
             self.model,
             self.processor,
-            items,
+            items if world == 1 else Subset(items, range(start, end)),
             batch_size=batch_size,
             max_text_tokens=self.max_text_tokens,
             image_max_side=self.image_max_side,
             max_pixels=self.max_pixels,
-            progress=progress,
+            progress=progress if rank == 0 else None,
         )
+        if world == 1:
+            return share
+        shares = [None] * world
+        torch.distributed.all_gather_object(shares, share)
+        return torch.cat([share for share in shares if share.numel()] or [share])
 
     def encode_texts(self, texts: list[str], batch_size: int = 16, progress: str | None = None) -> torch.Tensor:
         return self.encode([Item(text=text) for text in texts], batch_size, progress)

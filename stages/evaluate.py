@@ -32,6 +32,7 @@ from common.run_record import (
     stage_record,
     write_run_record,
 )
+from lco.distributed import rank, world_size
 from lco.families import check_reads
 from lco.retrieval import (
     BEIR_FILES,
@@ -140,15 +141,39 @@ def data_fingerprint(evalset, part: str) -> str:
     return digest.hexdigest()[:16]
 
 
+def join_process_group() -> int:
+    """Under torchrun (WORLD_SIZE > 1), join the process group in which each process encodes a share of the pages
+    and queries (`Embedder.encode`); this process's rank."""
+    if world_size() > 1:
+        import torch
+
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return rank()
+
+
+def main_process_decides(value):
+    """`value` as rank 0 sees it, on every process: they take the same branch (a cache file may appear between
+    one process's look and another's)."""
+    if world_size() == 1:
+        return value
+    import torch
+
+    decided = [value]
+    torch.distributed.broadcast_object_list(decided, src=0)
+    return decided[0]
+
+
 def cached_embeddings(key: dict, cache_dir: str, compute):
     """`compute()` once per key; later calls load the saved tensor."""
     import torch
 
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     path = Path(cache_dir) / f"{name}.pt"
-    if path.is_file():
+    if main_process_decides(path.is_file()):
         return torch.load(path), True
     embeddings = compute()
+    if rank() > 0:
+        return embeddings, False
     path.parent.mkdir(parents=True, exist_ok=True)
     # through memory: torch.save on a full disk fails with an iostream error that names nothing
     buffer = io.BytesIO()
@@ -344,12 +369,20 @@ def main(argv: list[str] | None = None) -> None:
         "evaluate", (EvaluateArguments,), argv, cli_only_types=(EvaluateInputs,)
     )
     evalset = load_evalset(inputs.data)
+    entries = [*evalset.queries.values(), *evalset.pages.values()]
+    media = {kind for entry in entries for kind in MEDIA if kind in entry}
+    for model in inputs.model:
+        check_reads(model, media)
+    tasks = evalset.tasks()
+    if join_process_group() > 0:  # the other processes of a torchrun encode their shares, rank 0 does the rest
+        for model in inputs.model:
+            model_rankings(model, evalset, tasks, args)
+        return
     print(
         f"evaluate: {len(evalset.queries)} queries, {len(evalset.pages)} pages, "
         f"{sum(map(len, evalset.qrels.values()))} judgements"
     )
 
-    tasks = evalset.tasks()
     runs = {"random": {name: random_rankings(task, recipe_args.seed) for name, task in tasks.items()}}
     if all(query["text"].strip() for query in evalset.queries.values()):
         runs[BASELINES[1]] = {name: bm25_rankings(task) for name, task in tasks.items()}
@@ -357,10 +390,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"evaluate: {BASELINES[1]} left out: some queries have no text (spoken or filmed)")
     if inputs.run:
         runs[f"run {Path(inputs.run).name}"] = given_run(inputs.run, evalset, tasks)
-    entries = [*evalset.queries.values(), *evalset.pages.values()]
-    media = {kind for entry in entries for kind in MEDIA if kind in entry}
-    for model in inputs.model:
-        check_reads(model, media)
     trained_on = training_overlap(inputs.model, inputs.data)
     encoding = {}
     for model in inputs.model:

@@ -2,7 +2,10 @@ import hashlib
 import io
 import json
 import math
+import os
 import re
+import subprocess
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -330,3 +333,27 @@ def test_pages_are_embedded_at_the_pixel_budget_the_model_was_pretrained_at(tiny
         pixels.clear()
         results = model_rankings(str(model), evalset, evalset.tasks(), EvaluateArguments(cache_dir=str(tmp_path / "c")))
         assert 0.8 * expected <= pixels[0] <= expected and results[1]["max_pixels"] == budget
+
+
+def test_two_processes_encode_shares_and_score_as_one(tiny_model, seadoc, tmp_path):
+    """torchrun with 2 processes: each encodes half the pages and queries (3 and 1-2 here, uneven), rank 0 scores;
+    the embeddings and every metric equal a 1-process run's."""
+
+    def run(processes: int, name: str) -> dict:
+        launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes)] if processes > 1 else []
+        argv = ["--config", TINY, "--model", str(tiny_model[2]), "--data", str(seadoc), "--batch_size", "2"]
+        argv += ["--output", str(tmp_path / f"{name}.json"), "--cache_dir", str(tmp_path / f"cache-{name}")]
+        result = subprocess.run(
+            [sys.executable, *launcher, "-m", "stages.evaluate", *argv],
+            capture_output=True, text=True, timeout=600, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        return {"stdout": result.stdout, **json.loads((tmp_path / f"{name}.json").read_text())}
+
+    one, two = run(1, "one"), run(2, "two")
+    assert two["stdout"].count("| system |") == one["stdout"].count("| system |")  # rank 0 alone prints
+    assert two["results"] == one["results"]  # rounded to 4 decimals, as written
+    cached = {name: sorted((tmp_path / f"cache-{name}").glob("*.pt")) for name in ("one", "two")}
+    assert [path.name for path in cached["one"]] == [path.name for path in cached["two"]] and len(cached["one"]) == 2
+    for a, b in zip(cached["one"], cached["two"]):
+        torch.testing.assert_close(torch.load(b), torch.load(a), rtol=1e-5, atol=1e-6)
