@@ -334,6 +334,13 @@ def qwen_config(tokenizer, text_config: dict, args: BaseModelArguments):
         vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
         vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
     )
+    vision_config = dict(
+        depth=args.vision_depth,
+        hidden_size=args.vision_hidden_size,
+        intermediate_size=args.vision_intermediate_size,
+        num_heads=args.vision_num_heads,
+        out_hidden_size=args.hidden_size,
+    )
     if args.family == "qwen3_vl":
         # temporal / height / width sections, interleaved; Qwen3-VL uses 24/20/20 of 64
         spatial = half * 5 // 16
@@ -343,51 +350,34 @@ def qwen_config(tokenizer, text_config: dict, args: BaseModelArguments):
             "mrope_section": [half - 2 * spatial, spatial, spatial],
         }
         text_config.update(head_dim=head_dim, rope_parameters={**rope, "mrope_interleaved": True})
-        vision_config = dict(
-            depth=args.vision_depth,
-            hidden_size=args.vision_hidden_size,
-            intermediate_size=args.vision_intermediate_size,
-            num_heads=args.vision_num_heads,
-            out_hidden_size=args.hidden_size,
+        vision_config.update(
             num_position_embeddings=256,  # a 16 x 16 grid of learned positions, interpolated (48 x 48 in Qwen3-VL)
             # features of a middle vision block are added to the first language layer (three blocks in Qwen3-VL)
             deepstack_visual_indexes=[args.vision_depth // 2],
         )
-        return Qwen3VLConfig(
-            text_config=text_config,
-            vision_config=vision_config,
-            tie_word_embeddings=args.tie_word_embeddings,
-            **special_ids,
-        )
-    # temporal / height / width sections of the multimodal rotary embedding; Qwen2.5-VL-3B uses 16/24/24 of 64
-    mrope_section = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
-    text_config["rope_parameters"] = {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": mrope_section}
-    if args.family in ("qwen2_5_vl", "qwen2_5_omni"):
-        vision_config = dict(
-            depth=args.vision_depth,
-            hidden_size=args.vision_hidden_size,
-            intermediate_size=args.vision_intermediate_size,
-            num_heads=args.vision_num_heads,
-            out_hidden_size=args.hidden_size,
+        config_class = Qwen3VLConfig
+    else:
+        # temporal / height / width sections of the multimodal rotary embedding; Qwen2.5-VL-3B uses 16/24/24 of 64
+        mrope_section = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
+        text_config["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope_section}
+        if args.family == "qwen2_vl":  # Qwen2-VL's tower names its sizes otherwise
+            vision_config = dict(
+                depth=args.vision_depth,
+                embed_dim=args.vision_hidden_size,
+                hidden_size=args.hidden_size,
+                mlp_ratio=args.vision_intermediate_size // args.vision_hidden_size,
+                num_heads=args.vision_num_heads,
+            )
+            config_class = Qwen2VLConfig
+        else:
             # every 8th block attends globally, the rest within windows, as in Qwen2.5-VL ([7, 15, 23, 31] of 32)
-            fullatt_block_indexes=[i for i in range(7, args.vision_depth, 8)] or [args.vision_depth - 1],
-        )
-        if args.family == "qwen2_5_omni":
-            return omni_thinker_config(tokenizer, text_config, vision_config, args)
-        return Qwen2_5_VLConfig(
-            text_config=text_config,
-            vision_config=vision_config,
-            tie_word_embeddings=args.tie_word_embeddings,
-            **special_ids,
-        )
-    vision_config = dict(
-        depth=args.vision_depth,
-        embed_dim=args.vision_hidden_size,
-        hidden_size=args.hidden_size,
-        mlp_ratio=args.vision_intermediate_size // args.vision_hidden_size,
-        num_heads=args.vision_num_heads,
-    )
-    return Qwen2VLConfig(
+            vision_config["fullatt_block_indexes"] = [i for i in range(7, args.vision_depth, 8)] or [
+                args.vision_depth - 1
+            ]
+            if args.family == "qwen2_5_omni":
+                return omni_thinker_config(tokenizer, text_config, vision_config, args)
+            config_class = Qwen2_5_VLConfig
+    return config_class(
         text_config=text_config,
         vision_config=vision_config,
         tie_word_embeddings=args.tie_word_embeddings,
