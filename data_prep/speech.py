@@ -78,6 +78,7 @@ def speak_evalset(evalset: str, output: str, default_lang: str | None, rate: int
     if "" in langs:
         raise UsageError(f"--evalset {evalset}: queries without a `lang`; give --lang, the language they are in.")
     voice = {lang: voice_for(lang, available) for lang in sorted(langs)}  # every language checked before any work
+    binary = espeak()
     counts: dict[str, int] = {}
     with atomic_directory(output) as folder:
         for name in BEIR_COPIED:
@@ -91,7 +92,7 @@ def speak_evalset(evalset: str, output: str, default_lang: str | None, rate: int
             lang = str(row.get("lang") or default_lang)
             wav = Path("audio") / f"{len(spoken):06d}.wav"  # ids may hold any character; the file name does not
             subprocess.run(
-                [espeak(), "-v", voice[lang], "-s", str(rate), "-w", str(folder / wav), "--stdin"],
+                [binary, "-v", voice[lang], "-s", str(rate), "-w", str(folder / wav), "--stdin"],
                 input=row["text"],
                 text=True,
                 check=True,

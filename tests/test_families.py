@@ -222,15 +222,6 @@ def test_spoken_queries_run_through_evaluate_and_a_model_that_cannot_hear_is_ref
         assert "cannot read audio (it reads text, image); give an omnimodal model" in capsys.readouterr().err
 
 
-def test_a_language_without_a_voice_is_named(tmp_path):
-    evalset = tmp_path / "evalset"
-    evalset.mkdir()
-    (evalset / "queries.jsonl").write_text('{"_id": "q1", "text": "សួស្តី", "lang": "km"}\n', encoding="utf-8")
-    with pytest.raises(UsageError, match="espeak-ng has no voice for language `km`"):
-        speak_evalset(str(evalset), str(tmp_path / "out"), None, 150)
-    assert not (tmp_path / "out").exists()
-
-
 def test_contrast_trains_the_omni_model_on_audio_pairs(omni, tmp_path):
     lines = []
     for number in range(8):
@@ -278,10 +269,18 @@ def test_a_corpus_of_audio_and_video_is_scored_and_reported(omni, tmp_path, thai
         evaluate.main([*argv, "--output", str(tmp_path / "again.json")])
 
 
-def test_a_broken_queries_file_is_named_and_nothing_is_written(tmp_path):
+@pytest.mark.parametrize(
+    "lines, refusal",
+    [
+        ('{"_id": "q1", "text": "សួស្តី", "lang": "km"}\n', "espeak-ng has no voice for language `km`"),
+        ('{"_id": "q1", "text": "hello", "lang": "en"}\n[1, 2]\n', "queries.jsonl line 2 is not a JSON object"),
+    ],
+    ids=["a language without a voice", "a line that is not an object"],
+)
+def test_speak_names_what_it_cannot_read_and_writes_nothing(lines, refusal, tmp_path):
     evalset = tmp_path / "evalset"
     evalset.mkdir()
-    (evalset / "queries.jsonl").write_text('{"_id": "q1", "text": "hello", "lang": "en"}\n[1, 2]\n', encoding="utf-8")
-    with pytest.raises(UsageError, match="queries.jsonl line 2 is not a JSON object"):
+    (evalset / "queries.jsonl").write_text(lines, encoding="utf-8")
+    with pytest.raises(UsageError, match=refusal):
         speak_evalset(str(evalset), str(tmp_path / "out"), None, 150)
     assert not (tmp_path / "out").exists()
