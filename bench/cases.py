@@ -16,7 +16,9 @@ eval queries). Then, in this order (the issue's targets first, within the defaul
   `stages.contrast.train` at a contrastive batch of 1024; contrast_accum: the reference implementation's gradient
   accumulation (InfoNCE within each mini-batch only) over two mini-batches (its cost per pair does not depend on
   how many are accumulated). The baselines run on the stage's own set-up (`load_model`, `ContrastiveTraining`);
-- pretrain_ours_no_ckpt, pretrain_ours_ckpt_every2: the stage with activation checkpointing off, or on every
+- pretrain_ours_ckpt_all, pretrain_ours_collate_main, pretrain_ours_no_ckpt, pretrain_ours_ckpt_every2: the stage
+  with one setting forced beside its defaults: activation checkpointing on every layer (TRL's default, the stage's
+  before it chose by memory), batches collated on the main process (before workers), checkpointing off, or on every
   other layer.
 
 Times are end to end (data collation included), over the steps after the warm-up steps. Model FLOPs are counted
@@ -363,7 +365,16 @@ def pretrain_ours(ctx: dict, flags: tuple[str, ...] = ()) -> dict:
     from bench.meters import StepMeter
     from common.recipe import parse_stage_arguments
     from lco.throughput import Throughput
-    from stages.pretrain import CPU_DEFAULTS, PretrainArguments, load_examples, load_model, validate_run
+    from stages.pretrain import (
+        CHECKPOINTING_FIELDS,
+        CPU_DEFAULTS,
+        PretrainArguments,
+        gpu_defaults,
+        load_examples,
+        load_model,
+        set_checkpointing,
+        validate_run,
+    )
 
     scale = ctx["scale"]
     argv = cli_flags(
@@ -384,7 +395,8 @@ def pretrain_ours(ctx: dict, flags: tuple[str, ...] = ()) -> dict:
         "pretrain",
         (PretrainArguments, SFTConfig),
         [*argv, *flags],
-        machine_defaults=None if torch.cuda.is_available() else CPU_DEFAULTS,
+        machine_defaults=gpu_defaults() if torch.cuda.is_available() else CPU_DEFAULTS,
+        replaced={name: "checkpointing" for name in CHECKPOINTING_FIELDS},
     )
     validate_run(args, training, recipe_args.lang)
     # as stages.pretrain.main sets them: the collator needs `images`, `prompt`, `completion`; tokens/s the count
@@ -392,6 +404,7 @@ def pretrain_ours(ctx: dict, flags: tuple[str, ...] = ()) -> dict:
     training.include_num_input_tokens_seen = "non_padding"
     transformers.set_seed(training.seed)
     model, processor, peft_config = load_model(args, training, checkpoint=None)
+    checkpointing = set_checkpointing(args, training, model)
     train, _, _ = load_examples(args, processor, training.max_length, recipe_args.seed)
     throughput, meter = Throughput(), StepMeter(scale["warmup_steps"], scale["flop_examples"])
     trainer = SFTTrainer(
@@ -407,6 +420,8 @@ def pretrain_ours(ctx: dict, flags: tuple[str, ...] = ()) -> dict:
         **meter.figures,
         "batch": scale["pretrain_batch"],
         "flags": list(flags),
+        "checkpointing": checkpointing,
+        "dataloader_num_workers": training.dataloader_num_workers,
         "stage_throughput": throughput.summary(),
     }
 
@@ -590,9 +605,13 @@ def contrast_stage(ctx: dict) -> dict:
 
 # in the order they run: the set-up, the targets (within the default budget on an H200), the variants
 SETUP = ("base_model", "pages")
+# pretrain_ours runs the stage's defaults (checkpointing by memory, batches collated in workers on a GPU); each
+# variant forces one setting, the first two being the earlier defaults
 PRETRAIN_VARIANTS = {
-    "pretrain_ours_no_ckpt": ("--gradient_checkpointing", "false"),
-    "pretrain_ours_ckpt_every2": ("--gradient_checkpointing_kwargs", '{"every_n_layers": 2}'),
+    "pretrain_ours_ckpt_all": ("--checkpointing", "all"),
+    "pretrain_ours_collate_main": ("--dataloader_num_workers", "0", "--dataloader_persistent_workers", "false"),
+    "pretrain_ours_no_ckpt": ("--checkpointing", "none"),
+    "pretrain_ours_ckpt_every2": ("--checkpointing", "every_2"),
 }
 CASES = {
     "base_model": Case(build_base_model, 180),

@@ -19,7 +19,7 @@ bash bench/real_size_base.sh "$work/base" "$@" 2>&1 | tee "$out/base_model.log"
 
 "$python" -m torch.distributed.run --nproc_per_node 1 -m stages.pretrain --config recipes/tiny.yaml \
     --model_name_or_path "$work/base" --output_dir "$work/pretrain" --deepspeed recipes/deepspeed/zero2.json \
-    --max_steps 12 --per_device_train_batch_size 4 --gradient_accumulation_steps 1 --gradient_checkpointing true \
+    --max_steps 12 --per_device_train_batch_size 4 --gradient_accumulation_steps 1 --checkpointing all \
     --max_length 4096 --max_pixels 1003520 --learning_rate 1.0e-5 --warmup_steps 2 \
     --eval_strategy no --save_strategy no --logging_steps 1 --cer_pages 1 2>&1 | tee "$out/pretrain.log"
 

@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import difflib
 import reprlib
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -99,6 +100,7 @@ def parse_stage_arguments(
     argv: list[str] | None = None,
     cli_only_types: tuple[type, ...] = (),
     machine_defaults: dict[str, Any] | None = None,
+    replaced: dict[str, str] | None = None,
     **parser_kwargs,
 ):
     """Parse a stage's arguments: recipe section as defaults, CLI flags on top, then `validate()` each.
@@ -106,7 +108,8 @@ def parse_stage_arguments(
     The recipe's `stage` section may set the fields of `dataclass_types`; `cli_only_types` are flags
     only (the inputs and outputs of one command). Returns one instance per type in
     `(RecipeArguments, *dataclass_types, *cli_only_types)`. `machine_defaults` (e.g. `use_cpu` where
-    there is no GPU) come before the recipe, which comes before the flags.
+    there is no GPU) come before the recipe, which comes before the flags. `replaced` maps fields of
+    `dataclass_types` that the stage sets itself to the field that sets them: a recipe or flag naming one is refused.
     """
     from transformers import HfArgumentParser
 
@@ -138,6 +141,12 @@ def parse_stage_arguments(
         if shared_in_section:
             raise UsageError(f"recipe {recipe_path}: set `{shared_in_section[0]}` at the top level, not in `{stage}`.")
         defaults |= {**top_level, **section, "config": str(recipe_path)}
+
+    given = argv if argv is not None else sys.argv[1:]
+    flags = {arg.split("=", 1)[0][2:].replace("-", "_") for arg in given if arg.startswith("--")}
+    for name, instead in (replaced or {}).items():
+        if name in flags or (recipe_path is not None and name in section):
+            raise UsageError(f"{stage}: `{name}` is set by the stage from `{instead}`; set `{instead}` instead.")
 
     # exit_on_error=False: a value argparse cannot convert (a flag's, or a recipe's, which argparse converts as a
     # default) raises ArgumentError here instead of printing the whole usage (hundreds of lines for SFTConfig)

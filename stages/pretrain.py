@@ -13,7 +13,9 @@ with the held-out transcription CER and eval loss at the start, at each evaluati
 
 import json
 import logging
+import os
 import random
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,13 +36,23 @@ from common.errors import UsageError, run_cli
 from common.recipe import parse_stage_arguments
 from common.run_record import RUN_RECORD, parent_run, read_run_record, stage_record, write_run_record
 from data_prep.pages import read_pages_manifest
-from lco.distributed import deepspeed_stage, world_size
+from lco.distributed import deepspeed_stage, local_world_size, world_size
 from lco.families import check_reads, towers
 from lco.lora import lora_config, save_merged
 
 logger = logging.getLogger(__name__)
 # on the CPU: no bf16, and without use_cpu several processes may silently not synchronise
 CPU_DEFAULTS = {"use_cpu": True, "bf16": False}
+
+
+def gpu_defaults() -> dict:
+    """Batches collated (images processed, text tokenised) in worker processes, a few per GPU, while the GPU trains."""
+    cpus_per_process = (os.cpu_count() or 1) // max(1, local_world_size())
+    return {"dataloader_num_workers": max(1, min(4, cpus_per_process - 1)), "dataloader_persistent_workers": True}
+
+
+# the Trainer's settings that the stage's `checkpointing` decides
+CHECKPOINTING_FIELDS = ("gradient_checkpointing", "activation_checkpointing")
 
 
 @dataclass
@@ -67,6 +79,13 @@ class PretrainArguments:
         default_factory=list,
         metadata={"help": "Eval sets (`data_prep evalset` folders) whose documents are left out of training."},
     )
+    checkpointing: str = field(
+        default="auto",
+        metadata={
+            "help": "Activation checkpointing: auto (none when the step's estimated peak memory fits the device, else "
+            "every 4th, 3rd or 2nd layer, or all; lco/memory.py), none, all, or every_N (every N-th layer)."
+        },
+    )
     cer_pages: int = field(
         default=16, metadata={"help": "Held-out pages transcribed greedily for the CER (drawn across documents)."}
     )
@@ -79,6 +98,10 @@ class PretrainArguments:
             raise UsageError("--datasets is empty; give pages datasets written by `python -m data_prep pages`.")
         check_input_paths(self.datasets, "--datasets")
         check_input_paths(self.exclude_evalsets, "--exclude_evalsets")
+        if not re.fullmatch(r"auto|none|all|every_[1-9]\d*", self.checkpointing):
+            raise UsageError(
+                f"--checkpointing must be auto, none, all or every_N (e.g. every_2); got {self.checkpointing!r}."
+            )
         for name in ("text_only_fraction", "eval_fraction"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise UsageError(f"--{name} must be in [0, 1), got {getattr(self, name)}.")
@@ -225,6 +248,32 @@ def load_model(args: PretrainArguments, training, checkpoint: str | None):
     return model, processor, peft_config
 
 
+def set_checkpointing(args: PretrainArguments, training, model) -> dict:
+    """Decide activation checkpointing (`--checkpointing`; with auto, from the step's estimated peak memory against
+    the device's) and set it in the Trainer's arguments. Returns the decision and its figures, for the run record."""
+    from lco.memory import device_memory_bytes, estimate_memory, plan
+
+    if args.checkpointing == "auto":
+        tokens = training.per_device_train_batch_size * training.max_length  # the longest micro-batch
+        lora_r = args.lora_r if args.tuning == "lora" else None
+        estimate = estimate_memory(model, tokens, lora_r, deepspeed_stage(training.deepspeed), world_size())
+        decided = plan(estimate, device_memory_bytes())
+    elif args.checkpointing in ("none", "all"):
+        decided = {"every_n_layers": 0 if args.checkpointing == "none" else 1}
+    else:
+        decided = {"every_n_layers": int(args.checkpointing.removeprefix("every_"))}
+    every_n_layers = decided["every_n_layers"]
+    kwargs = dict(training.activation_checkpointing_kwargs or {})  # the user's (e.g. use_reentrant) are kept
+    kwargs.pop("every_n_layers", None)
+    if every_n_layers > 1:
+        kwargs["every_n_layers"] = every_n_layers
+    # both names: TRL reads the deprecated one, the Trainer the new one
+    training.activation_checkpointing = training.gradient_checkpointing = every_n_layers > 0
+    training.activation_checkpointing_kwargs = training.gradient_checkpointing_kwargs = kwargs or None
+    logger.info("activation checkpointing (%s): %s", args.checkpointing, decided)
+    return {"setting": args.checkpointing, **decided}
+
+
 def freeze(module) -> None:
     """Freeze `module` and run its forward without autograd. Frozen weights alone do not spare its backward:
     activation checkpointing makes every input embedding's output require grad, the vision tower's patch
@@ -318,7 +367,8 @@ def main(argv: list[str] | None = None) -> None:
         "pretrain",
         (PretrainArguments, SFTConfig),
         argv,
-        machine_defaults=None if torch.cuda.is_available() else CPU_DEFAULTS,
+        machine_defaults=gpu_defaults() if torch.cuda.is_available() else CPU_DEFAULTS,
+        replaced={name: "checkpointing" for name in CHECKPOINTING_FIELDS},
     )
     if not training.deepspeed:
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
@@ -330,6 +380,8 @@ def main(argv: list[str] | None = None) -> None:
 
     logging.basicConfig(level=logging.INFO if training.process_index == 0 else logging.WARNING, format="%(message)s")
     training.remove_unused_columns = False  # the collator needs `images`, `prompt`, `completion`
+    if training.dataloader_num_workers:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the collating workers are forked after tokenising
     if training.include_num_input_tokens_seen == "no":
         training.include_num_input_tokens_seen = "non_padding"  # for the tokens/s in the run record
     # the starting point of the CER curve; evaluated by the Trainer once DeepSpeed is set up for training
@@ -373,6 +425,7 @@ def train_and_save(args: PretrainArguments, training, recipe_args, checkpoint: s
     # SFTTrainer draws the LoRA initialisation before the Trainer seeds anything
     transformers.set_seed(training.seed)
     model, processor, peft_config = load_model(args, training, checkpoint)
+    checkpointing = set_checkpointing(args, training, model)
     train, held_out, example_counts = load_examples(args, processor, training.max_length, recipe_args.seed)
     cer_sample = sample_across_documents(held_out["doc_id"], args.cer_pages, recipe_args.seed)
     cer = TranscriptionCER(processor, held_out.select(cer_sample))
@@ -401,6 +454,7 @@ def train_and_save(args: PretrainArguments, training, recipe_args, checkpoint: s
         "steps": result.global_step,
         "wall_time_s": round(time.monotonic() - started, 1),
         "throughput": throughput.summary(),
+        "checkpointing": checkpointing,
         "generation_quality": cer.history,
         "loss_history": [entry for entry in trainer.state.log_history if "loss" in entry],
     }

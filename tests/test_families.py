@@ -16,6 +16,7 @@ from data_prep.speech import speak_evalset
 from lco.embedder import Embedder, EmbeddingModel, Item, load_audio, model_inputs
 from lco.families import FAMILIES, family_of, towers
 from lco.lora import lora_config
+from lco.memory import layer_activation_bytes
 from lco.pretrain_data import page_example
 from stages import base_model, contrast, evaluate, export, pretrain
 
@@ -86,6 +87,28 @@ def test_frozen_towers_are_outside_the_backward_and_the_language_model_gets_grad
     assert tensors and not any(t.requires_grad for t in tensors if isinstance(t, torch.Tensor))  # no backward there
     language = [p.grad for n, p in model.named_parameters() if "language_model.layers" in n]
     assert language and all(g is not None for g in language) and any(g.abs().sum() > 0 for g in language)
+
+
+def test_the_one_layer_probe_measures_what_a_layer_of_the_model_keeps_for_backward(family):
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    model, _ = load(family[1])
+    model.train()
+    layer = [m for n, m in model.named_modules() if isinstance(m, GradientCheckpointingLayer) and "language" in n][-1]
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept, inside = {}, [False]
+
+    def pack(tensor):
+        if inside[0] and tensor.untyped_storage().data_ptr() not in weights:
+            kept[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    layer.register_forward_pre_hook(lambda *_: inside.__setitem__(0, True))
+    layer.register_forward_hook(lambda *_: inside.__setitem__(0, False))
+    tokens = torch.randint(10, 200, (1, 32))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(input_ids=tokens, labels=tokens)
+    assert layer_activation_bytes(model, tokens=32) == pytest.approx(sum(kept.values()) / 32, rel=0.02)
 
 
 def test_lora_sits_on_the_language_model_only_and_the_merged_model_embeds_like_the_adapter(family):

@@ -376,3 +376,17 @@ def test_documents_of_an_excluded_evalset_are_not_trained_on_and_are_recorded(ba
     doc_ids = {entry["doc_id"].split("-")[0]: entry["doc_id"] for entry in manifest["inputs"]}
     assert results["examples"]["excluded_documents"] == 1 and results["examples"]["excluded_pages"] == 2
     assert results["training_documents"] == document_sha256([str(pages)], [doc_ids[f"doc{i}"] for i in (1, 2, 3)])
+
+
+def test_batches_collated_in_worker_processes_train_as_on_the_main_process_and_the_wait_is_reported(
+    base, pages, tmp_path
+):
+    results = {}
+    for workers in (0, 2):
+        argv = pretrain_argv(base, pages, tmp_path / str(workers), "--max_steps", "3", "--eval_fraction", "0")
+        pretrain([*argv, "--dataloader_num_workers", str(workers)])
+        results[workers] = read_run_record(tmp_path / str(workers) / "final")["results"]
+    losses = {workers: [entry["loss"] for entry in result["loss_history"]] for workers, result in results.items()}
+    assert losses[2] == losses[0]  # the same batches: the sampler stays on the main process
+    for result in results.values():
+        assert 0 < result["throughput"]["waiting_for_batches_share"] < 1
