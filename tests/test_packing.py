@@ -10,6 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from trl import SFTConfig
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
+from common.errors import UsageError
 from common.run_record import read_run_record
 from lco.packing import PackingSFTTrainer, pack, rope_index
 from lco.pretrain_data import continuation_example, page_example
@@ -181,3 +182,12 @@ def test_a_padding_free_run_gives_the_losses_of_a_padded_run(recorded_base, page
         runs["padded"]["generation_quality"][-1]["eval_loss"], rel=1e-4
     )
     assert runs["packed"]["throughput"]["tokens_per_second"] > 0
+
+
+def test_padding_free_is_refused_for_a_family_it_would_train_wrongly_before_weights_load(pages, tmp_path):  # noqa: F811
+    folder = tmp_path / "gemma"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "gemma3"}')  # no weights: the check comes first
+    argv = pretrain_argv(folder, pages, tmp_path / "run", "--padding_free", "true")
+    with pytest.raises(UsageError, match="--padding_free true: gemma3 models do not train correctly on packed batches"):
+        pretrain(argv)
