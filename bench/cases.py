@@ -19,7 +19,9 @@ eval queries). Then, in this order (the issue's targets first, within the defaul
 - pretrain_ours_ckpt_all, pretrain_ours_collate_main, pretrain_ours_no_ckpt, pretrain_ours_ckpt_every2: the stage
   with one setting forced beside its defaults: activation checkpointing on every layer (TRL's default, the stage's
   before it chose by memory), batches collated on the main process (before workers), checkpointing off, or on every
-  other layer.
+  other layer;
+- pretrain_packed: the stage with padding-free batches (`--padding_free true`, lco/packing.py), its loss curve
+  beside pretrain_ours' (the same examples in the same order).
 
 Times are end to end (data collation included), over the steps after the warm-up steps. Model FLOPs are counted
 with torch.utils.flop_counter on a forward pass per example (no padding), times 3 for the trained parts (forward +
@@ -360,10 +362,11 @@ def pretrain_ours(ctx: dict, flags: tuple[str, ...] = ()) -> dict:
     (7.5 GB at the 3B size, after the measured steps: device time for nothing here)."""
     import torch
     import transformers
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     from bench.meters import StepMeter
     from common.recipe import parse_stage_arguments
+    from lco.packing import PackingSFTTrainer
     from lco.throughput import Throughput
     from stages.pretrain import (
         CHECKPOINTING_FIELDS,
@@ -390,6 +393,7 @@ def pretrain_ours(ctx: dict, flags: tuple[str, ...] = ()) -> dict:
         save_strategy="no",
         report_to="none",
         disable_tqdm="true",
+        logging_steps=1,  # the loss curve, to compare the variants' training with
     )
     recipe_args, args, training = parse_stage_arguments(
         "pretrain",
@@ -407,7 +411,7 @@ def pretrain_ours(ctx: dict, flags: tuple[str, ...] = ()) -> dict:
     checkpointing = set_checkpointing(args, training, model)
     train, _, _ = load_examples(args, processor, training.max_length, recipe_args.seed)
     throughput, meter = Throughput(), StepMeter(scale["warmup_steps"], scale["flop_examples"])
-    trainer = SFTTrainer(
+    trainer = PackingSFTTrainer(  # as stages.pretrain.train_and_save: packed batches with --padding_free true
         model=model,
         args=training,
         train_dataset=train,
@@ -423,6 +427,7 @@ def pretrain_ours(ctx: dict, flags: tuple[str, ...] = ()) -> dict:
         "checkpointing": checkpointing,
         "dataloader_num_workers": training.dataloader_num_workers,
         "stage_throughput": throughput.summary(),
+        "loss_curve": [round(entry["loss"], 4) for entry in trainer.state.log_history if "loss" in entry],
     }
 
 
@@ -603,6 +608,12 @@ def contrast_stage(ctx: dict) -> dict:
     }
 
 
+def packing_cases() -> dict:
+    """Issue 22: the stage with padding-free batches (lco/packing.py) beside pretrain_ours, at the same batch size and
+    steps. Both compute the loss through TRL's fused LM head, which never makes the whole logits."""
+    return {"pretrain_packed": Case(partial(pretrain_ours, flags=("--padding_free", "true")), 150)}
+
+
 # in the order they run: the set-up, the issue's targets (within the default budget on an H200), the variants
 SETUP = ("base_model", "pages")
 # pretrain_ours runs the stage's defaults (checkpointing by memory, batches collated in workers on a GPU); each
@@ -625,5 +636,6 @@ CASES = {
     "contrast_stage": Case(contrast_stage, 240),
     "contrast_accum": Case(contrast_accum, 90),
     **{name: Case(partial(pretrain_ours, flags=flags), 150) for name, flags in PRETRAIN_VARIANTS.items()},
+    **packing_cases(),
 }
 MEASURED = tuple(name for name in CASES if name not in SETUP)

@@ -75,7 +75,8 @@ def training_flops_per_token(model, dataset, collate, n_examples: int) -> float:
         inputs = {key: batch[key].to(device) for key in FORWARD_KEYS if key in batch}
         total, vision = example_flops(model, inputs)
         flops += 3 * (total - vision) + (3 if vision_trained else 1) * vision
-        tokens += int(inputs["attention_mask"].sum())
+        # a packed batch (lco/packing.py) has no padding, nor an attention mask
+        tokens += int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else inputs["input_ids"].numel()
     model.train(was_training)
     return flops / tokens
 

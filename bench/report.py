@@ -59,6 +59,7 @@ def ratios(cases: dict) -> dict:
             found[f"{name}_tokens_per_s_over_plain"] = quotient(
                 get(name, "tokens_per_second"), get("pretrain_plain", "tokens_per_second")
             )
+    found.update(loss_curve_gaps(cases))
     # time per pair is 1 / pairs per second
     found["contrast_cached_over_plain_time_per_pair"] = quotient(
         get("contrast_plain", "pairs_per_second"), get("contrast_cached", "pairs_per_second")
@@ -98,3 +99,16 @@ def table(report: dict) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
     return "\n".join(lines + [f"{key}: {value}" for key, value in report["ratios"].items()])
+
+
+def loss_curve_gaps(cases: dict) -> dict:
+    """The largest relative gap between a padding-free case's loss curve and pretrain_ours' (the same examples in the
+    same order: the same curve, numerical noise apart)."""
+    reference = cases.get("pretrain_ours", {}).get("loss_curve")
+    found = {}
+    for name in ("pretrain_packed",):
+        curve = cases.get(name, {}).get("loss_curve")
+        if reference and curve and len(curve) == len(reference):
+            gap = max(abs(a - b) / abs(b) for a, b in zip(curve, reference))
+            found[f"{name}_loss_curve_max_rel_gap"] = round(gap, 5)
+    return found

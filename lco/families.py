@@ -21,13 +21,17 @@ class Family:
     towers: tuple[str, ...]  # submodules of the model's `.model` that turn images (or audio) into its inputs
     lora_targets: str
     reads: tuple[str, ...] = ("text", "image")  # the kinds of input it embeds
+    packs: bool = True  # padding-free batches (lco/packing.py) train it exactly as padded ones do
 
 
 FAMILIES = {
     "qwen2_vl": Family(("visual",), LANGUAGE_MODEL_LINEAR),
     "qwen2_5_vl": Family(("visual",), LANGUAGE_MODEL_LINEAR),
     "qwen3_vl": Family(("visual",), LANGUAGE_MODEL_LINEAR),
-    "gemma3": Family(("vision_tower", "multi_modal_projector"), LANGUAGE_MODEL_LINEAR),
+    # packed, its sliding-window layers' mask looks image blocks up by each example's positions in the whole packed
+    # row (transformers 5.24, masking_utils: blockwise_overlay under remap_positions_for_packed_sequence), and the
+    # loss differs from the padded batch's (tests/test_packing.py)
+    "gemma3": Family(("vision_tower", "multi_modal_projector"), LANGUAGE_MODEL_LINEAR, packs=False),
     # Qwen2.5-Omni's thinker: text, images, audio and video in, text out (its talker, which speaks, is not used)
     "qwen2_5_omni_thinker": Family(
         ("visual", "audio_tower"), LANGUAGE_MODEL_LINEAR, ("text", "image", "audio", "video")
@@ -55,22 +59,38 @@ def family_named(model_type: str | None) -> Family:
     return FAMILIES[model_type]
 
 
+def model_type_in(model: str) -> str | None:
+    """The `model_type` of a model folder's config.json; None for a hub id (checked when it loads)."""
+    config = Path(model) / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        return json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as error:
+        raise UsageError(f"{config} is not a JSON object ({error}); the model folder is damaged.") from None
+
+
 def check_reads(model: str, kinds: set[str]) -> None:
     """Refuse a model folder of no supported family, or of one that cannot read every one of `kinds` of input,
     from its config.json alone (before its weights load; a hub id is checked when it loads)."""
-    config = Path(model) / "config.json"
-    if not config.is_file():
+    model_type = model_type_in(model)
+    if model_type is None:
         return
-    try:
-        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as error:
-        raise UsageError(f"{config} is not a JSON object ({error}); the model folder is damaged.") from None
     family = family_named(model_type)
     unread = sorted(kinds - set(family.reads))
     if unread:
         raise UsageError(
             f"{model} cannot read {' or '.join(unread)} (it reads {', '.join(family.reads)}); "
             "give an omnimodal model (the qwen2_5_omni family) for inputs with audio or video."
+        )
+
+
+def check_packs(model_type: str | None) -> None:
+    """Refuse padding-free batches for a family that does not train on them as on padded ones."""
+    if model_type is not None and not family_named(model_type).packs:
+        raise UsageError(
+            f"--padding_free true: {model_type} models do not train correctly on packed batches in transformers 5.24 "
+            "(lco/families.py says why); set padding_free to false for this model."
         )
 
 

@@ -6,9 +6,10 @@
     torchrun --nproc_per_node 8 -m stages.pretrain --config recipes/km.yaml --deepspeed recipes/deepspeed/zero3.json
 
 Reads pages datasets written by `python -m data_prep pages`; every field of TRL's `SFTConfig` can be set
-in the recipe's `pretrain` section or as a flag. Writes `<output_dir>/checkpoint-*`, `<output_dir>/final/`
-(a complete model folder; LoRA merged, the adapter kept in `<output_dir>/adapter/`) and a run record
-with the held-out transcription CER and eval loss at the start, at each evaluation and at the end.
+in the recipe's `pretrain` section or as a flag; `padding_free: true` packs each micro-batch's pages into
+one row without attention across them (lco/packing.py; the Qwen families). Writes `<output_dir>/checkpoint-*`,
+`<output_dir>/final/` (a complete model folder; LoRA merged, the adapter kept in `<output_dir>/adapter/`) and a run
+record with the held-out transcription CER and eval loss at the start, at each evaluation and at the end.
 """
 
 import json
@@ -37,7 +38,7 @@ from common.recipe import parse_stage_arguments
 from common.run_record import RUN_RECORD, parent_run, read_run_record, stage_record, write_run_record
 from data_prep.pages import read_pages_manifest
 from lco.distributed import deepspeed_stage, local_world_size, world_size
-from lco.families import check_reads, towers
+from lco.families import check_packs, check_reads, model_type_in, towers
 from lco.lora import lora_config, save_merged
 
 logger = logging.getLogger(__name__)
@@ -110,6 +111,8 @@ class PretrainArguments:
 def validate_run(args: PretrainArguments, training, lang: str) -> None:
     """Checks that need the recipe's language and the trainer settings too."""
     check_reads(args.model_name_or_path, {"image"})  # a supported family, before the weights are loaded
+    if training.padding_free:
+        check_packs(model_type_in(args.model_name_or_path))
     for dataset in args.datasets:
         dataset_lang = read_pages_manifest(dataset, "--datasets").get("lang")
         if lang != "multi" and dataset_lang != lang:
@@ -416,9 +419,9 @@ def main(argv: list[str] | None = None) -> None:
 def train_and_save(args: PretrainArguments, training, recipe_args, checkpoint: str | None, record: dict) -> dict:
     """Load, train, evaluate and save `final/` under `training.output_dir`; return the run record's results."""
     import transformers
-    from trl import SFTTrainer
 
     from lco.generation_eval import TranscriptionCER, sample_across_documents
+    from lco.packing import PackingSFTTrainer
     from lco.pretrain_data import document_sha256
     from lco.throughput import Throughput
 
@@ -432,7 +435,8 @@ def train_and_save(args: PretrainArguments, training, recipe_args, checkpoint: s
     if checkpoint and (Path(checkpoint) / RUN_RECORD).is_file():  # the curve so far, for the records to come
         cer.history = read_run_record(checkpoint, expected_stage="pretrain")["results"]["generation_quality"]
     throughput = Throughput()
-    trainer = SFTTrainer(
+    # `padding_free`: a micro-batch's examples packed into one row (lco/packing.py), which TRL refuses for images
+    trainer = PackingSFTTrainer(
         model=model,
         args=training,
         train_dataset=train,

@@ -111,6 +111,9 @@ def test_tiny_run_reports_every_case(tmp_path):
     ):
         assert ratios[key] > 0, ratios
     assert ratios["contrast_stage_batch_fits"] is True
+    # padding-free batches train as padded ones (float32 on the CPU: the same curve)
+    assert measured["pretrain_packed"]["timed_steps"] == cases.TINY.timed_steps, measured["pretrain_packed"]
+    assert ratios["pretrain_packed_loss_curve_max_rel_gap"] < 1e-4, ratios
     assert all(name in run.stdout for name in cases.MEASURED)  # the printed table
     assert out.with_suffix(".log").is_file()
 

@@ -9,6 +9,7 @@ from lco.embedder import Embedder, Item, model_inputs
 
 from .conftest import KHMER, THAI
 from .test_contrast import TEXTS, lora_embedding_model
+from .test_packing import assert_same_training, examples, loss_and_gradients, padded_batch
 
 pytestmark = [
     pytest.mark.gpu,
@@ -51,3 +52,21 @@ def test_embeddings_do_not_depend_on_the_batch_size_in_bf16(tiny_model, thai_khm
     # left padding keeps the last token real; bf16 kernels may still differ slightly between batch shapes
     torch.testing.assert_close(together, one_by_one, rtol=0, atol=2e-2)
     assert (together * one_by_one).sum(dim=1).min() > 0.999
+
+
+def test_the_packed_batch_trains_as_the_padded_batch_with_cudas_attention_kernels(tiny_model):
+    from transformers import AutoModelForImageTextToText
+
+    from lco.packing import pack, rope_index
+
+    processor = tiny_model[1]
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model[2]).cuda().train()
+    batch = padded_batch(processor, examples(processor))
+    packed = pack(batch, rope_index(model))
+
+    def cuda(inputs):
+        return {key: value.cuda() if torch.is_tensor(value) else value for key, value in inputs.items()}
+
+    # float32; sdpa picks other kernels for the padded and the packed mask: summation orders differ more than on a CPU
+    padded, packed = loss_and_gradients(model, cuda(batch)), loss_and_gradients(model, cuda(packed))
+    assert_same_training(padded, packed, loss_rtol=1e-4, grad_rtol=1e-4)
