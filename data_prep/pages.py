@@ -18,10 +18,12 @@ import os
 import resource
 import shutil
 import signal
+import sys
 import time
+import types
 import unicodedata
-from collections.abc import Callable
-from contextlib import closing, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
 from multiprocessing.connection import wait
 from pathlib import Path
@@ -316,7 +318,8 @@ def _run(
                 # process_document is looked up here, in the parent: a test's stand-in reaches the child
                 args = (process_document, path, settings, page_timeout_s, memory_mb, sender)
                 process = context.Process(target=_parse_in_child, args=args, daemon=True)
-                process.start()
+                with _main_module_hidden():
+                    process.start()
                 sender.close()  # the child holds the only writer: if it dies, recv() below fails
                 running[receiver] = _Child(path, process, receiver)
             for receiver in wait(list(running)):
@@ -336,6 +339,19 @@ def _run(
     finally:  # interrupted: the children go with the run
         for child in running.values():
             child.stop()
+
+
+@contextmanager
+def _main_module_hidden() -> Iterator[None]:
+    """multiprocessing runs the parent's `__main__` again in every child it starts, unless there is none to run:
+    under `python -m stages.index` (torch, transformers) or in a Ray worker (Ray's worker script) that was seconds
+    of imports per document. A child needs only this module (preloaded) and the modules of its arguments."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
 
 
 def _parse_in_child(target, path: Path, settings: PageSettings, page_timeout_s: float, memory_mb: int, sender) -> None:
