@@ -11,6 +11,7 @@ import datasets
 import pytest
 
 import data_prep.cli as data_prep_cli
+import data_prep.pages as pages_module
 import data_prep.pages_ray as pages_ray
 from common.errors import run_cli
 
@@ -75,12 +76,17 @@ def test_ray_engine_gives_the_local_engines_dataset_and_manifest(local_ray, pdfs
     assert ray_rows == local_rows  # images (decoded), text, text source, page numbers, in input order
 
 
-def test_interrupted_ray_run_resumes_with_only_the_missing_documents(local_ray, pdfs, tmp_path, monkeypatch):
+@pytest.mark.parametrize("interrupted_engine", ["ray", "local"])
+def test_interrupted_run_resumes_on_ray_with_only_the_missing_documents(
+    local_ray, pdfs, tmp_path, monkeypatch, interrupted_engine
+):
     folder, layer = pdfs
     inputs = [layer, folder / "one.pdf", folder / "sub" / "scan.pdf"]
     page_settings = settings("vi", ocr="never")
     reference = ray_build(inputs, tmp_path / "reference", page_settings)
-    real_run = pages_ray.run_on_ray
+    module = pages_ray if interrupted_engine == "ray" else pages_module
+    name = "run_on_ray" if interrupted_engine == "ray" else "_run"
+    real_run = getattr(module, name)
 
     def interrupted_after_the_first_document(*args, **kwargs):
         results = real_run(*args, **kwargs)
@@ -88,18 +94,22 @@ def test_interrupted_ray_run_resumes_with_only_the_missing_documents(local_ray, 
         results.close()
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pages_ray, "run_on_ray", interrupted_after_the_first_document)
+    monkeypatch.setattr(module, name, interrupted_after_the_first_document)
     with pytest.raises(KeyboardInterrupt):
-        ray_build(inputs, tmp_path / "pages", page_settings)
+        if interrupted_engine == "ray":
+            ray_build(inputs, tmp_path / "pages", page_settings)
+        else:
+            build(inputs, tmp_path / "pages", page_settings)
+    monkeypatch.undo()
     assert not (tmp_path / "pages").exists()
-    kept = {p.name for p in (tmp_path / ".pages.work").glob("*.json")} - {"settings.json"}
-    assert len(kept) == 1
+    assert len(list((tmp_path / ".pages.work").glob("*.parquet"))) == 1
 
     sent = []
+    real_ray_run = pages_ray.run_on_ray
 
     def recording_run(paths, *args, **kwargs):
         sent.extend(paths)
-        return real_run(paths, *args, **kwargs)
+        return real_ray_run(paths, *args, **kwargs)
 
     monkeypatch.setattr(pages_ray, "run_on_ray", recording_run)
     resumed = ray_build(inputs, tmp_path / "pages", page_settings, resume=True)
