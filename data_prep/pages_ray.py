@@ -1,9 +1,11 @@
 """`data_prep pages --engine ray`: the local engine's work per document, as Ray Data tasks on a Ray cluster.
 
+    export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=...     # everywhere, one secret (`ray get-auth-token --generate`)
     ray start --head --port 6379                      # on the head machine
     ray start --address HEAD:6379                     # on every other machine
     python -m data_prep pages --lang km --input /shared/pdfs/ s3://archive/km/ --output checkpoints/km/pages \
-        --engine ray --address HEAD:6379 [--resume]
+        --engine ray --address HEAD:6379 [--resume]   # on the head machine
+    ray stop                                          # on every machine, when done
 
 Each document is one Ray task. The task runs the local engine's own child process (`pages._run`: render, text-layer
 check, OCR fallback, the address-space limit and the per-page timeout, the skip reasons) on whichever machine Ray
@@ -100,11 +102,16 @@ def ray_session(address: str | None, workers: int) -> Iterator[Callable]:
     if started:
         try:
             if address is None:
-                ray.init(num_cpus=workers, include_dashboard=False)
+                # "local": a new Ray of its own, not a cluster that `ray start` left running on this machine
+                ray.init(address="local", num_cpus=workers, include_dashboard=False)
             else:
                 ray.init(address=address)
         except ConnectionError as error:
-            raise UsageError(f"--address {address}: {error}") from None
+            # a cluster started with `ray start` refuses a driver without its token (Ray >= 2.59 may turn it on)
+            raise UsageError(
+                f"--address {address}: {error}; where the cluster uses token authentication, set RAY_AUTH_MODE=token "
+                "here as on its machines (and RAY_AUTH_TOKEN, or the token file `ray get-auth-token` names)."
+            ) from None
     try:
         yield run_on_ray
     finally:
