@@ -1,6 +1,8 @@
 """Data preparation: page images and page text from PDFs, PDFs from text, and retrieval eval sets.
 
     python -m data_prep pages --input my_pdfs/ --output checkpoints/km/pages --lang km
+    python -m data_prep pages --input my_pdfs/ s3://bucket/pdfs/ --output checkpoints/km/pages --lang km \
+        --engine ray [--address HEAD:6379]
     python -m data_prep render --input samples/udhr/km.md --output checkpoints/km/rendered --lang km
     python -m data_prep evalset --lang km --pages checkpoints/km/pages --output checkpoints/km/evalset \
         [--parallel_source samples/udhr/en.md]
@@ -17,6 +19,7 @@ names another recipe.
 import logging
 import sys
 from dataclasses import dataclass, field
+from typing import Literal
 
 from common.artifacts import check_input_paths, check_output_dir, usable_path, write_text_atomic
 from common.errors import UsageError
@@ -27,6 +30,7 @@ from lco.queries import QueriesSettings, check_generator, check_pages
 from .evalset import build_evalset, convert_parquet_evalset
 from .language_data import derive_language_data, write_recipe
 from .pages import PageSettings, build_pages_dataset
+from .pages_ray import check_ray, is_url
 from .render import render_documents
 from .settings import DataPrepSettings
 from .speech import speak_evalset
@@ -38,9 +42,22 @@ class PagesArguments:
     output: str | None = field(default=None, metadata={"help": "Folder for the pages dataset and manifest.json."})
     resume: bool = field(default=False, metadata={"help": "Skip documents already done in --output."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing --output."})
+    engine: Literal["local", "ray"] = field(
+        default="local",
+        metadata={"help": "local: `workers` processes here; ray: Ray tasks (a local Ray, or a cluster: --address)."},
+    )
+    address: str | None = field(
+        default=None, metadata={"help": "--engine ray: a running Ray cluster to join (HEAD:6379); else a local Ray."}
+    )
 
     def validate(self) -> None:
-        _check_io(self.input, self.output, resume=self.resume, overwrite=self.overwrite)
+        urls = [value for value in self.input if is_url(value)]
+        if self.engine != "ray" and (urls or self.address):
+            given = f"--input {urls[0]}" if urls else f"--address {self.address}"
+            raise UsageError(f"{given} needs --engine ray (the local engine reads local files only).")
+        _check_io(self.input, self.output, resume=self.resume, overwrite=self.overwrite, urls=self.engine == "ray")
+        if self.engine == "ray":
+            check_ray(self.address)
 
 
 @dataclass
@@ -140,10 +157,13 @@ COMMANDS = {
 }
 
 
-def _check_io(inputs: list[str], output: str | None, *, resume=False, overwrite=False, input_flag="--input") -> None:
+def _check_io(
+    inputs: list[str], output: str | None, *, resume=False, overwrite=False, input_flag="--input", urls=False
+) -> None:
+    """`urls`: inputs may be URLs, which are checked when they are listed."""
     if not inputs:
         raise UsageError(f"{input_flag} is empty; give at least one path.")
-    check_input_paths(inputs, input_flag)
+    check_input_paths([value for value in inputs if not (urls and is_url(value))], input_flag)
     if output is None:
         raise UsageError("--output is not set; give the folder to write to.")
     check_output_dir(output, resume=resume, overwrite=overwrite, flag="--output")
@@ -215,6 +235,8 @@ def main(argv: list[str] | None = None) -> None:
         max_skip_fraction=settings.max_skip_fraction,
         page_timeout_s=settings.page_timeout_s,
         document_memory_mb=settings.document_memory_mb,
+        engine=args.engine,
+        address=args.address,
     )
     counts = manifest["counts"]
     print(

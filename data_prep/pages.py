@@ -5,7 +5,8 @@ PDF that hangs MuPDF, crashes it or makes it allocate without bound is skipped w
 the run nothing else. Its rows are kept in a work folder beside the output (`.<output>.work/`), so
 `--resume` skips the documents already done. The dataset and its manifest are assembled from the work
 folder under a temporary name and renamed into place at the end: a killed run never leaves a dataset that
-looks complete.
+looks complete. `engine="ray"` (data_prep/pages_ray.py) runs the same child process per document as Ray tasks,
+across the machines of a Ray cluster, into the same work folder and the same dataset.
 """
 
 import hashlib
@@ -17,10 +18,12 @@ import os
 import resource
 import shutil
 import signal
+import sys
 import time
+import types
 import unicodedata
-from collections.abc import Callable
-from contextlib import closing
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
 from multiprocessing.connection import wait
 from pathlib import Path
@@ -215,14 +218,24 @@ def build_pages_dataset(
     max_skip_fraction: float,
     page_timeout_s: float = DataPrepSettings.page_timeout_s,
     document_memory_mb: int = DataPrepSettings.document_memory_mb,
+    engine: str = "local",
+    address: str | None = None,
 ) -> dict:
     """Process every PDF and write the dataset + manifest.json to `output`. Returns the manifest.
 
     `workers` documents at a time, each in a child process limited to `document_memory_mb` of address space
-    and stopped when it finishes no page in `page_timeout_s`; such a document is skipped with the reason."""
+    and stopped when it finishes no page in `page_timeout_s`; such a document is skipped with the reason.
+    `engine="ray"`: the documents are Ray tasks, on the cluster at `address` (else on a local Ray of `workers`
+    CPUs), and `inputs` may be fsspec URLs."""
     started = time.monotonic()
     output_dir = Path(output)
-    paths = find_pdfs(inputs)
+    if engine == "ray":
+        from . import pages_ray
+
+        paths = pages_ray.find_inputs(inputs)
+        session = pages_ray.ray_session(address, workers)
+    else:
+        paths, session = find_pdfs(inputs), nullcontext(_run)
     if not paths:
         raise UsageError(f"--input {' '.join(inputs)}: no PDF files found (folders are searched for *.pdf).")
     work = output_dir.with_name(f".{output_dir.name}.work")
@@ -241,12 +254,14 @@ def build_pages_dataset(
     # (pyarrow and datasets report a full disk without a path: name the output)
     with (
         naming_full_disk(output_dir),
+        session as run,
         tqdm(unit="page", desc="pages") as bar,
-        closing(_run(todo, settings, workers, page_timeout_s, document_memory_mb, on_page=bar.update)) as results,
+        closing(run(todo, settings, workers, page_timeout_s, document_memory_mb, on_page=bar.update)) as results,
     ):
         for finished, (path, rows, entry) in enumerate(results, start=1):
-            if rows:
-                pq.write_table(pa.Table.from_pylist(rows, schema=ROW_SCHEMA), work / f"{_key(path)}.parquet")
+            if len(rows):  # row dicts from a child here, or the table a Ray task made of them
+                table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+                pq.write_table(table, work / f"{_key(path)}.parquet")
             write_text_atomic(work / f"{_key(path)}.json", json.dumps(entry, ensure_ascii=False))
             done[path] = entry
             bar.set_postfix_str(f"{finished}/{len(todo)} documents", refresh=False)
@@ -303,7 +318,8 @@ def _run(
                 # process_document is looked up here, in the parent: a test's stand-in reaches the child
                 args = (process_document, path, settings, page_timeout_s, memory_mb, sender)
                 process = context.Process(target=_parse_in_child, args=args, daemon=True)
-                process.start()
+                with _main_module_hidden():
+                    process.start()
                 sender.close()  # the child holds the only writer: if it dies, recv() below fails
                 running[receiver] = _Child(path, process, receiver)
             for receiver in wait(list(running)):
@@ -323,6 +339,19 @@ def _run(
     finally:  # interrupted: the children go with the run
         for child in running.values():
             child.stop()
+
+
+@contextmanager
+def _main_module_hidden() -> Iterator[None]:
+    """multiprocessing runs the parent's `__main__` again in every child it starts, unless there is none to run:
+    under `python -m stages.index` (torch, transformers) or in a Ray worker (Ray's worker script) that was seconds
+    of imports per document. A child needs only this module (preloaded) and the modules of its arguments."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
 
 
 def _parse_in_child(target, path: Path, settings: PageSettings, page_timeout_s: float, memory_mb: int, sender) -> None:
@@ -436,8 +465,9 @@ def _fingerprint(files: list[Path], settings: PageSettings) -> str:
     return digest.hexdigest()[:16]
 
 
-def _key(path: Path) -> str:
-    return hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+def _key(path: Path | str) -> str:
+    name = str(path.resolve()) if isinstance(path, Path) else path  # a URL (engine ray) names itself
+    return hashlib.sha256(name.encode()).hexdigest()[:16]
 
 
 def _tool_versions() -> dict:

@@ -1,6 +1,9 @@
 import difflib
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import datasets
@@ -272,3 +275,24 @@ def test_real_text_passes_the_garble_check(lang):
 
     ranges = yaml.safe_load((REPO / f"recipes/{lang}.yaml").read_text())["data_prep"]["script_ranges"]
     assert text_layer_problem((REPO / f"samples/udhr/{lang}.md").read_text(), parse_ranges(ranges)) is None
+
+
+def test_children_do_not_run_the_parents_main_module_again(corpus, tmp_path):
+    """multiprocessing runs the parent's __main__ again in each child it starts, unless told otherwise: under
+    `python -m stages.index` or in a Ray worker that was seconds of imports per document."""
+    _, files = corpus
+    imports = tmp_path / "imports.txt"
+    script = tmp_path / "main_script.py"
+    script.write_text(
+        "import os\n"
+        f"with open({str(imports)!r}, 'a') as f:\n"
+        "    f.write(f'{os.getpid()}\\n')\n"
+        "if __name__ == '__main__':\n"
+        "    from data_prep.pages import PageSettings, build_pages_dataset\n"
+        "    settings = PageSettings('vi', 72, 50_000, 'never', 72, 'vie', ('0041-005A',))\n"
+        f"    inputs, output = [{str(files['vi'])!r}, {str(files['km'])!r}], {str(tmp_path / 'pages')!r}\n"
+        "    build_pages_dataset(inputs, output, settings, workers=1, resume=False, max_skip_fraction=1.0)\n"
+    )
+    subprocess.run([sys.executable, str(script)], cwd=REPO, env=os.environ | {"PYTHONPATH": str(REPO)}, check=True)
+    assert (tmp_path / "pages" / "manifest.json").is_file()
+    assert len(imports.read_text().splitlines()) == 1  # the parent's own run only
