@@ -21,7 +21,11 @@ eval queries). Then, in this order (the issue's targets first, within the defaul
   before it chose by memory), batches collated on the main process (before workers), checkpointing off, or on every
   other layer;
 - pretrain_packed: the stage with padding-free batches (`--padding_free true`, lco/packing.py), its loss curve
-  beside pretrain_ours' (the same examples in the same order).
+  beside pretrain_ours' (the same examples in the same order);
+- evaluate_sorted_workers: the Embedder as stages.evaluate runs it now (pages decoded and prepared in data loader
+  workers, batched by estimated token count) beside `evaluate`, the path the H200 run of 2026-11-26 measured;
+  contrast_cached_reencode_all: the cached step re-encoding every mini-batch (`--kept_graphs 0`, as on that run)
+  beside contrast_cached, which keeps the last one's graph.
 
 Times are end to end (data collation included), over the steps after the warm-up steps. Model FLOPs are counted
 with torch.utils.flop_counter on a forward pass per example (no padding), times 3 for the trained parts (forward +
@@ -433,7 +437,8 @@ def pretrain_ours(ctx: dict, flags: tuple[str, ...] = ()) -> dict:
 
 def evaluate(ctx: dict) -> dict:
     """Pages/s and queries/s through the Embedder that stages.evaluate uses, with its recipe settings (pages
-    decoded beforehand, so that the Embedder alone is timed)."""
+    decoded beforehand, so that the Embedder alone is timed), as it encoded on the H200 of 2026-11-26: batches
+    prepared on the main process, in the given order (evaluate_sorted_workers: as it encodes now)."""
     import datasets
 
     from bench.meters import timed
@@ -442,13 +447,67 @@ def evaluate(ctx: dict) -> dict:
     from stages.evaluate import EvaluateArguments, page_size
 
     settings = EvaluateArguments(**load_recipe(ctx["recipe"])["evaluate"])
-    embedder = Embedder(ctx["base"], max_text_tokens=settings.max_text_tokens, **page_size(ctx["base"], settings))
+    sizes = page_size(ctx["base"], settings)
+    embedder = Embedder(ctx["base"], max_text_tokens=settings.max_text_tokens, workers=0, sort_by_size=False, **sizes)
     images = [row["image"].convert("RGB") for row in datasets.load_from_disk(ctx["pages"][0])]
     queries = json.loads(Path(ctx["queries"]).read_text(encoding="utf-8"))
     figures = {"batch": settings.batch_size, "pages": len(images), "queries": len(queries)}
     for name, encode, items in (("pages", embedder.encode_images, images), ("queries", embedder.encode_texts, queries)):
         encode(items[: settings.batch_size], settings.batch_size)  # warm-up
         figures[f"{name}_per_second"] = round(len(items) / timed(encode, items, settings.batch_size), 2)
+    return {**figures, "dtype": str(next(embedder.model.parameters()).dtype).removeprefix("torch.")}
+
+
+def padded_tokens(counts: list[int], batch: int) -> int:
+    """Padding tokens of the batches of `batch` consecutive items of these token counts."""
+    groups = [counts[i : i + batch] for i in range(0, len(counts), batch)]
+    return sum(max(group) * len(group) - sum(group) for group in groups)
+
+
+def evaluate_sorted_workers(ctx: dict) -> dict:
+    """As `evaluate`, the way stages.evaluate encodes now: pages decoded from the dataset's PNG bytes in the data
+    loader's workers (their default count, `workers`), items batched by estimated token count. With the padding
+    tokens of the batches in the given order and sorted (from `lco.embedder.token_counts`, no model run)."""
+    import io
+
+    import datasets
+    import torch
+    from PIL import Image
+
+    from bench.meters import timed
+    from common.recipe import load_recipe
+    from lco.embedder import Embedder, Item, LazyItems, default_workers, token_counts
+    from stages.evaluate import EvaluateArguments, page_size
+
+    settings = EvaluateArguments(**load_recipe(ctx["recipe"])["evaluate"])
+    embedder = Embedder(ctx["base"], max_text_tokens=settings.max_text_tokens, **page_size(ctx["base"], settings))
+    rows = datasets.load_from_disk(ctx["pages"][0]).cast_column("image", datasets.Image(decode=False))
+    pngs = [row["image"]["bytes"] for row in rows]
+
+    def page(png):
+        return Item(image=Image.open(io.BytesIO(png)))  # the header read: the size is known, the pixels are not
+
+    def measure(png):
+        return "", page(png).image.size
+
+    texts = json.loads(Path(ctx["queries"]).read_text(encoding="utf-8"))
+    batch = settings.batch_size
+    figures = {"batch": batch, "pages": len(pngs), "queries": len(texts)}
+    figures["workers"] = default_workers("cuda" if torch.cuda.is_available() else "cpu")
+    for name, items in (("pages", LazyItems(pngs, page, measure)), ("queries", [Item(text) for text in texts])):
+        embedder.encode(LazyItems(pngs[:batch], page, measure) if name == "pages" else items[:batch], batch)  # warm-up
+        figures[f"{name}_per_second"] = round(len(items) / timed(embedder.encode, items, batch), 2)
+        counts = token_counts(
+            embedder.processor,
+            items,
+            range(len(items)),
+            max_text_tokens=embedder.max_text_tokens,
+            image_max_side=embedder.image_max_side,
+            max_pixels=embedder.max_pixels,
+        )
+        figures[f"{name}_tokens"] = sum(counts)
+        figures[f"{name}_padded_tokens_given_order"] = padded_tokens(counts, batch)
+        figures[f"{name}_padded_tokens_sorted"] = padded_tokens(sorted(counts, reverse=True), batch)
     return {**figures, "dtype": str(next(embedder.model.parameters()).dtype).removeprefix("torch.")}
 
 
@@ -579,6 +638,13 @@ def contrast_cached(ctx: dict) -> dict:
     return {**time_steps(ctx, run.step, run.epoch_batches(0)), "mini_batch": run.args.mini_batch_size}
 
 
+def contrast_cached_reencode_all(ctx: dict) -> dict:
+    """contrast_cached as it ran on the H200 of 2026-11-26: every mini-batch encoded twice (--kept_graphs 0)."""
+    batch = ctx["earlier"].get("contrast_plain", {}).get("batch") or min(ctx["scale"]["plain_batches"])
+    run = contrastive_training(ctx, batch, kept_graphs=0)
+    return {**time_steps(ctx, run.step, run.epoch_batches(0)), "mini_batch": run.args.mini_batch_size}
+
+
 def contrast_accum(ctx: dict) -> dict:
     """Gradient accumulation over two mini-batches: per pair, accumulating more of them costs the same."""
     batch = ctx["scale"]["accum_batch"]
@@ -637,5 +703,8 @@ CASES = {
     "contrast_accum": Case(contrast_accum, 90),
     **{name: Case(partial(pretrain_ours, flags=flags), 150) for name, flags in PRETRAIN_VARIANTS.items()},
     **packing_cases(),
+    # issue 22: the encoder and the cached loss beside their earlier paths
+    "evaluate_sorted_workers": Case(evaluate_sorted_workers, 90),
+    "contrast_cached_reencode_all": Case(contrast_cached_reencode_all, 90),
 }
 MEASURED = tuple(name for name in CASES if name not in SETUP)

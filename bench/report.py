@@ -67,6 +67,13 @@ def ratios(cases: dict) -> dict:
     found["contrast_stage_over_accum_time_per_pair"] = quotient(
         get("contrast_accum", "pairs_per_second"), get("contrast_stage", "pairs_per_second")
     )
+    found["contrast_cached_reencode_all_over_plain_time_per_pair"] = quotient(
+        get("contrast_plain", "pairs_per_second"), get("contrast_cached_reencode_all", "pairs_per_second")
+    )
+    for items in ("pages", "queries"):
+        found[f"evaluate_sorted_workers_over_evaluate_{items}_per_s"] = quotient(
+            get("evaluate_sorted_workers", f"{items}_per_second"), get("evaluate", f"{items}_per_second")
+        )
     if "contrast_stage" in cases:  # None: it failed for another reason than memory (the time budget, say)
         stage = cases["contrast_stage"]
         out_of_memory = any("OutOfMemoryError" in line for line in stage.get("log_tail", []))

@@ -79,7 +79,15 @@ class _RandomState:
 
 
 def cached_contrastive_step(
-    encode, chunks_by_role: list[list], backward_chunk, temperature: float, matryoshka_dims: list[int] | tuple = ()
+    encode,
+    chunks_by_role: list[list],
+    backward_chunk,
+    temperature: float,
+    matryoshka_dims: list[int] | tuple = (),
+    *,
+    forward_chunk=None,
+    backward=None,
+    kept_graphs: int = 1,
 ) -> tuple[float, int]:
     """One cached InfoNCE step: returns (loss value, candidates per anchor).
 
@@ -88,30 +96,44 @@ def cached_contrastive_step(
     grad)` encodes `inputs` again with a graph and backpropagates `grad`, the loss's gradient with respect to
     their embeddings, through it (see `backpropagate`). Forward and backward happen in one call so that the
     caller can put both under one context: DDP decides in the forward whether the backward all-reduces.
-    `matryoshka_dims` as in `info_nce`: the truncation happens after encoding, so the cached gradients carry it."""
-    states, sizes, embeddings = [], [], []
-    with torch.no_grad():
-        for chunks in chunks_by_role:
-            role = []
-            for inputs in chunks:
-                states.append(_RandomState())
-                role.append(encode(inputs))
-                sizes.append(role[-1].shape[0])
-            embeddings.append(torch.cat(role))
-    leaves = [e.detach().requires_grad_() for e in embeddings]
+    `matryoshka_dims` as in `info_nce`: the truncation happens after encoding, so the cached gradients carry it.
+
+    With `forward_chunk(inputs)` (encodes with a graph) and `backward(embeddings, grad)` (backpropagates `grad`
+    through them), the step's last `kept_graphs` mini-batches are encoded with their graph in the first pass
+    and backpropagated through it, first, instead of being encoded a second time: one forward fewer per kept
+    mini-batch. Each kept graph is a mini-batch's activations in memory at the end of the first pass; one costs
+    no more than the re-encoding does. At least one mini-batch is re-encoded, last: the one under which a caller's
+    DDP all-reduces (`backward_chunk`'s context), after every other backward."""
+    flat = [(r, inputs) for r, chunks in enumerate(chunks_by_role) for inputs in chunks]
+    kept = min(kept_graphs, len(flat) - 1) if forward_chunk and backward else 0
+    states, embeddings, graphs = [], [[] for _ in chunks_by_role], {}
+    for index, (r, inputs) in enumerate(flat):
+        if index >= len(flat) - kept:
+            with torch.enable_grad():
+                graphs[index] = forward_chunk(inputs)
+            embeddings[r].append(graphs[index].detach())
+            continue
+        states.append(_RandomState())
+        with torch.no_grad():
+            embeddings[r].append(encode(inputs))
+    after_first_pass = _RandomState()
+    sizes = [e.shape[0] for role in embeddings for e in role]
+    leaves = [torch.cat(role).detach().requires_grad_() for role in embeddings]
     loss, candidates = info_nce(*leaves, temperature=temperature, matryoshka_dims=matryoshka_dims)
     loss.backward()
+    # each mini-batch's slice of its role's gradient
+    grads, offsets = [], [0] * len(leaves)
+    for (r, _), size in zip(flat, sizes):
+        grads.append(leaves[r].grad[offsets[r] : offsets[r] + size])
+        offsets[r] += size
 
-    step = 0
-    for chunks, leaf in zip(chunks_by_role, leaves):
-        start = 0
-        for inputs in chunks:
-            size = sizes[step]
-            states[step].restore()
-            step += 1
-            with torch.enable_grad():
-                backward_chunk(inputs, leaf.grad[start : start + size])
-            start += size
+    for index in list(graphs):
+        backward(graphs.pop(index), grads[index])  # each graph freed by its backward
+    for index, state in enumerate(states):
+        state.restore()
+        with torch.enable_grad():
+            backward_chunk(flat[index][1], grads[index])
+    after_first_pass.restore()  # the random stream goes on as after one encoding of each mini-batch (plain loss)
     return loss.item(), candidates
 
 

@@ -39,10 +39,19 @@ class Item:
 
 class LazyItems(Sequence):
     """`to_item(source)` for each of `sources`, made only when the batch that holds it is prepared (in a data
-    loader worker where there are some): a corpus of page images is never decoded all at once."""
+    loader worker where there are some): a corpus of page images is never decoded all at once.
 
-    def __init__(self, sources: Sequence, to_item: Callable[[Any], Item]):
-        self.sources, self.to_item = sources, to_item
+    `measure(source)`: the item's (text, image size as (width, height) or None), had without decoding its image
+    (PIL reads the size from the file's header), from which its token count is estimated so that batches hold
+    items of similar sizes; without it, the items are batched in their given order."""
+
+    def __init__(
+        self,
+        sources: Sequence,
+        to_item: Callable[[Any], Item],
+        measure: Callable[[Any], tuple[str, tuple[int, int] | None]] | None = None,
+    ):
+        self.sources, self.to_item, self.measure = sources, to_item, measure
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -100,6 +109,19 @@ def truncate_to_tokens(tokenizer, text: str, max_tokens: int) -> tuple[str, bool
     if len(ids) <= max_tokens:
         return text, False
     return tokenizer.decode(ids[:max_tokens]), True
+
+
+def fitted_size(size: tuple[int, int], max_pixels: int | None, image_max_side: int | None) -> tuple[int, int]:
+    """The (width, height) that `within_pixels` or `thumbnail` give an image of `size`, as `model_inputs` fits it
+    (to the nearest pixel for a thumbnail: PIL rounds its own way)."""
+    width, height = size
+    if not (max_pixels or image_max_side):
+        return size
+    if max_pixels:
+        scale = (max_pixels / (width * height)) ** 0.5
+        return (max(1, int(width * scale)), max(1, int(height * scale))) if scale < 1 else size
+    scale = image_max_side / max(size)
+    return (max(1, round(width * scale)), max(1, round(height * scale))) if scale < 1 else size
 
 
 def thumbnail(image, max_side: int):
@@ -185,6 +207,54 @@ class EmbeddingModel(torch.nn.Module):
         return last_token_embeddings(output.last_hidden_state, inputs["attention_mask"])
 
 
+def token_counts(
+    processor,
+    items: Sequence[Item],
+    indices: Sequence[int],
+    *,
+    max_text_tokens: int,
+    image_max_side: int | None,
+    max_pixels: int | None = None,
+) -> list[int] | None:
+    """The input tokens of `items[i]` for i in `indices` as `model_inputs` makes them, estimated without running the
+    processor: text tokens (cut to `max_text_tokens`) plus visual tokens (from the image's size fitted as
+    `model_inputs` fits it, and the image processor's patch and merge sizes at its pixel budget); audio and video
+    are not counted. The prompt's tokens, the same for every item, are left out. None for `LazyItems` without
+    `measure`: counting them would decode every image."""
+    if isinstance(items, LazyItems):
+        if items.measure is None:
+            return None
+        measured = [items.measure(items.sources[i]) for i in indices]
+    else:
+        measured = [
+            (item.text, item.image.size if item.image is not None else None) for item in map(items.__getitem__, indices)
+        ]
+    texts = [text for text, _ in measured]
+    text_tokens = processor.tokenizer(texts, add_special_tokens=False)["input_ids"] if any(texts) else [[]] * len(texts)
+    image_processor = getattr(processor, "image_processor", None)
+    patches = getattr(image_processor, "get_number_of_image_patches", None)
+    merged = getattr(image_processor, "merge_size", 1) ** 2  # patches per visual token (Qwen's 2 x 2 merge)
+
+    def visual_tokens(size) -> int:
+        if size is None:
+            return 0
+        if patches is None:  # a processor that gives every image the same number of tokens (Gemma 3's)
+            return 1
+        width, height = fitted_size(size, max_pixels, image_max_side)
+        return patches(height, width) // merged
+
+    return [min(len(ids), max_text_tokens) + visual_tokens(size) for ids, (_, size) in zip(text_tokens, measured)]
+
+
+def default_workers(device: torch.device | str) -> int:
+    """Data loader workers for encoding on `device`: on a GPU, up to 4 per process, leaving a core to each process
+    of the node (LOCAL_WORLD_SIZE under torchrun); on a CPU none, as the model wants every core there."""
+    if torch.device(device).type != "cuda":
+        return 0
+    cores = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(0, min(4, cores - 1))
+
+
 def encode_items(
     model: EmbeddingModel,
     processor,
@@ -196,24 +266,25 @@ def encode_items(
     max_pixels: int | None = None,
     progress: str | None = None,
     workers: int | None = None,
+    indices: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """Embeddings of `items` on the CPU, `batch_size` at a time, without a graph and in eval mode.
+    """Embeddings of `items[i]` for i in `indices` (default: all of them), in that order, on the CPU, `batch_size`
+    at a time in the order of `indices`, without a graph and in eval mode.
 
-    `workers` processes (default: 4 on a GPU, none on a CPU) prepare the next batches while the model encodes
-    this one: on an H200 the processor's resizing and tokenising alone took 29% of page-encoding time, and the
-    GPU sat idle meanwhile (bench/results/stages_bench_2026-11-26_h200.json)."""
+    `workers` processes (None or negative: `default_workers`) prepare the next batches while the model encodes this
+    one: on an H200 the processor's resizing and tokenising alone took 29% of page-encoding time, and the GPU sat
+    idle meanwhile (bench/results/stages_bench_2026-11-26_h200.json)."""
     from functools import partial
 
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
-    if workers is None:
-        workers = min(4, os.cpu_count() or 1) if device.type == "cuda" else 0
     batches = DataLoader(
         items,
         batch_size=batch_size,
-        num_workers=workers,
+        sampler=range(len(items)) if indices is None else indices,
+        num_workers=default_workers(device) if workers is None or workers < 0 else workers,
         collate_fn=partial(
             model_inputs,
             processor,
@@ -251,7 +322,12 @@ class Embedder:
         max_text_tokens: int = 650,
         image_max_side: int | None = 700,
         max_pixels: int | None = None,
+        workers: int | None = None,
+        sort_by_size: bool = True,
     ):
+        """`workers`: data loader workers preparing batches (None or negative: `default_workers`); `sort_by_size`:
+        items batched from the largest estimated token count down (`token_counts`), so that a batch pads little; the
+        embeddings come back in the items' order either way."""
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         # under torchrun, each process on its own GPU
@@ -262,24 +338,33 @@ class Embedder:
         self.max_text_tokens = max_text_tokens
         self.image_max_side = image_max_side
         self.max_pixels = max_pixels  # when given, images are fitted to this budget instead of the square
+        self.workers, self.sort_by_size = workers, sort_by_size
 
     def encode(self, items: Sequence[Item], batch_size: int = 16, progress: str | None = None) -> torch.Tensor:
         """Embeddings of `items` in order. In a process group (`torchrun`), each process encodes its contiguous
-        share and all of them return the whole, gathered in order: the same as one process encoding all."""
-        from torch.utils.data import Subset
-
+        share and all of them return the whole, gathered in order: the same as one process encoding all. Each
+        process sorts its own share (balanced: shares are cut before sorting) and puts its embeddings back in the
+        share's order before the gathering."""
         world, rank = _process_group()
         start, end = len(items) * rank // world, len(items) * (rank + 1) // world
-        share = encode_items(
+        settings = {"max_text_tokens": self.max_text_tokens, "image_max_side": self.image_max_side}
+        settings["max_pixels"] = self.max_pixels
+        indices = list(range(start, end))
+        counts = token_counts(self.processor, items, indices, **settings) if self.sort_by_size else None
+        if counts is not None:
+            indices = [indices[i] for i in sorted(range(len(indices)), key=lambda i: -counts[i])]
+        encoded = encode_items(
             self.model,
             self.processor,
-            items if world == 1 else Subset(items, range(start, end)),
+            items,
             batch_size=batch_size,
-            max_text_tokens=self.max_text_tokens,
-            image_max_side=self.image_max_side,
-            max_pixels=self.max_pixels,
             progress=progress if rank == 0 else None,
+            workers=self.workers,
+            indices=indices,
+            **settings,
         )
+        share = torch.empty_like(encoded)
+        share[torch.tensor(indices, dtype=torch.long) - start] = encoded  # back in the share's order
         if world == 1:
             return share
         shares = [None] * world

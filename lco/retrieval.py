@@ -56,6 +56,16 @@ class EvalSet:
         with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as opened:
             return opened.convert("RGB")
 
+    def image_size(self, page_id: str) -> tuple[int, int] | None:
+        """(width, height) of a page's image, read from its header without decoding it; None for a page without."""
+        from PIL import Image
+
+        image = self.pages[page_id]["image"]
+        if image is None:
+            return None
+        with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as opened:
+            return opened.size
+
 
 def _listed(problems: list[str]) -> str:
     return "; ".join(problems[:MAX_LISTED]) + ("; ..." if len(problems) > MAX_LISTED else "")

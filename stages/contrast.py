@@ -73,6 +73,13 @@ class ContrastArguments:
         default=1024, metadata={"help": "Candidates each anchor is scored against, whatever the GPU count."}
     )
     mini_batch_size: int = field(default=32, metadata={"help": "Examples encoded at once (memory, not the loss)."})
+    kept_graphs: int = field(
+        default=1,
+        metadata={
+            "help": "Mini-batches per step whose graph the cached loss keeps from its first pass instead of encoding "
+            "them again: each saves a forward and holds a mini-batch's activations (1 costs no extra memory)."
+        },
+    )
     learning_rate: float = 4.0e-4
     num_train_epochs: float = 2.0
     max_steps: int = field(default=0, metadata={"help": "Optimizer steps; 0 = num_train_epochs over the pairs."})
@@ -127,8 +134,8 @@ class ContrastArguments:
             raise UsageError(f"--multimodal_fraction must be in [0, 1], got {self.multimodal_fraction}.")
         if self.temperature <= 0:
             raise UsageError(f"--temperature must be positive, got {self.temperature}.")
-        if self.contrastive_batch_size < 2 or self.mini_batch_size < 1:
-            raise UsageError("--contrastive_batch_size must be >= 2 and --mini_batch_size >= 1.")
+        if self.contrastive_batch_size < 2 or self.mini_batch_size < 1 or self.kept_graphs < 0:
+            raise UsageError("--contrastive_batch_size must be >= 2, --mini_batch_size >= 1 and --kept_graphs >= 0.")
         if self.contrastive_batch_size % world_size():
             raise UsageError(
                 f"--contrastive_batch_size {self.contrastive_batch_size} does not split evenly over {world_size()} "
@@ -437,11 +444,21 @@ class ContrastiveTraining:
         """Re-encode a mini-batch with a graph and backpropagate the loss's cached gradient through it. Both under
         `accumulate`, which syncs gradients across processes on the step's last mini-batch only: DDP decides in
         the forward whether the backward all-reduces."""
+        with self.accelerator.accumulate(self.model):
+            self.backward(self.encode(inputs), grad)
+
+    def forward_chunk(self, inputs):
+        """A mini-batch encoded with a graph in the cached loss's first pass (a kept graph), under `accumulate` as
+        the re-encoded ones are: one of the step's accumulation steps, never its last, so DDP does not all-reduce
+        in its backward and DeepSpeed's `sync_gradients` is still unset when `backward` runs, after the loss."""
+        with self.accelerator.accumulate(self.model):
+            return self.encode(inputs)
+
+    def backward(self, embeddings, grad) -> None:
         from lco.contrastive_loss import backpropagate
 
-        with self.accelerator.accumulate(self.model):
-            # both DeepSpeed and Accelerate divide by the accumulation steps; the cached gradients are already whole
-            self.accelerator.backward(backpropagate(self.encode(inputs), grad) * self.accumulation)
+        # both DeepSpeed and Accelerate divide by the accumulation steps; the cached gradients are already whole
+        self.accelerator.backward(backpropagate(embeddings, grad) * self.accumulation)
 
     def step(self, batch) -> dict:
         """One optimizer step on this process's share of `batch`: {loss (mean over processes), candidates, lr}."""
@@ -465,7 +482,14 @@ class ContrastiveTraining:
             for role in self.roles
         ]
         loss, candidates = cached_contrastive_step(
-            self.encode, chunks_by_role, self.backward_chunk, args.temperature, args.matryoshka_dims
+            self.encode,
+            chunks_by_role,
+            self.backward_chunk,
+            args.temperature,
+            args.matryoshka_dims,
+            forward_chunk=self.forward_chunk,
+            backward=self.backward,
+            kept_graphs=args.kept_graphs,
         )
         self.accelerator.clip_grad_norm_(self.trainable, 1.0)  # DeepSpeed clips by its config's gradient_clipping
         self.optimizer.step()

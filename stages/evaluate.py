@@ -71,6 +71,9 @@ class EvaluateArguments:
     faiss: bool = field(default=False, metadata={"help": "Search with a FAISS index instead of a matrix product."})
     cache_dir: str = field(default="checkpoints/.embedding-cache", metadata={"help": "Where embeddings are cached."})
     report_queries: int = field(default=20, metadata={"help": "Queries shown per model in the --report HTML."})
+    encode_workers: int = field(
+        default=-1, metadata={"help": "Processes preparing batches for the encoder (-1: up to 4 on a GPU, 0 on a CPU)."}
+    )
 
 
 @dataclass
@@ -221,7 +224,9 @@ def model_rankings(model: str, evalset, tasks: dict, args: EvaluateArguments) ->
 
     def get_embedder():
         nonlocal embedder
-        embedder = embedder or Embedder(model, max_text_tokens=args.max_text_tokens, **size)
+        embedder = embedder or Embedder(
+            model, max_text_tokens=args.max_text_tokens, workers=args.encode_workers, **size
+        )
         return embedder
 
     fingerprint = model_fingerprint(model)
@@ -232,7 +237,11 @@ def model_rankings(model: str, evalset, tasks: dict, args: EvaluateArguments) ->
         {"model": fingerprint, "pages": data_fingerprint(evalset, "pages"), **settings},
         args.cache_dir,
         lambda: get_embedder().encode(
-            LazyItems(page_ids, lambda pid: entry_item(evalset, pid, "pages")), args.batch_size, progress="pages"
+            LazyItems(
+                page_ids, lambda pid: entry_item(evalset, pid, "pages"), lambda pid: ("", evalset.image_size(pid))
+            ),
+            args.batch_size,
+            progress="pages",
         ),
     )
     queries, queries_cached = cached_embeddings(
@@ -244,7 +253,11 @@ def model_rankings(model: str, evalset, tasks: dict, args: EvaluateArguments) ->
         },
         args.cache_dir,
         lambda: get_embedder().encode(
-            LazyItems(query_ids, lambda qid: entry_item(evalset, qid, "queries", args.query_instruction)),
+            LazyItems(
+                query_ids,
+                lambda qid: entry_item(evalset, qid, "queries", args.query_instruction),
+                lambda qid: (args.query_instruction + evalset.queries[qid]["text"], None),
+            ),
             args.batch_size,
             progress="queries",
         ),

@@ -177,7 +177,7 @@ def pages_to_index(datasets: list[str], indexed: set[str]) -> list[tuple[object,
     return todo
 
 
-def encode_pages(todo: list, work: Path, settings: dict, batch_size: int, chunk_pages: int):
+def encode_pages(todo: list, work: Path, settings: dict, batch_size: int, chunk_pages: int, workers: int = -1):
     """Embeddings of the pages in `todo`, `chunk_pages` at a time, each chunk saved in `work` as it is done and
     read back instead of encoded again (an interrupted run's chunks)."""
     import numpy as np
@@ -195,13 +195,19 @@ def encode_pages(todo: list, work: Path, settings: dict, batch_size: int, chunk_
             path = work / chunk_name(start, chunk_pages)
             if not path.is_file():
                 sizes = {key: settings[key] for key in ("max_pixels", "image_max_side")}
-                embedder = embedder or Embedder(settings["model"], max_text_tokens=settings["max_text_tokens"], **sizes)
+                sizes |= {"max_text_tokens": settings["max_text_tokens"], "workers": workers}
+                embedder = embedder or Embedder(settings["model"], **sizes)
 
                 def page_item(entry):
                     dataset, row, _ = entry
                     return Item(image=Image.open(io.BytesIO(dataset[row]["image"]["bytes"])))
 
-                vectors = embedder.encode(LazyItems(todo[start : start + chunk_pages], page_item), batch_size)
+                def page_size(entry):  # PIL has read the header only: the size, not the pixels
+                    return "", page_item(entry).image.size
+
+                vectors = embedder.encode(
+                    LazyItems(todo[start : start + chunk_pages], page_item, page_size), batch_size
+                )
                 buffer = io.BytesIO()
                 np.save(buffer, vectors.float().numpy())
                 write_bytes_atomic(path, buffer.getvalue())
@@ -299,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"index: nothing new to index in {' '.join(inputs.input)}; {inputs.output} is unchanged")
         return
     encoding_started = time.monotonic()
-    vectors = encode_pages(todo, work, settings, args.batch_size, inputs.chunk_pages)
+    vectors = encode_pages(todo, work, settings, args.batch_size, inputs.chunk_pages, args.encode_workers)
     encoding_s = time.monotonic() - encoding_started
 
     # the PDFs' pages dataset goes with the work folder: the pages' sha256 say which documents they came from

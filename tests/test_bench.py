@@ -89,6 +89,8 @@ def test_tiny_run_reports_every_case(tmp_path):
         "contrast_plain": ["pairs_per_second", "step_seconds_median"],
         "contrast_cached": ["pairs_per_second", "step_seconds_median"],
         "contrast_accum": ["pairs_per_second", "step_seconds_median"],
+        "evaluate_sorted_workers": ["pages_per_second", "queries_per_second", "pages_tokens", "queries_tokens"],
+        "contrast_cached_reencode_all": ["pairs_per_second", "step_seconds_median"],
     }
     for name, keys in rates.items():
         assert all(measured[name][key] > 0 for key in keys), (name, measured[name])
@@ -101,6 +103,10 @@ def test_tiny_run_reports_every_case(tmp_path):
     plain, ours = measured["pretrain_plain"]["flops_per_token"], measured["pretrain_ours"]["flops_per_token"]
     assert plain > ours if frozen else plain == ours, (plain, ours)
     assert measured["contrast_cached"]["batch"] == measured["contrast_plain"]["batch"]
+    assert measured["contrast_cached_reencode_all"]["batch"] == measured["contrast_plain"]["batch"]
+    encoder = measured["evaluate_sorted_workers"]
+    for items in ("pages", "queries"):
+        assert 0 <= encoder[f"{items}_padded_tokens_sorted"] <= encoder[f"{items}_padded_tokens_given_order"], encoder
     ratios = report["ratios"]
     for key in ("pretrain_ours_mfu", "pretrain_plain_mfu"):
         assert 0 < ratios[key] < 1, ratios

@@ -95,6 +95,50 @@ def test_cached_loss_equals_the_plain_loss_in_value_and_gradients(tiny_model):
     assert any(g.abs().sum() > 0 for g in plain_grads)
 
 
+@pytest.mark.parametrize("kept_graphs", [1, 3, 9])
+def test_cached_loss_keeping_first_pass_graphs_equals_the_plain_loss_with_fewer_forwards(tiny_model, kept_graphs):
+    """The last mini-batches keep their first encoding's graph (all but one at most: 9 of 6 keeps 5); the value, the
+    gradients and the random stream after the step (dropout masks replayed) are the plain loss's."""
+    processor = tiny_model[1]
+    model = lora_embedding_model(tiny_model[2], dropout=0.2)
+    chunks = [
+        [model_inputs(processor, [Item(t) for t in TEXTS[i : i + 2]], 64, 448) for i in range(0, 6, 2)],
+        [model_inputs(processor, [Item(t + " .") for t in TEXTS[i : i + 2]], 64, 448) for i in range(0, 6, 2)],
+    ]
+    params = [p for p in model.parameters() if p.requires_grad]
+    torch.manual_seed(1)
+    plain = info_nce(*[torch.cat([model(**inputs) for inputs in role]) for role in chunks], temperature=0.05)[0]
+    plain.backward()
+    plain_grads, plain_next = [p.grad.clone() for p in params], torch.rand(4)
+    model.zero_grad()
+
+    forwards = []
+
+    def encode(inputs):
+        forwards.append(torch.is_grad_enabled())
+        return model(**inputs)
+
+    def backward(embeddings, grad):
+        backpropagate(embeddings, grad).backward()
+
+    torch.manual_seed(1)
+    cached, _ = cached_contrastive_step(
+        encode,
+        chunks,
+        lambda inputs, grad: backward(encode(inputs), grad),
+        0.05,
+        forward_chunk=encode,
+        backward=backward,
+        kept_graphs=kept_graphs,
+    )
+    assert cached == pytest.approx(plain.item(), rel=1e-5)
+    torch.testing.assert_close(torch.rand(4), plain_next, rtol=0, atol=0)
+    for plain_grad, param in zip(plain_grads, params):
+        torch.testing.assert_close(param.grad, plain_grad, rtol=1e-4, atol=1e-6)
+    kept = min(kept_graphs, 5)
+    assert len(forwards) == 12 - kept and forwards.count(True) == 6  # every mini-batch once with a graph
+
+
 def _two_process_loss(rank, init_file, anchors, positives, results):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     mine = slice(rank * 3, rank * 3 + 3)

@@ -17,7 +17,8 @@ pytestmark = [
 ]
 
 
-def test_cached_loss_equals_the_plain_loss_in_bf16_with_cuda_dropout_replayed(tiny_model):
+@pytest.mark.parametrize("kept_graphs", [0, 1])  # every mini-batch encoded twice, or the last one's graph kept
+def test_cached_loss_equals_the_plain_loss_in_bf16_with_cuda_dropout_replayed(tiny_model, kept_graphs):
     processor = tiny_model[1]
     model = lora_embedding_model(tiny_model[2], dropout=0.2).to("cuda", torch.bfloat16)
     roles = [TEXTS, [text + " ." for text in TEXTS]]
@@ -37,7 +38,15 @@ def test_cached_loss_equals_the_plain_loss_in_bf16_with_cuda_dropout_replayed(ti
         backpropagate(model(**inputs), grad).backward()
 
     torch.cuda.manual_seed(1)
-    cached, _ = cached_contrastive_step(lambda inputs: model(**inputs), chunks, backward_chunk, 0.05)
+    cached, _ = cached_contrastive_step(
+        lambda inputs: model(**inputs),
+        chunks,
+        backward_chunk,
+        0.05,
+        forward_chunk=lambda inputs: model(**inputs),
+        backward=lambda embeddings, grad: backpropagate(embeddings, grad).backward(),
+        kept_graphs=kept_graphs,
+    )
     assert cached == pytest.approx(plain.item(), rel=1e-2)  # bf16: 8 bits of mantissa
     for plain_grad, param in zip(plain_grads, params):
         torch.testing.assert_close(param.grad.float(), plain_grad, rtol=5e-2, atol=5e-3)
