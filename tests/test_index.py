@@ -265,8 +265,8 @@ def test_approximate_indexes_find_the_exact_top_10_and_survive_a_round_trip(ann,
 
 
 def test_an_ivf_index_is_built_searched_and_added_to(tiny_model, datasets, tmp_path, capsys):
-    """--ann auto past --exact_limit builds IVF lists, search reads it, --add goes into the trained lists; on the
-    tiny index (10 pages, one list) every search is exact, so it ranks as the exact index."""
+    """--ann auto past --exact_limit builds IVF lists, search and serve read it, --add goes into the trained lists;
+    on the tiny index (10 pages, one list) every search is exact, so it ranks as the exact index."""
     model = tiny_model[2]
     build(model, datasets, tmp_path / "exact")
     build(model, [datasets[0]], tmp_path / "ivf", "--exact_limit", "3", "--nprobe", "4")
@@ -284,3 +284,9 @@ def test_an_ivf_index_is_built_searched_and_added_to(tiny_model, datasets, tmp_p
     assert [(hit["doc_id"], hit["page"]) for hit in found] == [(hit["doc_id"], hit["page"]) for hit in expected]
     for hit, want in zip(found, expected):
         assert hit["score"] == pytest.approx(want["score"], abs=1e-5)
+    from fastapi.testclient import TestClient
+
+    from stages.serve import create_app
+
+    served = TestClient(create_app(ivf)).get("/search", params={"q": "สิทธิ", "k": 5}).json()["results"]
+    assert [(hit["doc_id"], hit["page"]) for hit in served] == [(hit["doc_id"], hit["page"]) for hit in expected]
