@@ -140,7 +140,7 @@ def markdown(runs: list[dict], rows: list[dict], notes: list[str]) -> str:
             f"{row['recall_at_10']:.3f} | {row['ms_per_query_batch']} | {row['ms_per_query_single']} | "
             f"{row['bytes_per_vector']} | {row.get('train_s', '')} | {row.get('build_s', '')} |"
         )
-    return "\n".join(lines + ["", *notes]) + "\n"
+    return "\n".join([*lines, *(line for note in notes for line in ("", note))]) + "\n"
 
 
 def main() -> None:
