@@ -1,4 +1,5 @@
-"""A searchable index of pages: FAISS vectors (full, truncated and re-normalised, int8 or binary) beside a page
+"""A searchable index of pages: FAISS vectors (full, truncated and re-normalised, int8 or binary; searched exactly,
+or approximately through IVF, IVF-PQ or HNSW for large indexes) beside a page
 store (one JSON line per page: document, page, source, language, text, the document's sha256; the page image
 and a thumbnail as files named by row). Written by stages.index, read by stages.search and stages.serve.
 
@@ -10,6 +11,7 @@ and a thumbnail as files named by row). Written by stages.index, read by stages.
 
 import io
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,14 @@ from common.run_record import RUN_RECORD, read_run_record
 INDEX_FILE = "index.faiss"
 PAGES_FILE = "pages.jsonl"
 QUANTIZATIONS = ("none", "int8", "binary")
+ANN_TYPES = ("auto", "exact", "ivf", "hnsw")
+# pages up to which `auto` searches exactly: an exact search of 100k x 2048 float32 (0.8 GB) took 30 ms a query in
+# a batch of 1000 and 0.8 s alone on this shared 2-core machine at load ~7 (bench/results/ann_cpu2.md), about what a
+# person notices; IVF answered in 1-4 ms there. 200k is a choice between the two, `--exact_limit` moves it
+EXACT_SEARCH_LIMIT = 200_000
+TRAINING_PER_LIST = 256  # k-means sample per IVF list: faiss's own cap (max_points_per_centroid)
+HNSW_NEIGHBOURS = 32  # links per node (M): memory 2 x 32 x 4 bytes a vector on top of the codes
+RECALL_QUERIES = 1000  # the index's own vectors searched at build time to measure recall@10 against exact search
 THUMBNAIL_SIDE = 320  # pixels; a results grid shows a few across
 
 
@@ -40,23 +50,107 @@ def fit_vectors(embeddings: np.ndarray, dim: int) -> np.ndarray:
     return np.ascontiguousarray(vectors / np.maximum(norms, 1e-12))
 
 
-def new_faiss_index(vectors: np.ndarray, quantize: str):
-    """An empty exact-search index for vectors like `vectors`: inner product on float32 (`none`) or on 8-bit
-    codes (`int8`: 1 byte a component, each coded uniformly between its smallest and largest value in `vectors`;
-    documents added later keep that coding, a value outside it clipped), or Hamming distance on sign bits
-    (`binary`)."""
+def new_faiss_index(
+    vectors: np.ndarray,
+    quantize: str,
+    ann: str = "exact",
+    nprobe: int = 16,
+    ef_search: int = 64,
+    seed: int = 0,
+    training_per_list: int = TRAINING_PER_LIST,
+):
+    """An empty index for vectors like `vectors`: inner product on float32 (`none`) or on 8-bit codes (`int8`: 1 byte
+    a component, each coded uniformly between its smallest and largest value in `vectors`; documents added later
+    keep that coding, a value outside it clipped), or Hamming distance on sign bits (`binary`).
+
+    `ann` `exact` compares a query with every vector; `ivf` with the vectors of the `nprobe` k-means lists (of
+    ~4 sqrt(n), trained on at most `training_per_list` vectors a list sampled from `vectors`) nearest to it;
+    `hnsw` walks a neighbour graph (`ef_search` candidates). Both keep the codes `quantize` says. Vectors added
+    later go to the lists trained here (no retraining: the lists stay those of the first pages) or into the
+    graph."""
     import faiss
 
     dim = vectors.shape[1]
     if quantize == "binary":
         return faiss.IndexBinaryFlat(dim)
-    if quantize == "int8":
+    if ann == "exact" and quantize == "int8":
         # per-component ranges from the data: a fixed [-1, 1] left the tiny model's pages, whose scores differ
         # by thousandths, a few codes apart (bench/index_sizes.py: 0.70 of the float top 10 kept, against 1.00)
         index = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
         index.train(vectors)
         return index
-    return faiss.IndexFlatIP(dim)
+    if ann == "exact":
+        return faiss.IndexFlatIP(dim)
+    lists = ivf_lists(len(vectors))
+    codes = {"none": "Flat", "int8": "SQ8"}[quantize]
+    factory = {
+        "ivf": f"IVF{lists},{codes}",
+        "hnsw": f"HNSW{HNSW_NEIGHBOURS}" + (",SQ8" if quantize == "int8" else ""),
+    }[ann]
+    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    sample = np.random.default_rng(seed).permutation(len(vectors))[: training_per_list * lists]
+    index.train(vectors[np.sort(sample)])
+    if ann == "hnsw":
+        index.hnsw.efSearch = ef_search
+    else:
+        index.nprobe = nprobe  # saved with the index: search and serve read it back
+    return index
+
+
+def search_kind(ann: str, pages: int, quantize: str, exact_limit: int = EXACT_SEARCH_LIMIT) -> str:
+    """The search a new index of `pages` pages gets: `ann`, or for `auto` exact up to `exact_limit` pages (and
+    always for binary codes) and IVF beyond."""
+    if ann != "auto":
+        return ann
+    return "exact" if pages <= exact_limit or quantize == "binary" else "ivf"
+
+
+def ivf_lists(vectors: int) -> int:
+    """IVF lists for `vectors` vectors: ~4 sqrt(n) (faiss's guideline), at most one list per 39 vectors, the fewest
+    points per centroid faiss trains k-means on without a warning."""
+    return max(1, min(round(4 * math.sqrt(vectors)), vectors // 39))
+
+
+def index_kind(index) -> str:
+    """`exact`, `ivf` or `hnsw`: how a FAISS index searches."""
+    import faiss
+
+    name = type(faiss.downcast_index(index) if isinstance(index, faiss.Index) else index).__name__
+    if name.startswith("IndexHNSW"):
+        return "hnsw"
+    if name.startswith("IndexIVF"):
+        return "ivf"
+    return "exact"
+
+
+def search_recall(index, vectors: np.ndarray, quantize: str, k: int = 10, seed: int = 0) -> float | None:
+    """recall@k of `index` against exact inner-product search over `vectors` (the vectors it holds, float32), with
+    up to RECALL_QUERIES of them as queries: the share of the exact top k that the index's top k keeps. None for
+    an exact index. A query finds itself in both, so the figure is a little above that of new queries."""
+    import faiss
+
+    if index_kind(index) == "exact":
+        return None
+    queries = vectors[np.sort(np.random.default_rng(seed).permutation(len(vectors))[:RECALL_QUERIES])]
+    k = min(k, len(vectors))
+    _, exact = faiss.knn(queries, vectors, k, faiss.METRIC_INNER_PRODUCT)
+    _, found = search_vectors(index, queries, k, quantize)
+    kept = [len(set(a.tolist()) & set(b.tolist())) for a, b in zip(exact, found)]
+    return round(sum(kept) / (k * len(queries)), 4)
+
+
+def stored_vectors(index) -> np.ndarray:
+    """The vectors `index` holds, decoded from its codes (exact for float32 storage; 8-bit codes decode to
+    approximations of what was added)."""
+    import faiss
+
+    if index_kind(index) != "ivf":
+        return index.reconstruct_n(0, index.ntotal)
+    lists = faiss.extract_index_ivf(index)
+    lists.make_direct_map()  # the lists are not in row order: a map from row to list, for this read only
+    vectors = index.reconstruct_n(0, index.ntotal)
+    lists.set_direct_map_type(faiss.DirectMap.NoMap)
+    return vectors
 
 
 def add_vectors(index, vectors: np.ndarray, quantize: str) -> None:

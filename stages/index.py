@@ -12,6 +12,15 @@ with (its run-record chain), unless `--config` or `--lang` names another; pages 
 adds the documents the index does not hold yet (by content, sha256) and refuses a model or settings other
 than the index's. The index is written under a temporary name and renamed when complete; an interrupted run
 keeps its encoded pages in `.<output>.work/`, and `--resume` encodes only the rest.
+
+Under `torchrun --nproc_per_node N -m stages.index ...` (or `accelerate launch`), every process encodes a
+contiguous share of each chunk of pages, and rank 0 saves the chunks, writes the index and prints: the same index
+as one process writes. The inputs are then pages datasets on a filesystem every process reads.
+
+Search: `--ann auto` (the default) searches exactly up to `--exact_limit` pages (200k) and through FAISS IVF lists
+beyond; `--ann ivf` or `--ann hnsw` choose. An approximate index is trained on a sample of the pages, and its
+recall@10 against exact search (its own vectors as queries) is measured when it is written: the run record's
+`recall_at_10`, and the last line printed. `--add` adds to the lists trained first, without retraining.
 """
 
 import io
@@ -32,8 +41,9 @@ from common.artifacts import (
 from common.errors import UsageError, run_cli
 from common.recipe import parse_stage_arguments
 from common.run_record import RUN_RECORD, chain_records, model_fingerprint, parent_run, sha256_file, write_run_record
+from lco.index import EXACT_SEARCH_LIMIT
 
-from .evaluate import EvaluateArguments, page_size
+from .evaluate import EvaluateArguments, join_process_group, main_process_decides, page_size
 
 
 @dataclass
@@ -51,10 +61,23 @@ class IndexInputs:
         default=256, metadata={"help": "Pages encoded between two saves of the work folder (what a kill can cost)."}
     )
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing --output once the new one is done."})
+    ann: str = field(
+        default="auto",
+        metadata={
+            "help": "Search: exact, ivf (k-means lists), hnsw (a neighbour graph), or auto: exact up to --exact_limit "
+            "pages, ivf beyond."
+        },
+    )
+    exact_limit: int = field(
+        default=EXACT_SEARCH_LIMIT, metadata={"help": "--ann auto: pages up to which search is exact."}
+    )
+    nprobe: int = field(default=16, metadata={"help": "ivf: lists searched per query (more: higher recall, slower)."})
+    ef_search: int = field(default=64, metadata={"help": "hnsw: candidates kept per query (more: higher recall)."})
 
     def validate(self) -> None:
+        from lco.distributed import world_size
         from lco.embedder import embedding_size
-        from lco.index import QUANTIZATIONS
+        from lco.index import ANN_TYPES, QUANTIZATIONS
 
         check_model_source(self.model, "--model")
         if not self.input:
@@ -76,6 +99,21 @@ class IndexInputs:
             raise UsageError(f"--chunk_pages must be at least 1, got {self.chunk_pages}.")
         if self.quantize not in QUANTIZATIONS:
             raise UsageError(f"--quantize must be one of {', '.join(QUANTIZATIONS)}, got {self.quantize!r}.")
+        if self.ann not in ANN_TYPES:
+            raise UsageError(f"--ann must be one of {', '.join(ANN_TYPES)}, got {self.ann!r}.")
+        if self.quantize == "binary" and self.ann in ("ivf", "hnsw"):
+            raise UsageError(
+                f"--ann {self.ann} takes --quantize none or int8; binary codes are searched exactly (Hamming "
+                "distance on 1/32 of the float32 memory): drop --ann or pass --quantize int8."
+            )
+        for name in ("exact_limit", "nprobe", "ef_search"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        if world_size() > 1 and split_inputs(self.input)[1]:
+            raise UsageError(
+                f"--input {' '.join(split_inputs(self.input)[1])}: under torchrun, give pages datasets; make them "
+                "from the PDFs first with `python -m data_prep pages` (one process reads PDFs, many encode)."
+            )
         size = embedding_size(self.model)
         if self.dim < 0 or (size and self.dim > size):
             raise UsageError(f"--dim {self.dim}: the model's embeddings have {size} components; give 1 to {size}.")
@@ -115,10 +153,14 @@ def index_settings(model: str, args: EvaluateArguments, inputs: IndexInputs) -> 
         **page_size(model, args),
         "dim": inputs.dim,
         "quantize": inputs.quantize,
+        "ann": inputs.ann,
+        "nprobe": inputs.nprobe,
+        "ef_search": inputs.ef_search,
     }
 
 
 def check_same_settings(existing: dict, wanted: dict, output: str) -> None:
+    existing = {"ann": "auto", "nprobe": 16, "ef_search": 64, **existing}  # an index from before --ann: exact, as auto
     differing = sorted(key for key in wanted if key != "model" and existing.get(key) != wanted[key])
     if differing:
         shown = ", ".join(f"{key} {existing.get(key)!r} here, {wanted[key]!r} now" for key in differing)
@@ -179,21 +221,25 @@ def pages_to_index(datasets: list[str], indexed: set[str]) -> list[tuple[object,
 
 def encode_pages(todo: list, work: Path, settings: dict, batch_size: int, chunk_pages: int, workers: int = -1):
     """Embeddings of the pages in `todo`, `chunk_pages` at a time, each chunk saved in `work` as it is done and
-    read back instead of encoded again (an interrupted run's chunks)."""
+    read back instead of encoded again (an interrupted run's chunks). In a process group every process encodes a
+    share of each chunk (`Embedder.encode`), rank 0 saves and returns them, the others return None."""
     import numpy as np
     from PIL import Image
     from tqdm import tqdm
 
+    from lco.distributed import rank
     from lco.embedder import Embedder, Item, LazyItems
 
+    starts = range(0, len(todo), chunk_pages)
+    # rank 0's look at its work folder: every process skips the same chunks
+    done = main_process_decides({start for start in starts if (work / chunk_name(start, chunk_pages)).is_file()})
+    if done and rank() == 0:
+        print(f"index: resuming: {min(len(done) * chunk_pages, len(todo))} of {len(todo)} pages already encoded")
     embedder, chunks = None, []
-    done = sum(1 for start in range(0, len(todo), chunk_pages) if (work / chunk_name(start, chunk_pages)).is_file())
-    if done:
-        print(f"index: resuming: {min(done * chunk_pages, len(todo))} of {len(todo)} pages already encoded")
-    with tqdm(total=len(todo), unit="page", desc="index") as bar:
-        for start in range(0, len(todo), chunk_pages):
+    with tqdm(total=len(todo), unit="page", desc="index", disable=rank() > 0) as bar:
+        for start in starts:
             path = work / chunk_name(start, chunk_pages)
-            if not path.is_file():
+            if start not in done:
                 sizes = {key: settings[key] for key in ("max_pixels", "image_max_side")}
                 sizes |= {"max_text_tokens": settings["max_text_tokens"], "workers": workers}
                 embedder = embedder or Embedder(settings["model"], **sizes)
@@ -208,22 +254,30 @@ def encode_pages(todo: list, work: Path, settings: dict, batch_size: int, chunk_
                 vectors = embedder.encode(
                     LazyItems(todo[start : start + chunk_pages], page_item, page_size), batch_size
                 )
-                buffer = io.BytesIO()
-                np.save(buffer, vectors.float().numpy())
-                write_bytes_atomic(path, buffer.getvalue())
-            chunks.append(np.load(path))
-            bar.update(len(chunks[-1]))
-    return np.concatenate(chunks)
+                if rank() == 0:
+                    buffer = io.BytesIO()
+                    np.save(buffer, vectors.float().numpy())
+                    write_bytes_atomic(path, buffer.getvalue())
+            if rank() == 0:
+                chunks.append(np.load(path))
+            bar.update(min(chunk_pages, len(todo) - start))
+    return np.concatenate(chunks) if rank() == 0 else None
 
 
 def chunk_name(start: int, chunk_pages: int) -> str:
     return f"chunk-{start // chunk_pages:06d}.npy"
 
 
-def write_index(output: str, todo: list, vectors, existing, settings: dict, record: dict, pages_per_s: float) -> dict:
+def write_index(
+    output: str, todo: list, vectors, existing, settings: dict, record: dict, pages_per_s: float, exact_limit: int
+) -> dict:
     """The index folder, complete, renamed into place (the existing one's pages first under --add), its run record
-    (`record`: write_run_record's fields) written last; returns the record's results."""
+    (`record`: write_run_record's fields) written last; returns the record's results. A new index searches as
+    `settings["ann"]` says (`auto`: exactly up to `exact_limit` pages); an approximate one's recall@10 against
+    exact search is measured over all its vectors (under --add, the earlier pages' read back from the index)."""
     import os
+
+    import numpy as np
 
     from lco.index import (
         INDEX_FILE,
@@ -232,16 +286,28 @@ def write_index(output: str, todo: list, vectors, existing, settings: dict, reco
         fit_vectors,
         image_file,
         index_bytes,
+        index_kind,
         new_faiss_index,
+        search_kind,
+        search_recall,
+        stored_vectors,
         thumbnail_file,
         thumbnail_jpeg,
     )
 
     pages = list(existing.pages) if existing else []
-    faiss_index = existing.faiss_index if existing else None
     fitted = fit_vectors(vectors, settings["dim"])
-    faiss_index = faiss_index or new_faiss_index(fitted, settings["quantize"])
+    if existing:
+        faiss_index = existing.faiss_index
+    else:
+        kind = search_kind(settings["ann"], len(fitted), settings["quantize"], exact_limit)
+        faiss_index = new_faiss_index(
+            fitted, settings["quantize"], kind, settings["nprobe"], settings["ef_search"], seed=record["seed"]
+        )
+    approximate = index_kind(faiss_index) != "exact"
+    earlier = stored_vectors(faiss_index) if existing and approximate else fitted[:0]
     add_vectors(faiss_index, fitted, settings["quantize"])
+    recall = search_recall(faiss_index, np.concatenate([earlier, fitted]), settings["quantize"], seed=record["seed"])
     with atomic_directory(output) as tmp:
         (tmp / "images").mkdir()
         (tmp / "thumbs").mkdir()
@@ -266,10 +332,29 @@ def write_index(output: str, todo: list, vectors, existing, settings: dict, reco
             "index_bytes_per_page": round(size / len(pages), 1),
             "pages_added": len(todo),
             "pages_per_s": round(pages_per_s, 3),  # encoding the added pages
+            "search": index_kind(faiss_index),
+            "recall_at_10": recall,  # against exact search, the index's own vectors as queries; None when exact
         }
         config = {**record["config"], "index": settings}
         write_run_record(tmp, **{**record, "config": config}, results=results)
     return results
+
+
+def search_summary(counts: dict, settings: dict, exact_limit: int) -> str:
+    """How the written index searches, and what that costs against exact search."""
+    if counts["search"] == "exact":
+        grown = settings["ann"] == "auto" and counts["pages"] > exact_limit
+        # an index keeps the search it was built with: --add never retrains
+        return "exact search" + (
+            f"; {counts['pages']} pages is past --exact_limit {exact_limit}: rebuild it (--overwrite) for IVF search"
+            if grown
+            else ""
+        )
+    probe = f"nprobe {settings['nprobe']}" if counts["search"] == "ivf" else f"ef_search {settings['ef_search']}"
+    return (
+        f"{counts['search']} search ({probe}): recall@10 {counts['recall_at_10']} against exact search, "
+        "its own pages as queries"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -297,16 +382,21 @@ def main(argv: list[str] | None = None) -> None:
         "manifests": [sha256_file(Path(path) / "manifest.json") for path in datasets],
         "add_to": existing and sha256_file(output / RUN_RECORD),
     }
-    prepare_work_folder(work, run_key, inputs.resume)
-    from_pdfs = pdf_pages(pdfs, work, recipe_args, indexed) if pdfs else None
+    main_process = join_process_group() == 0  # under torchrun; 1 process: rank 0
+    if main_process:
+        prepare_work_folder(work, run_key, inputs.resume)
+    from_pdfs = pdf_pages(pdfs, work, recipe_args, indexed) if pdfs else None  # pages datasets only under torchrun
     todo = pages_to_index([*datasets, *([from_pdfs] if from_pdfs else [])], indexed)
     if not todo:
-        shutil.rmtree(work)
-        print(f"index: nothing new to index in {' '.join(inputs.input)}; {inputs.output} is unchanged")
+        if main_process:
+            shutil.rmtree(work)
+            print(f"index: nothing new to index in {' '.join(inputs.input)}; {inputs.output} is unchanged")
         return
     encoding_started = time.monotonic()
     vectors = encode_pages(todo, work, settings, args.batch_size, inputs.chunk_pages, args.encode_workers)
     encoding_s = time.monotonic() - encoding_started
+    if not main_process:  # the other processes of a torchrun encoded their shares
+        return
 
     # the PDFs' pages dataset goes with the work folder: the pages' sha256 say which documents they came from
     record = dict(
@@ -316,7 +406,8 @@ def main(argv: list[str] | None = None) -> None:
         inputs=[*([recipe_args.config] if recipe_args.config else []), *(Path(d) / "manifest.json" for d in datasets)],
         parent=parent_run(inputs.model),
     )
-    counts = write_index(inputs.output, todo, vectors, existing, settings, record, len(todo) / max(encoding_s, 1e-9))
+    pages_per_s = len(todo) / max(encoding_s, 1e-9)
+    counts = write_index(inputs.output, todo, vectors, existing, settings, record, pages_per_s, inputs.exact_limit)
     shutil.rmtree(work)
     print(
         f"index: {len(todo)} pages added ({len({entry['sha256'] for *_, entry in todo})} documents), "
@@ -324,6 +415,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{counts['index_bytes_per_page']} index bytes per page ({inputs.quantize}, "
         f"dim {inputs.dim or vectors.shape[1]}), {time.monotonic() - started:.0f}s -> {inputs.output}"
     )
+    print(f"index: {search_summary(counts, settings, inputs.exact_limit)}")
     print(f'index: search it: python -m stages.search --index {inputs.output} "your question"')
 
 

@@ -14,7 +14,17 @@ import pytest
 
 from common.errors import UsageError
 from common.recipe import parse_stage_arguments
-from lco.index import PAGES_FILE, fit_vectors, load_index, new_faiss_index, search_vectors
+from lco.index import (
+    PAGES_FILE,
+    fit_vectors,
+    index_bytes,
+    index_kind,
+    load_index,
+    new_faiss_index,
+    read_faiss_index,
+    search_recall,
+    search_vectors,
+)
 from stages.evaluate import EvaluateArguments, model_rankings
 from stages.index import main as index
 from stages.search import main as search
@@ -98,6 +108,9 @@ def test_an_index_refuses_another_model_or_settings(tiny_model, recorded_base, d
         (["--quantize", "float16"], "--quantize must be one of"),
         (["--dim", "100000"], "--dim 100000"),
         (["--quantize", "binary", "--dim", "12"], "multiple of 8"),
+        (["--ann", "ivfpq"], "--ann must be one of"),
+        (["--ann", "hnsw", "--quantize", "binary"], "binary codes are searched exactly"),
+        (["--ann", "ivf", "--nprobe", "0"], "--nprobe must be at least 1"),
     ],
 )
 def test_bad_flags_are_refused_before_any_work(tiny_model, datasets, tmp_path, flags, message):
@@ -168,6 +181,33 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny_model, datasets, t
     shutil.rmtree(tmp_path / "killed")
 
 
+def test_two_processes_encode_shares_and_index_as_one(tiny_model, datasets, tmp_path):
+    """torchrun with 2 processes: each encodes half of every chunk (chunks of 4, 4 and 2 pages), rank 0 alone saves
+    the chunks, writes the index and prints; the vectors and the search results equal a 1-process run's."""
+
+    def run(processes: int, name: str) -> str:
+        launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes)] if processes > 1 else []
+        argv = ["--model", str(tiny_model[2]), "--config", TINY, "--input", *map(str, datasets)]
+        argv += ["--output", str(tmp_path / name), "--chunk_pages", "4", "--batch_size", "2"]
+        result = subprocess.run(
+            [sys.executable, *launcher, "-m", "stages.index", *argv],
+            capture_output=True, text=True, timeout=600, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout
+
+    one, two = run(1, "one"), run(2, "two")
+    assert two.count("pages added") == one.count("pages added") == 1  # rank 0 alone prints
+    single, sharded = vectors_of(tmp_path / "one"), vectors_of(tmp_path / "two")
+    assert single[1] == sharded[1] and len(single[1]) == 10
+    np.testing.assert_allclose(sharded[0], single[0], atol=1e-6)
+    queries = single[0][[0, 5]]
+    assert [[hit[1]["row"] for hit in hits] for hits in load_index(tmp_path / "two").search(queries, 5)] == [
+        [hit[1]["row"] for hit in hits] for hits in load_index(tmp_path / "one").search(queries, 5)
+    ]
+    assert not list(tmp_path.glob(".*"))  # no work or temporary folder left by either process
+
+
 def test_pdfs_are_read_with_the_recipes_settings_and_known_by_content(tiny_model, datasets, tmp_path, capsys):
     pdfs = datasets[0].parent  # the PDFs the first pages dataset was made from
     build(tiny_model[2], [pdfs], tmp_path / "index", "--lang", "th")
@@ -199,3 +239,54 @@ def test_overwrite_replaces_the_index_once_the_new_one_is_complete(tiny_model, d
     replaced = load_index(tmp_path / "index")
     assert replaced.settings["quantize"] == "binary" and len(replaced.pages) == 6
     assert {page["source"] for page in replaced.pages} <= {str(path) for path in datasets[1].parent.glob("*.pdf")}
+
+
+def clustered(count: int, dim: int = 64, seed: int = 0) -> np.ndarray:
+    """Unit vectors around 50 centres: clustered as page embeddings are (uniform noise has no neighbours to find)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((50, dim), dtype=np.float32)
+    vectors = centres[rng.integers(50, size=count)] + 0.5 * rng.standard_normal((count, dim), dtype=np.float32)
+    return fit_vectors(vectors, 0)
+
+
+@pytest.mark.parametrize("ann, quantize", [("ivf", "none"), ("ivf", "int8"), ("hnsw", "none"), ("hnsw", "int8")])
+def test_approximate_indexes_find_the_exact_top_10_and_survive_a_round_trip(ann, quantize, tmp_path):
+    vectors = clustered(5000)
+    index = new_faiss_index(vectors, quantize, ann, nprobe=8, ef_search=64)
+    index.add(vectors)
+    assert index_kind(index) == ann
+    # 128 lists (5000 // 39), 8 searched; measured 1.0, 0.985, 1.0, 0.973 here: the bound leaves room for other BLAS
+    assert search_recall(index, vectors, quantize) >= 0.9
+    assert search_recall(new_faiss_index(vectors, quantize), vectors, quantize) is None  # exact: nothing lost
+    (tmp_path / "index.faiss").write_bytes(index_bytes(index, quantize))
+    loaded = read_faiss_index(tmp_path / "index.faiss", quantize)
+    queries = clustered(20, seed=1)
+    np.testing.assert_array_equal(search_vectors(loaded, queries, 10, quantize)[1], index.search(queries, 10)[1])
+
+
+def test_an_ivf_index_is_built_searched_and_added_to(tiny_model, datasets, tmp_path, capsys):
+    """--ann auto past --exact_limit builds IVF lists, search and serve read it, --add goes into the trained lists;
+    on the tiny index (10 pages, one list) every search is exact, so it ranks as the exact index."""
+    model = tiny_model[2]
+    build(model, datasets, tmp_path / "exact")
+    build(model, [datasets[0]], tmp_path / "ivf", "--exact_limit", "3", "--nprobe", "4")
+    build(model, [datasets[1]], tmp_path / "ivf", "--add", "--exact_limit", "3", "--nprobe", "4")
+    out = capsys.readouterr().out
+    assert "index: exact search\n" in out and "ivf search (nprobe 4): recall@10 1.0 against exact search" in out
+    exact, ivf = load_index(tmp_path / "exact"), load_index(tmp_path / "ivf")
+    assert index_kind(ivf.faiss_index) == "ivf" and ivf.record["results"]["search"] == "ivf"
+    assert ivf.record["results"]["recall_at_10"] == 1.0 and exact.record["results"]["recall_at_10"] is None
+    assert ivf.faiss_index.nprobe == 4 and ivf.pages == exact.pages
+    search(["--index", str(tmp_path / "ivf"), "สิทธิ", "--k", "5", "--json"])
+    found = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    search(["--index", str(tmp_path / "exact"), "สิทธิ", "--k", "5", "--json"])
+    expected = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(hit["doc_id"], hit["page"]) for hit in found] == [(hit["doc_id"], hit["page"]) for hit in expected]
+    for hit, want in zip(found, expected):
+        assert hit["score"] == pytest.approx(want["score"], abs=1e-5)
+    from fastapi.testclient import TestClient
+
+    from stages.serve import create_app
+
+    served = TestClient(create_app(ivf)).get("/search", params={"q": "สิทธิ", "k": 5}).json()["results"]
+    assert [(hit["doc_id"], hit["page"]) for hit in served] == [(hit["doc_id"], hit["page"]) for hit in expected]
