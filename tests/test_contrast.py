@@ -68,7 +68,9 @@ def test_trainable_parameters_are_exactly_the_language_models_lora(tiny_model):
     }
 
 
-def test_cached_loss_equals_the_plain_loss_in_value_and_gradients(tiny_model):
+def plain_step(tiny_model):
+    """(model, its trained parameters, 3 mini-batches of 2 pairs per role, the plain InfoNCE loss of seed 1, its
+    gradients, the next random draw after it); the model's gradients are zeroed again."""
     processor = tiny_model[1]
     model = lora_embedding_model(tiny_model[2], dropout=0.2)
     chunks = [
@@ -76,13 +78,16 @@ def test_cached_loss_equals_the_plain_loss_in_value_and_gradients(tiny_model):
         [model_inputs(processor, [Item(t + " .") for t in TEXTS[i : i + 2]], 64, 448) for i in range(0, 6, 2)],
     ]
     params = [p for p in model.parameters() if p.requires_grad]
-
     torch.manual_seed(1)
     plain = info_nce(*[torch.cat([model(**inputs) for inputs in role]) for role in chunks], temperature=0.05)[0]
     plain.backward()
-    plain_grads = [p.grad.clone() for p in params]
+    plain_grads, plain_next = [p.grad.clone() for p in params], torch.rand(4)
     model.zero_grad()
+    return model, params, chunks, plain, plain_grads, plain_next
 
+
+def test_cached_loss_equals_the_plain_loss_in_value_and_gradients(tiny_model):
+    model, params, chunks, plain, plain_grads, _ = plain_step(tiny_model)
     torch.manual_seed(1)
 
     def backward_chunk(inputs, grad):
@@ -99,19 +104,7 @@ def test_cached_loss_equals_the_plain_loss_in_value_and_gradients(tiny_model):
 def test_cached_loss_keeping_first_pass_graphs_equals_the_plain_loss_with_fewer_forwards(tiny_model, kept_graphs):
     """The last mini-batches keep their first encoding's graph (all but one at most: 9 of 6 keeps 5); the value, the
     gradients and the random stream after the step (dropout masks replayed) are the plain loss's."""
-    processor = tiny_model[1]
-    model = lora_embedding_model(tiny_model[2], dropout=0.2)
-    chunks = [
-        [model_inputs(processor, [Item(t) for t in TEXTS[i : i + 2]], 64, 448) for i in range(0, 6, 2)],
-        [model_inputs(processor, [Item(t + " .") for t in TEXTS[i : i + 2]], 64, 448) for i in range(0, 6, 2)],
-    ]
-    params = [p for p in model.parameters() if p.requires_grad]
-    torch.manual_seed(1)
-    plain = info_nce(*[torch.cat([model(**inputs) for inputs in role]) for role in chunks], temperature=0.05)[0]
-    plain.backward()
-    plain_grads, plain_next = [p.grad.clone() for p in params], torch.rand(4)
-    model.zero_grad()
-
+    model, params, chunks, plain, plain_grads, plain_next = plain_step(tiny_model)
     forwards = []
 
     def encode(inputs):
