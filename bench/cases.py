@@ -686,7 +686,7 @@ SETUP = ("base_model", "pages")
 # variant forces one setting, the first two being the earlier defaults
 PRETRAIN_VARIANTS = {
     "pretrain_ours_ckpt_all": ("--checkpointing", "all"),
-    "pretrain_ours_collate_main": ("--dataloader_num_workers", "0", "--dataloader_persistent_workers", "false"),
+    "pretrain_ours_collate_main": ("--dataloader_num_workers", "0"),
     "pretrain_ours_no_ckpt": ("--checkpointing", "none"),
     "pretrain_ours_ckpt_every2": ("--checkpointing", "every_2"),
 }

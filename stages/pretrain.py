@@ -49,7 +49,8 @@ CPU_DEFAULTS = {"use_cpu": True, "bf16": False}
 def gpu_defaults() -> dict:
     """Batches collated (images processed, text tokenised) in worker processes, a few per GPU, while the GPU trains."""
     cpus_per_process = (os.cpu_count() or 1) // max(1, local_world_size())
-    return {"dataloader_num_workers": max(1, min(4, cpus_per_process - 1)), "dataloader_persistent_workers": True}
+    # not persistent: with them a recipe setting `dataloader_num_workers: 0` would fail in torch's DataLoader
+    return {"dataloader_num_workers": max(1, min(4, cpus_per_process - 1))}
 
 
 # the Trainer's settings that the stage's `checkpointing` decides
