@@ -9,8 +9,8 @@ The peak of a step is estimated as
   dtype (the Trainer's optimizer); under DeepSpeed, fp32 master weights and moments (12 bytes) and the gradient,
   divided among the processes at the ZeRO stage that partitions each (1: optimizer, 2: and gradients, 3: and weights);
 - activations per token per layer: what autograd keeps for backward in one decoder layer, measured by running a
-  one-layer copy of the model's decoder (its sizes, dtype and attention; uninitialised weights) on the CPU. Measured,
-  not written as a formula, because families differ (Gemma 3 keeps fp32 copies in its four norms: 1.8x Qwen2.5's at
+  one-layer copy of the model's decoder (its sizes, dtype and attention; random weights) on the CPU. Measured,
+  not written as a formula, because families differ (Gemma 3 keeps fp32 copies in its four norms: 1.7x Qwen2.5-VL's at
   the same sizes). A checkpointed layer keeps only its input (hidden size values); in backward one layer at a time
   is recomputed whole;
 - the LM head's tile: TRL's SFTTrainer scores tokens through a fused LM head (`trl.trainer.utils.add_fused_lm_head`)
