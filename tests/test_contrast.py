@@ -68,15 +68,19 @@ def test_trainable_parameters_are_exactly_the_language_models_lora(tiny_model):
     }
 
 
+def mini_batches(processor, size: int) -> list[list]:
+    """The 6 anchors of TEXTS and their positives (each text with " ." added), as model inputs `size` at a time."""
+    return [
+        [model_inputs(processor, [Item(t + end) for t in TEXTS[i : i + size]], 64, 448) for i in range(0, 6, size)]
+        for end in ("", " .")
+    ]
+
+
 def plain_step(tiny_model):
     """(model, its trained parameters, 3 mini-batches of 2 pairs per role, the plain InfoNCE loss of seed 1, its
     gradients, the next random draw after it); the model's gradients are zeroed again."""
-    processor = tiny_model[1]
     model = lora_embedding_model(tiny_model[2], dropout=0.2)
-    chunks = [
-        [model_inputs(processor, [Item(t) for t in TEXTS[i : i + 2]], 64, 448) for i in range(0, 6, 2)],
-        [model_inputs(processor, [Item(t + " .") for t in TEXTS[i : i + 2]], 64, 448) for i in range(0, 6, 2)],
-    ]
+    chunks = mini_batches(tiny_model[1], 2)
     params = [p for p in model.parameters() if p.requires_grad]
     torch.manual_seed(1)
     plain = info_nce(*[torch.cat([model(**inputs) for inputs in role]) for role in chunks], temperature=0.05)[0]
@@ -545,12 +549,8 @@ def test_matryoshka_loss_sums_infonce_over_renormalised_prefixes():
 
 
 def test_cached_matryoshka_loss_equals_the_plain_one_in_value_and_gradients(tiny_model):
-    processor = tiny_model[1]
     model = lora_embedding_model(tiny_model[2], dropout=0.0)
-    chunks = [
-        [model_inputs(processor, [Item(t) for t in TEXTS[i : i + 3]], 64, 448) for i in range(0, 6, 3)],
-        [model_inputs(processor, [Item(t + " .") for t in TEXTS[i : i + 3]], 64, 448) for i in range(0, 6, 3)],
-    ]
+    chunks = mini_batches(tiny_model[1], 3)
     params = [p for p in model.parameters() if p.requires_grad]
     dims = [model.model.config.text_config.hidden_size, 32, 8]
     embeddings = [torch.cat([model(**inputs) for inputs in role]) for role in chunks]

@@ -4,10 +4,8 @@ everything at once, refusal of another model or settings, quantised and truncate
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -147,31 +145,25 @@ def test_binary_scores_are_the_cosine_of_sign_vectors():
 
 @pytest.mark.slow
 def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny_model, datasets, tmp_path):
-    argv = ["--model", str(tiny_model[2]), "--config", TINY, "--input", *map(str, datasets), "--chunk_pages", "2"]
+    from .test_kill_resume import run
 
-    def run(output, *flags, kill_when=None):
-        process = subprocess.Popen(
-            [sys.executable, "-m", "stages.index", *argv, "--output", str(output), *flags],
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
-        while kill_when is not None and process.poll() is None and not kill_when():
-            time.sleep(0.01)
-        if kill_when is not None and process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-        out, err = process.communicate()
-        return process.returncode, out.decode(), err.decode()
-
-    assert run(tmp_path / "whole")[0] == 0
+    argv = ["stages.index", "--model", str(tiny_model[2]), "--config", TINY, "--input", *map(str, datasets)]
+    argv += ["--chunk_pages", "2"]
+    assert not run([*argv, "--output", str(tmp_path / "whole")])  # exited 0
     work = tmp_path / ".killed.work"
-    code, _, _ = run(tmp_path / "killed", kill_when=lambda: len(list(work.glob("chunk-*.npy"))) >= 2)
-    assert code == -signal.SIGKILL
+    killed = run(
+        [*argv, "--output", str(tmp_path / "killed")],
+        kill_after=0,  # as soon as two chunks are saved
+        kill_when=lambda: len(list(work.glob("chunk-*.npy"))) >= 2,
+    )
+    assert killed
     assert not (tmp_path / "killed").exists()  # nothing that looks like an index
     with pytest.raises(UsageError, match="not a finished index"):
         load_index(tmp_path / "killed")
-    code, out, err = run(tmp_path / "killed", "--resume")
+    resumed = subprocess.run(
+        [sys.executable, "-m", *argv, "--output", str(tmp_path / "killed"), "--resume"], cwd=REPO, capture_output=True
+    )
+    code, out, err = resumed.returncode, resumed.stdout.decode(), resumed.stderr.decode()
     assert code == 0, err[-2000:]
     assert "resuming:" in out and "of 10 pages already encoded" in out
     whole, resumed = vectors_of(tmp_path / "whole"), vectors_of(tmp_path / "killed")
