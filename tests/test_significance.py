@@ -1,8 +1,10 @@
+import itertools
+
 import numpy as np
 import pytest
 
 from lco.retrieval import EvalSet, mean_scores, per_query_scores, score
-from lco.significance import bootstrap_interval, compare_systems, holm, paired_test
+from lco.significance import RESAMPLES, bootstrap_interval, compare_systems, holm, paired_test
 
 
 def test_identical_systems_differ_by_zero_with_p_one():
@@ -21,11 +23,29 @@ def test_a_system_better_on_every_query_gets_the_exact_randomization_p():
 
 
 def test_a_sampled_randomization_test_is_close_to_the_exact_one():
-    # 12 queries, 4096 sign flips, 2 of them as extreme as observed: sampling 200,000 flips, each extreme one
-    # turns up about 49 times (standard deviation 7), so the sampled p is 2 / 4096 within about 1e-4
-    base = np.linspace(0.0, 0.9, 12)
-    sampled = paired_test(base + 0.05, base, seed=0, permutations=200_000)["p_value"]
-    assert sampled == pytest.approx(2 / 2**12, abs=2e-4)
+    # 16 queries: 2^16 = 65,536 sign flips, more than the 10,000 the test draws, so scipy samples (the path
+    # of every real eval set of 14 or more queries). The exact p, every flip enumerated here, is 0.0524; the
+    # sampled two-sided p (twice the smaller tail) has a standard deviation of 2 x sqrt(0.026 x 0.974 / 10^4)
+    # = 0.0032, so 0.015 is over 4 of them
+    differences = np.random.default_rng(6).normal(0.03, 0.1, 16)
+    flips = np.array(list(itertools.product([1, -1], repeat=16)))  # (65536, 16)
+    null = flips @ differences / 16  # the mean difference under every flip
+    observed = differences.mean()
+    exact = np.mean(np.abs(null) >= abs(observed) * (1 - 1e-9))
+    assert 2**16 > RESAMPLES and exact == pytest.approx(0.0524, abs=1e-4)
+    sampled = paired_test(differences, np.zeros(16), seed=0)["p_value"]
+    assert sampled == pytest.approx(exact, abs=0.015)
+    assert sampled * (RESAMPLES + 1) == pytest.approx(round(sampled * (RESAMPLES + 1)))  # k / 10001: sampled
+
+
+def test_the_bootstrap_interval_is_the_95_percent_one_of_the_mean():
+    # for 400 queries the bootstrap distribution of the mean is close to normal with the standard deviation
+    # sd / sqrt(n) (sd with ddof 0, as resampling sees it): the 95% interval is 2 x 1.96 of those wide
+    # (a 90% interval would be 1.645 / 1.96 = 0.84 of it, a 50% one 0.34)
+    values = np.random.default_rng(1).random(400)
+    low, high = bootstrap_interval(values, seed=0)
+    assert high - low == pytest.approx(2 * 1.959964 * values.std() / np.sqrt(400), rel=0.05)
+    assert (low + high) / 2 == pytest.approx(values.mean(), abs=0.003)
 
 
 def test_the_bootstrap_interval_of_a_constant_is_that_constant():
