@@ -92,6 +92,19 @@ def prompt_overhead(processor, instruction: str) -> int:
     return len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def smallest_max_length(processor) -> int:
+    """The smallest `max_length` every page example fits: the longest instruction's prompt, the fewest image
+    tokens a page can cost (the processor's minimum size) and MIN_COMPLETION_TOKENS of text."""
+    if hasattr(processor, "image_seq_length"):
+        fewest_image_tokens = processor.image_seq_length
+    else:
+        image_processor = processor.image_processor
+        patch = image_processor.patch_size * image_processor.merge_size
+        fewest_image_tokens = math.ceil(image_processor.size["shortest_edge"] / patch**2)
+    longest_prompt = max(prompt_overhead(processor, instruction) for instruction in INSTRUCTIONS)
+    return longest_prompt + COMPLETION_SUFFIX_TOKENS + fewest_image_tokens + MIN_COMPLETION_TOKENS
+
+
 def page_example(row: dict, processor, *, max_length: int, max_pixels: int, seed: int) -> dict:
     """One pages-dataset row to a TRL prompt/completion example with its image."""
     rng = random.Random(zlib.crc32(f"{seed}:{row['doc_id']}:{row['page']}".encode()))

@@ -111,6 +111,10 @@ class PretrainArguments:
 
 def validate_run(args: PretrainArguments, training, lang: str) -> None:
     """Checks that need the recipe's language and the trainer settings too."""
+    from transformers import AutoProcessor
+
+    from lco.pretrain_data import smallest_max_length
+
     check_reads(args.model_name_or_path, {"image"})  # a supported family, before the weights are loaded
     if training.padding_free:
         check_packs(model_type_in(args.model_name_or_path))
@@ -134,9 +138,13 @@ def validate_run(args: PretrainArguments, training, lang: str) -> None:
             "--text_only_fraction > 0 with ZeRO-3: ranks whose batch has no image while another's has one hang; "
             "use recipes/deepspeed/zero2.json, or set text_only_fraction to 0."
         )
-    if training.max_length is None or training.max_length < 64:
+    if training.max_length is None:
+        raise UsageError("--max_length must be set (tokens per example, image tokens included).")
+    smallest = smallest_max_length(AutoProcessor.from_pretrained(args.model_name_or_path))
+    if training.max_length < smallest:
         raise UsageError(
-            f"--max_length must be set, and at least 64 tokens (image tokens included); got {training.max_length}."
+            f"--max_length {training.max_length} leaves no room for a page: this model's prompt, its smallest "
+            f"page image and some text need at least {smallest} tokens; set --max_length {smallest} or more."
         )
     if training.output_dir is None or training.output_dir == "trainer_output":
         raise UsageError("--output_dir is not set (recipe `pretrain.output_dir` or the flag).")

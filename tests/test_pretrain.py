@@ -10,7 +10,16 @@ from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
 from common.errors import run_cli
 from common.run_record import read_run_record, verify_chain
-from lco.pretrain_data import CONTINUATION_INSTRUCTION, continuation_example, held_out_documents, page_example
+from lco.pretrain_data import (
+    COMPLETION_SUFFIX_TOKENS,
+    CONTINUATION_INSTRUCTION,
+    INSTRUCTIONS,
+    MIN_COMPLETION_TOKENS,
+    continuation_example,
+    held_out_documents,
+    page_example,
+    smallest_max_length,
+)
 from stages.pretrain import freeze
 from stages.pretrain import main as pretrain
 
@@ -390,3 +399,24 @@ def test_batches_collated_in_worker_processes_train_as_on_the_main_process_and_t
     assert losses[2] == losses[0]  # the same batches: the sampler stays on the main process
     for result in results.values():
         assert 0 < result["throughput"]["waiting_for_batches_share"] < 1
+
+
+@pytest.mark.parametrize("max_length", [64, 96])  # math domain error at 64, ZeroDivisionError at 96 (224 x 56)
+def test_a_max_length_that_leaves_no_room_for_the_page_is_refused_naming_the_smallest_that_fits(
+    max_length, tiny_model, base, pages, tmp_path, capsys
+):
+    processor = tiny_model[1]
+    smallest = smallest_max_length(processor)
+    # the longest instruction's prompt (64 tokens with the tiny tokenizer), the fewest image tokens a page
+    # costs (the processor's 3136-pixel minimum = 4 merged 28-px patches) and room for text
+    assert smallest == 64 + COMPLETION_SUFFIX_TOKENS + 4 + MIN_COMPLETION_TOKENS
+    for page in range(len(INSTRUCTIONS) * 4):  # every instruction, drawn by seed
+        row = {"doc_id": "d", "page": page, "image": Image.new("RGB", (224, 56), "white"), "text": "abc " * 50}
+        example = page_example(row, processor, max_length=smallest, max_pixels=200_704, seed=0)
+        assert example["image_tokens"] >= 4 and example["truncated"]
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(pretrain, pretrain_argv(base, pages, tmp_path / "run", "--max_length", str(max_length)))
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"--max_length {max_length}" in error and f"at least {smallest}" in error
+    assert not (tmp_path / "run").exists()
