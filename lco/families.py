@@ -29,8 +29,8 @@ FAMILIES = {
     "qwen2_5_vl": Family(("visual",), LANGUAGE_MODEL_LINEAR),
     "qwen3_vl": Family(("visual",), LANGUAGE_MODEL_LINEAR),
     # packed, its sliding-window layers' mask looks image blocks up by each example's positions in the whole packed
-    # row (transformers 5.24, masking_utils: blockwise_overlay under remap_positions_for_packed_sequence), and the
-    # loss differs from the padded batch's (tests/test_packing.py)
+    # row (transformers 5.24, masking_utils: blockwise_overlay under remap_positions_for_packed_sequence): pages
+    # alone pack exactly, but a text-only example after a page trains otherwise (tests/test_families.py)
     "gemma3": Family(("vision_tower", "multi_modal_projector"), LANGUAGE_MODEL_LINEAR, packs=False),
     # Qwen2.5-Omni's thinker: text, images, audio and video in, text out (its talker, which speaks, is not used)
     "qwen2_5_omni_thinker": Family(

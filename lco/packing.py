@@ -35,9 +35,10 @@ def rope_index(model):
     )[0]
 
 
-def pack(batch: dict, rope_index) -> dict:
+def pack(batch: dict, rope_index=None) -> dict:
     """`batch` (a padded collator output) as one row of its examples' real tokens, with position ids restarting at
-    each example; each example's first label is ignored, as it would be predicted from the example before."""
+    each example; each example's first label is ignored, as it would be predicted from the example before. With
+    `rope_index` (the Qwen families) the position ids are (4, 1, tokens), else one per token, (1, tokens)."""
     mask = batch["attention_mask"].bool()  # (batch, length)
     lengths = mask.sum(-1).tolist()
     others = {key: value for key, value in batch.items() if key != "attention_mask" and key not in PER_TOKEN}
@@ -50,6 +51,9 @@ def pack(batch: dict, rope_index) -> dict:
     starts = torch.tensor([0, *lengths[:-1]]).cumsum(0)
     packed["labels"][0, starts] = -100
     text = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)  # (1, tokens)
+    if rope_index is None:
+        packed["position_ids"] = text
+        return packed
     mrope = rope_index(batch)[:, mask]  # (3, tokens)
     packed["position_ids"] = torch.cat([text, mrope.to(text.dtype)]).unsqueeze(1)  # (4, 1, tokens)
     return packed

@@ -17,7 +17,7 @@ from lco.embedder import Embedder, EmbeddingModel, Item, load_audio, model_input
 from lco.families import FAMILIES, check_packs, family_of, towers
 from lco.lora import lora_config
 from lco.memory import layer_activation_bytes
-from lco.packing import PER_TOKEN
+from lco.packing import pack
 from lco.pretrain_data import page_example
 from stages import base_model, contrast, evaluate, export, pretrain
 
@@ -120,13 +120,18 @@ def test_a_family_packs_padding_free_batches_exactly_or_is_refused(family):
         return
     with pytest.raises(UsageError, match=f"--padding_free true: {model.config.model_type} models do not train"):
         check_packs(model.config.model_type)
-    with pytest.raises(AssertionError):  # why: transformers masks its packed rows wrongly (lco/families.py)
-        batch = padded_batch(processor, examples(processor))
-        position_ids = torch.cat([torch.arange(n) for n in batch["attention_mask"].sum(-1).tolist()]).unsqueeze(0)
-        packed = {key: batch[key][batch["attention_mask"].bool()].unsqueeze(0) for key in PER_TOKEN if key in batch}
-        packed["labels"][0, position_ids[0] == 0] = -100
-        packed = {**packed, "pixel_values": batch["pixel_values"], "position_ids": position_ids}
-        assert_same_training(loss_and_gradients(model, dict(batch)), loss_and_gradients(model, packed))
+    # why (lco/families.py): packed, a text-only example after a page is masked wrongly. Pages alone pack exactly
+    # (measured: loss equal, gradients within 5e-7); a page and a text continuation differ (loss by 4e-4
+    # relative, the q_norm gradients by 12% of their largest entry)
+    rows = examples(processor)
+    pages = padded_batch(processor, rows[:2])
+    assert_same_training(loss_and_gradients(model, dict(pages)), loss_and_gradients(model, pack(pages)))
+    page_and_text = padded_batch(processor, [examples(processor)[0], rows[2]])  # the collator rewrites its rows
+    padded_loss, padded_grads = loss_and_gradients(model, dict(page_and_text))
+    packed_loss, packed_grads = loss_and_gradients(model, pack(page_and_text))
+    assert abs(packed_loss - padded_loss) > 1e-4 * padded_loss
+    worst = max(float((packed_grads[n] - g).abs().max() / g.abs().max()) for n, g in padded_grads.items() if g.any())
+    assert worst > 0.01
 
 
 def test_lora_sits_on_the_language_model_only_and_the_merged_model_embeds_like_the_adapter(family):
