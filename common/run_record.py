@@ -195,6 +195,15 @@ def chain_training_documents(folder: str | Path) -> set[str] | None:
     return {sha for record in records for sha in record.get("results", {}).get("training_documents", [])}
 
 
+def chain_unsourced_pairs(folder: str | Path) -> int | None:
+    """How many training pairs of a model and its ancestors named no source document (`--train_files` lines
+    without `source`), so that no eval set's documents could be checked against them; None without a run record."""
+    records = chain_records(folder)
+    if not records:
+        return None
+    return sum(record.get("results", {}).get("pairs", {}).get("unsourced_pairs", 0) for record in records)
+
+
 def _parent_entry(parent: str | Path) -> dict[str, str]:
     record = read_run_record(parent)
     return {

@@ -2,6 +2,9 @@
 
 JSONL (the reference format, one object per line; "" = that modality absent; image paths relative to
 the file):  {"anchor": {"text": "...", "image_path": ""}, "positive": {...}, "negative": {...}}
+A line may name the document it was cut from, by content: "source": {"sha256": "...", "doc_id": "..."}
+(`data_prep queries` writes it). Training then leaves it out when an eval set covers that document
+(`--exclude_evalsets`) and records it as trained on; lines without it cannot be checked, and are counted.
 For the omnimodal family a side may also name an `audio_path` (an audio file) and a `video_path` (a folder of
 the video's frames); the reference's omni script reads only text and images, so these two names are ours,
 made like its `image_path`.
@@ -20,6 +23,7 @@ import functools
 import io
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +86,7 @@ class Pair:
     document: str  # held-out splits are by document
     kind: str  # "text" (both sides text only) or "multimodal"
     sources: frozenset = frozenset()  # what the sides were cut from (passages, pages); default: the sides themselves
+    source_sha256: str | None = None  # a JSONL line's document, by content, where the line names it
 
     def __post_init__(self):
         if not self.sources:
@@ -122,6 +127,16 @@ def read_jsonl_pairs(path: str) -> list[Pair]:
         }
         return Side(fields["text"], **media)
 
+    def source(line_number: int, value) -> str | None | bool:
+        """The line's source document's sha256, None where it names none, False where it is malformed."""
+        if value is None:
+            return None
+        sha256 = value.get("sha256") if isinstance(value, dict) else None
+        if not (isinstance(sha256, str) and re.fullmatch(r"[0-9a-f]{64}", sha256)):
+            problems.append(f"line {line_number}: `source` must be an object with the document's `sha256` (64 hex)")
+            return False
+        return sha256
+
     with open(path, encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -139,10 +154,13 @@ def read_jsonl_pairs(path: str) -> list[Pair]:
                 side(line_number, row["positive"], "positive"),
             )
             negative = side(line_number, row["negative"], "negative") if row.get("negative") else None
-            if anchor and positive:
-                pairs.append(
-                    Pair(anchor, positive, negative, f"{path}:{line_number}", _kind(anchor, positive, negative))
-                )
+            sha256 = source(line_number, row.get("source"))
+            if anchor and positive and sha256 is not False:
+                # a line's document is its source where it names one, so that a document's lines stay together
+                # on one side of the held-out split
+                document = f"sha256:{sha256}" if sha256 else f"{path}:{line_number}"
+                kind = _kind(anchor, positive, negative)
+                pairs.append(Pair(anchor, positive, negative, document, kind, source_sha256=sha256))
     if problems:
         listed = "; ".join(problems[:MAX_LISTED])
         raise UsageError(

@@ -553,7 +553,9 @@ def run_queries(
         )
         train = [c for c in kept if c["doc_id"] not in eval_documents]
         manifest["counts"]["eval_queries"] = eval_summary["queries"] if eval_summary else 0
-        manifest["counts"]["train_pairs"] = _write_train_pairs(tmp, pages, train, page_texts, settings.passage_chars)
+        manifest["counts"]["train_pairs"] = _write_train_pairs(
+            tmp, pages, train, page_texts, documents, settings.passage_chars
+        )
         with open(tmp / "candidates.jsonl", "w", encoding="utf-8") as handle:
             handle.writelines(json.dumps(c, ensure_ascii=False) + "\n" for c in candidates)
         manifest["elapsed_s"] = round(time.monotonic() - started, 1)
@@ -608,8 +610,9 @@ def _write_evalset(folder: Path, pages, queries, eval_documents, documents, gene
     return summary
 
 
-def _write_train_pairs(folder: Path, pages, questions, page_texts, passage_chars: int) -> int:
-    """Two any-to-any pairs per question (-> its page image, -> its best passage); return how many were written."""
+def _write_train_pairs(folder: Path, pages, questions, page_texts, documents: dict, passage_chars: int) -> int:
+    """Two any-to-any pairs per question (-> its page image, -> its best passage), each naming its document by
+    content (`documents`: doc_id -> sha256) for training's --exclude_evalsets; return how many were written."""
     if not questions:
         return 0
     import datasets
@@ -622,10 +625,12 @@ def _write_train_pairs(folder: Path, pages, questions, page_texts, passage_chars
     lines = []
     for question in questions:
         anchor = {"text": question["text"], "image_path": ""}
-        lines.append({"anchor": anchor, "positive": {"text": "", "image_path": f"images/{question['page_id']}.png"}})
+        source = {"doc_id": question["doc_id"], "sha256": documents[question["doc_id"]]}
+        image = {"text": "", "image_path": f"images/{question['page_id']}.png"}
+        lines.append({"anchor": anchor, "positive": image, "source": source})
         passage = best_passage(question["text"], page_texts[question["page_id"]], passage_chars)
         if passage:
-            lines.append({"anchor": anchor, "positive": {"text": passage, "image_path": ""}})
+            lines.append({"anchor": anchor, "positive": {"text": passage, "image_path": ""}, "source": source})
     with open(folder / "train_pairs.jsonl", "w", encoding="utf-8") as handle:
         handle.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
     return len(lines)

@@ -207,19 +207,27 @@ def input_kinds(pairs) -> set[str]:
 
 def load_pairs(args: ContrastArguments, seed: int):
     """(train pairs, held-out pairs); held-out pairs come from whole documents never trained on."""
+    from data_prep.evalset import evaluated_documents
     from lco.contrast_data import mix, pages_pairs, read_jsonl_pairs
     from lco.pretrain_data import evaluated_in, held_out_documents
 
     given = [pair for path in args.train_files for pair in read_jsonl_pairs(path)]
+    unsourced = {pair.document for pair in given if pair.source_sha256 is None}  # path:line of each such line
     text_pairs = [pair for pair in given if pair.kind == "text"]
     image_pairs = [pair for pair in given if pair.kind == "multimodal"]
     for folder in args.pages_datasets:
         built_text, built_images = pages_pairs(folder, args.passage_chars, seed)
         text_pairs += built_text
         image_pairs += built_images
-    excluded = evaluated_in(args.pages_datasets, args.exclude_evalsets)
-    text_pairs = [pair for pair in text_pairs if pair.document not in excluded]
-    image_pairs = [pair for pair in image_pairs if pair.document not in excluded]
+    excluded = evaluated_in(args.pages_datasets, args.exclude_evalsets)  # doc_id -> sha256 of pages datasets
+    covered = set().union(*(evaluated_documents(folder, "--exclude_evalsets") for folder in args.exclude_evalsets))
+
+    def evaluated(pair) -> bool:
+        return pair.document in excluded or pair.source_sha256 in covered
+
+    dropped = [pair for pair in text_pairs + image_pairs if evaluated(pair)]
+    text_pairs = [pair for pair in text_pairs if not evaluated(pair)]
+    image_pairs = [pair for pair in image_pairs if not evaluated(pair)]
     pairs = mix(text_pairs, image_pairs, args.multimodal_fraction, seed)
     held_out = held_out_documents([pair.document for pair in pairs], args.eval_fraction, seed)
     train = [pair for pair in pairs if pair.document not in held_out]
@@ -243,7 +251,11 @@ def load_pairs(args: ContrastArguments, seed: int):
         "train_with_negative": sum(p.negative is not None for p in train),
         "held_out_pairs": len(evaluation),
         "held_out_documents": len(held_out),
-        "excluded_documents": len(excluded),  # covered by --exclude_evalsets
+        # covered by --exclude_evalsets: documents of the pages datasets or named by --train_files lines
+        "excluded_documents": len({excluded.get(pair.document) or pair.source_sha256 for pair in dropped}),
+        "excluded_pairs": len(dropped),
+        # --train_files lines that name no source document: no eval set can be checked against them
+        "unsourced_pairs": sum(pair.document in unsourced for pair in train),
     }
     logger.info("pairs: %s", counts)
     return train, evaluation, counts
@@ -644,6 +656,7 @@ def main(argv: list[str] | None = None) -> None:
         record = stage_record("contrast", recipe_args, {"contrast": asdict(args)}, args.input_files())
         # by content: `stages.evaluate` checks them against the documents of the eval sets it scores
         trained = document_sha256(args.pages_datasets, {pair.document for pair in train_pairs})
+        trained = sorted({*trained, *(pair.source_sha256 for pair in train_pairs if pair.source_sha256)})
         save(run, args, {**record, "results": {"pairs": counts, "training_documents": trained, **results}})
     if run.accelerator.is_main_process:
         print(summary(results, Path(args.output_dir) / "final"))

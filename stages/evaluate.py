@@ -26,6 +26,7 @@ from common.recipe import parse_stage_arguments
 from common.run_record import (
     chain_records,
     chain_training_documents,
+    chain_unsourced_pairs,
     model_fingerprint,
     parent_run,
     sha256_file,
@@ -355,16 +356,24 @@ def given_run(path: str, evalset, tasks: dict) -> dict:
     return dict.fromkeys(tasks, given)
 
 
-def training_overlap(models: list[str], data: str) -> dict[str, int | None]:
+def training_overlap(models: list[str], data: str) -> tuple[dict[str, int | None], dict[str, int | None]]:
     """Per model, the number of the eval set's documents that its run-record chain trained on, with a warning for
-    each model that did: its scores are not held-out scores. None where either side is not known."""
+    each model that did: its scores are not held-out scores (None where either side is not known); and the number
+    of its training pairs that named no source document, which could not be checked."""
     from data_prep.evalset import evaluated_documents
 
+    unchecked = {model: chain_unsourced_pairs(model) for model in models}
+    for model, count in unchecked.items():
+        if count:
+            print(
+                f"evaluate: {model} was trained on {count} pairs that name no source document (--train_files lines "
+                "without `source`): whether they come from this eval set's documents is not checked"
+            )
     try:
         covered = evaluated_documents(data, "--data")
     except UsageError:  # a converted parquet set lists no documents
         print(f"evaluate: {data} does not list its documents; whether a model trained on them is not checked")
-        return dict.fromkeys(models)
+        return dict.fromkeys(models), unchecked
     overlap = {}
     for model in models:
         trained = chain_training_documents(model)
@@ -374,7 +383,7 @@ def training_overlap(models: list[str], data: str) -> dict[str, int | None]:
                 f"evaluate: WARNING: {model} was trained on {overlap[model]} of the {len(covered)} documents this "
                 "eval set covers: its scores are not held-out scores (train with --exclude_evalsets)"
             )
-    return overlap
+    return overlap, unchecked
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -403,7 +412,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"evaluate: {BASELINES[1]} left out: some queries have no text (spoken or filmed)")
     if inputs.run:
         runs[f"run {Path(inputs.run).name}"] = given_run(inputs.run, evalset, tasks)
-    trained_on = training_overlap(inputs.model, inputs.data)
+    trained_on, unchecked = training_overlap(inputs.model, inputs.data)
     encoding = {}
     for model in inputs.model:
         runs[model], encoding[model] = model_rankings(model, evalset, tasks, args)
@@ -439,6 +448,8 @@ def main(argv: list[str] | None = None) -> None:
         "comparisons": comparisons,
         # per model, how many of the eval set's documents its run-record chain trained on (None: not known)
         "trained_on_evaluated_documents": trained_on,
+        # per model, its chain's training pairs that named no source document (not checked; None: not known)
+        "unchecked_training_pairs": unchecked,
     }
     if inputs.output:
         save_results(inputs.output, summary, recipe_args, inputs)

@@ -16,7 +16,7 @@ from transformers import AutoModelForImageTextToText
 from common.errors import UsageError, run_cli
 from common.recipe import parse_stage_arguments
 from common.run_record import read_run_record, verify_chain
-from lco.contrast_data import passages, read_jsonl_pairs
+from lco.contrast_data import pages_pairs, passages, read_jsonl_pairs
 from lco.contrastive_loss import backpropagate, cached_contrastive_step, info_nce
 from lco.embedder import Embedder, EmbeddingModel, Item, encode_items, model_inputs
 from lco.lora import lora_config
@@ -201,13 +201,14 @@ def test_bad_jsonl_lines_are_listed_together(tmp_path):
         '{"anchor": {"text": "a"}, "positive": {"text": "b"}}\n'
         "not json\n"
         '{"anchor": {"text": ""}, "positive": {"text": "b"}}\n'
-        '{"anchor": {"text": "a"}, "positive": {"image_path": "missing.png"}}\n',
+        '{"anchor": {"text": "a"}, "positive": {"image_path": "missing.png"}}\n'
+        '{"anchor": {"text": "a"}, "positive": {"text": "b"}, "source": {"doc_id": "d"}}\n',
         encoding="utf-8",
     )
     with pytest.raises(
         UsageError,
-        match=r"3 bad lines \(line 2: not JSON.*line 3: `anchor` has neither"
-        r".*line 4: `positive` image missing.png not found",
+        match=r"4 bad lines \(line 2: not JSON.*line 3: `anchor` has neither"
+        r".*line 4: `positive` image missing.png not found.*line 5: `source` must be an object with the document's",
     ):
         read_jsonl_pairs(str(path))
 
@@ -524,6 +525,54 @@ def test_documents_of_an_excluded_evalset_give_no_pairs_and_are_recorded(base, p
     doc0 = next(entry["sha256"] for entry in manifest["inputs"] if entry["doc_id"].startswith("doc0-"))
     assert doc0 not in record["results"]["training_documents"] and len(record["results"]["training_documents"]) >= 3
     assert str(tmp_path / "eval" / "evalset.json") in record["inputs"]
+
+
+def test_jsonl_pairs_cut_from_an_excluded_evalsets_documents_are_left_out_and_unsourced_ones_counted(
+    base, pages, tmp_path
+):
+    from data_prep.evalset import build_evalset
+    from data_prep.pages import PageSettings, build_pages_dataset
+    from stages.contrast import ContrastArguments, load_pairs
+
+    shutil.copy(pages.parent / "doc0.pdf", tmp_path / "renamed.pdf")  # evaluated under another name
+    settings = PageSettings("th", 72, 50_000, "never", 144, "tha", ("0E00-0E7F",))
+    build_pages_dataset([str(tmp_path / "renamed.pdf")], str(tmp_path / "eval-pages"), settings, workers=1,
+                        resume=False, max_skip_fraction=0.0)  # fmt: skip
+    build_evalset([str(tmp_path / "eval-pages")], str(tmp_path / "eval"), parallel_source=None, parallel_lang="en",
+                  outline_level=1)  # fmt: skip
+    hashes = {
+        entry["doc_id"][:4]: entry["sha256"] for entry in json.loads((pages / "manifest.json").read_text())["inputs"]
+    }
+    lines = [
+        {
+            "anchor": {"text": "leaked question"},
+            "positive": {"text": "leaked passage"},
+            "source": {"sha256": hashes["doc0"]},
+        },
+        {
+            "anchor": {"text": "kept question"},
+            "positive": {"text": "kept passage"},
+            "source": {"sha256": hashes["doc1"]},
+        },
+        {"anchor": {"text": "unsourced question"}, "positive": {"text": "unsourced passage"}},
+    ]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    argv = contrast_argv(base, pages, tmp_path / "run", "--exclude_evalsets", str(tmp_path / "eval"),
+                         "--train_files", str(tmp_path / "pairs.jsonl"), "--eval_fraction", "0.0")  # fmt: skip
+    recipe_args, args = parse_stage_arguments("contrast", (ContrastArguments,), argv)
+    train, _, counts = load_pairs(args, recipe_args.seed)
+    anchors = {pair.anchor.text for pair in train}
+    assert "leaked question" not in anchors and {"kept question", "unsourced question"} <= anchors
+    built = [pair for kind in pages_pairs(str(pages), args.passage_chars, recipe_args.seed) for pair in kind]
+    assert counts["excluded_documents"] == 1  # doc0, whether cut from the pages or named by a line
+    assert counts["excluded_pairs"] == 1 + sum(pair.document.startswith("doc0-") for pair in built)
+    assert counts["unsourced_pairs"] == 1
+
+    contrast([*argv, "--max_steps", "1"])
+    record = read_run_record(tmp_path / "run" / "final", expected_stage="contrast")
+    assert hashes["doc1"] in record["results"]["training_documents"]
+    assert hashes["doc0"] not in record["results"]["training_documents"]
+    assert record["results"]["pairs"]["unsourced_pairs"] == 1
 
 
 def test_matryoshka_loss_at_the_full_size_is_the_plain_loss():

@@ -178,6 +178,12 @@ def test_outputs_are_an_evalset_and_training_pairs_split_by_document(pages, page
     assert sum(pair.kind == "multimodal" for pair in pairs) == 8
     train_pages = {pair.positive.image for pair in pairs if pair.positive.image}
     assert {page.rsplit("/", 1)[1].rsplit("-p", 1)[0] for page in train_pages}.isdisjoint(eval_documents)
+    # every pair names the document it was cut from, by content, for training's --exclude_evalsets
+    hashes = {entry["doc_id"]: entry["sha256"] for entry in json.loads((pages / "manifest.json").read_text())["inputs"]}
+    for pair in pairs:
+        page = (pair.positive.image or "").rsplit("/", 1)[-1].rsplit("-p", 1)[0]
+        assert pair.source_sha256 in {sha for doc, sha in hashes.items() if doc not in eval_documents}
+        assert not page or pair.source_sha256 == hashes[page]
     for pair in pairs:  # each passage is of the question's own page
         if pair.positive.image is None:
             assert any(pair.positive.text in " ".join(text.split()) for text in page_texts.values())

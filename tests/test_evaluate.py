@@ -288,17 +288,25 @@ def test_a_model_trained_on_evaluated_documents_is_warned_about_and_recorded(tin
     build_evalset([str(pages)], str(tmp_path / "eval"), parallel_source=None, parallel_lang="en", outline_level=1)
     trained_on = json.loads((pages / "manifest.json").read_text())["inputs"][0]["sha256"]
     models = {}
-    for name, documents in (("clean", ["0" * 64]), ("leaky", [trained_on])):
+    for name, documents, unsourced in (("clean", ["0" * 64], 0), ("leaky", [trained_on], 0), ("unsourced", [], 5)):
         models[name] = tmp_path / name
         shutil.copytree(tiny_model[2], models[name])
-        write_run_record(models[name], stage="contrast", config={}, seed=0, results={"training_documents": documents})
+        results = {"training_documents": documents, "pairs": {"unsourced_pairs": unsourced}}
+        write_run_record(models[name], stage="contrast", config={}, seed=0, results=results)
     output = tmp_path / "results.json"
-    evaluate(["--config", TINY, "--model", str(models["clean"]), str(models["leaky"]), "--data", str(tmp_path / "eval"),
+    evaluate(["--config", TINY, "--model", *map(str, models.values()), "--data", str(tmp_path / "eval"),
               "--output", str(output), "--cache_dir", str(tmp_path / "cache"), "--image_max_side", "64"])  # fmt: skip
     out = capsys.readouterr().out
     assert f"WARNING: {models['leaky']} was trained on 1 of the 2 documents" in out and "clean was trained" not in out
-    overlap = json.loads(output.read_text())["trained_on_evaluated_documents"]
-    assert overlap == {str(models["clean"]): 0, str(models["leaky"]): 1}
+    assert f"{models['unsourced']} was trained on 5 pairs that name no source document" in out
+    assert out.count("name no source document") == 1
+    results = json.loads(output.read_text())
+    assert results["trained_on_evaluated_documents"] == {
+        str(folder): int(name == "leaky") for name, folder in models.items()
+    }
+    assert results["unchecked_training_pairs"] == {
+        str(folder): 5 * (name == "unsourced") for name, folder in models.items()
+    }
 
 
 def test_pages_are_embedded_at_the_pixel_budget_the_model_was_pretrained_at(tiny_model, tmp_path, monkeypatch):

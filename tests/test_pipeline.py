@@ -44,6 +44,9 @@ def test_embedded_default_runs_what_exists_and_reuses_it(tmp_path, monkeypatch, 
     }
     assert [r["stage"] for r in verify_chain("checkpoints/tiny/contrast-only/final")] == ["contrast", "base_model"]
     assert set(results["results"]["checkpoints/tiny/base"]) == {"all", "km", "vi"}
+    # no model was trained on a page of the eval set, and every training pair's source was checked
+    assert set(results["trained_on_evaluated_documents"].values()) == {0}
+    assert set(results["unchecked_training_pairs"].values()) == {0}
     created = read_run_record("checkpoints/tiny/base", expected_stage="base_model")["created"]
 
     # the index and search commands it prints run as printed, on the model it built

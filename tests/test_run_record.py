@@ -5,7 +5,14 @@ import pytest
 
 from common.artifacts import atomic_directory
 from common.errors import UsageError
-from common.run_record import RUN_RECORD, read_run_record, verify_chain, write_run_record
+from common.run_record import (
+    RUN_RECORD,
+    chain_training_documents,
+    chain_unsourced_pairs,
+    read_run_record,
+    verify_chain,
+    write_run_record,
+)
 from stages.base_model import main as build_base_model
 
 from .conftest import REPO
@@ -49,6 +56,21 @@ def test_records_chain_parent_to_child_and_catch_a_changed_parent(base_run, tmp_
     record_path.write_text(json.dumps(edited))
     with pytest.raises(UsageError, match="changed after a child run used it"):
         verify_chain(grandchild)
+
+
+def test_what_a_model_was_trained_on_is_gathered_from_every_ancestor(base_run, tmp_path):
+    pretrained, refined, plain = tmp_path / "pretrained", tmp_path / "refined", tmp_path / "plain"
+    for folder in (pretrained, refined, plain):
+        folder.mkdir()
+    write_run_record(pretrained, stage="pretrain", config={}, seed=0, parent=base_run,
+                     results={"training_documents": ["a", "b"]})  # fmt: skip
+    write_run_record(refined, stage="contrast", config={}, seed=0, parent=pretrained,
+                     results={"training_documents": ["b", "c"], "pairs": {"unsourced_pairs": 3}})  # fmt: skip
+    assert chain_training_documents(refined) == {"a", "b", "c"}  # the base model's record lists none
+    assert chain_training_documents(pretrained) == {"a", "b"}
+    assert chain_unsourced_pairs(refined) == 3 and chain_unsourced_pairs(pretrained) == 0
+    # a plain checkpoint (no run record): what it was trained on is not known, which is not "nothing"
+    assert chain_training_documents(plain) is None and chain_unsourced_pairs(plain) is None
 
 
 def test_child_of_an_unfinished_run_is_refused(tmp_path):
