@@ -1,5 +1,7 @@
-"""stages.serve: the JSON API (FastAPI's TestClient) and, under -m slow, the page in headless Chromium."""
+"""stages.serve: the JSON API (FastAPI's TestClient), raw requests to a running server, and the page in headless
+Chromium."""
 
+import json
 import socket
 import subprocess
 import sys
@@ -51,6 +53,21 @@ def test_search_answers_ranked_pages_whose_files_are_served(client, built_index)
     assert len(client.get("/search", params={"q": "x", "k": 100}).json()["results"]) == len(loaded.pages)
 
 
+def test_the_scores_served_are_the_ones_stages_search_gives(client, built_index, capsys):
+    from stages.search import main as search
+
+    query = "สิทธิมนุษยชน"
+    served = client.get("/search", params={"q": query, "k": 6}).json()["results"]
+    search(["--index", str(built_index), query, "--k", "6", "--json"])
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+    def shown(hits):
+        return [(hit["rank"], hit["score"], hit["doc_id"], hit["page"]) for hit in hits]
+
+    assert shown(served) == shown(printed)
+    assert len({hit["score"] for hit in served}) > 1  # the model's scores, not one constant
+
+
 @pytest.mark.parametrize(
     "params, message",
     [
@@ -89,6 +106,15 @@ def test_only_the_indexs_page_files_are_served(client, path):
     assert response.status_code == 404 and "root:" not in response.text
 
 
+@pytest.mark.parametrize("path", ["/page/../../etc/passwd", "/page/" + "../" * 12 + "etc/passwd", "/thumb/..%2f" * 3])
+def test_a_path_with_dot_segments_sent_as_is_is_not_served(server, path):
+    # a client normalises "/page/../../etc/passwd" to "/etc/passwd" before sending it: this one sends it raw
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as connection:
+        connection.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+        answer = b"".join(iter(lambda: connection.recv(65536), b"")).decode(errors="replace")
+    assert answer.startswith("HTTP/1.1 404") and "root:" not in answer
+
+
 def test_a_query_with_html_in_it_is_shown_escaped(client):
     query = '<script>alert("x")</script><img src=x onerror=alert(1)>'
     page = client.get("/", params={"q": query, "lang": '"><script>alert(2)</script>'})
@@ -105,50 +131,57 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_the_page_in_headless_chromium_shows_result_thumbnails(built_index, tmp_path):
-    from playwright.sync_api import sync_playwright
-
-    from data_prep.render import find_chromium
-
+@pytest.fixture(scope="module")
+def server(built_index):
+    """`python -m stages.serve` on the built index, answering on a free port (its `port`)."""
     port = free_port()
-    server = subprocess.Popen(
+    process = subprocess.Popen(
         [sys.executable, "-m", "stages.serve", "--index", str(built_index), "--port", str(port)],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
-    url = f"http://127.0.0.1:{port}/"
+    process.port = port
     try:
         deadline = time.monotonic() + 120
         while True:
-            assert server.poll() is None, server.stdout.read().decode()[-2000:]
+            assert process.poll() is None, process.stdout.read().decode()[-2000:]
             try:
-                urllib.request.urlopen(url, timeout=5).read()
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read()
                 break
             except OSError:
                 assert time.monotonic() < deadline, "serve did not answer in 120 s"
                 time.sleep(0.5)
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=find_chromium(), args=["--no-sandbox"])
-            page = browser.new_page(viewport={"width": 1200, "height": 900})
-            page.goto(url)
-            page.locator("#q").press_sequentially("<b>สิทธิ</b> มนุษยชน")
-            page.keyboard.press("Enter")
-            page.wait_for_selector(".hit img")
-            page.wait_for_function("[...document.querySelectorAll('.hit img')].every(i => i.complete)")
-            thumbnails = page.locator(".hit img")
-            assert thumbnails.count() == 6
-            widths = thumbnails.evaluate_all("images => images.map(i => i.naturalWidth)")
-            assert all(width > 0 for width in widths)  # each thumbnail loaded and decoded
-            assert page.locator("#status").text_content() == "6 pages for \u201c<b>สิทธิ</b> มนุษยชน\u201d"
-            assert page.locator("#status b").count() == 0  # the query shown as text, not as markup
-            page.screenshot(path=str(tmp_path / "serve.png"), full_page=True)
-            print(f"\nscreenshot: {tmp_path / 'serve.png'}")
-            with page.expect_popup() as popup:
-                thumbnails.first.click()
-            assert popup.value.url.startswith(f"{url}page/")
-            browser.close()
+        yield process
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_the_page_in_headless_chromium_shows_result_thumbnails(server, tmp_path):
+    # the only check of the page's JavaScript and its escaping; ~12 s on this 2-core CPU
+    from playwright.sync_api import sync_playwright
+
+    from data_prep.render import find_chromium
+
+    url = f"http://127.0.0.1:{server.port}/"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=find_chromium(), args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.goto(url)
+        page.locator("#q").press_sequentially("<b>สิทธิ</b> มนุษยชน")
+        page.keyboard.press("Enter")
+        page.wait_for_selector(".hit img")
+        page.wait_for_function("[...document.querySelectorAll('.hit img')].every(i => i.complete)")
+        thumbnails = page.locator(".hit img")
+        assert thumbnails.count() == 6
+        widths = thumbnails.evaluate_all("images => images.map(i => i.naturalWidth)")
+        assert all(width > 0 for width in widths)  # each thumbnail loaded and decoded
+        assert page.locator("#status").text_content() == "6 pages for \u201c<b>สิทธิ</b> มนุษยชน\u201d"
+        assert page.locator("#status b").count() == 0  # the query shown as text, not as markup
+        page.screenshot(path=str(tmp_path / "serve.png"), full_page=True)
+        print(f"\nscreenshot: {tmp_path / 'serve.png'}")
+        with page.expect_popup() as popup:
+            thumbnails.first.click()
+        assert popup.value.url.startswith(f"{url}page/")
+        browser.close()
