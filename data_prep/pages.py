@@ -409,6 +409,11 @@ def _assemble(work, output_dir, paths, entries, settings, max_skip_fraction, ela
         raise SkipThresholdExceeded(len(skipped), len(entries), skipped, max_skip_fraction)
 
     kept = [(path, entry) for path, entry in zip(paths, entries) if "reason" not in entry]
+    if not kept:  # max_skip_fraction 1.0 allows it, but a dataset of no pages is no use to any stage
+        raise RunFailed(
+            f"none of the {len(entries)} inputs could be read; no dataset written. First reasons: "
+            + "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:3])
+        )
     files = [work / f"{_key(path)}.parquet" for path, _ in kept]
     features = datasets.Features(
         doc_id=datasets.Value("string"),
@@ -420,12 +425,7 @@ def _assemble(work, output_dir, paths, entries, settings, max_skip_fraction, ela
         source=datasets.Value("string"),
     )
     # streamed from the per-document files into a memory-mapped table: corpora larger than memory work
-    if files:
-        loaded = datasets.Dataset.from_parquet(
-            [str(f) for f in files], features=features, cache_dir=str(work / "cache")
-        )
-    else:
-        loaded = datasets.Dataset.from_list([], features=features)
+    loaded = datasets.Dataset.from_parquet([str(f) for f in files], features=features, cache_dir=str(work / "cache"))
     fingerprint = _fingerprint(files, settings)
     dataset = datasets.Dataset(loaded.data, info=datasets.DatasetInfo(features=features), fingerprint=fingerprint)
     sources = dataset.data.column("text_source").to_pylist()
