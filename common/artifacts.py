@@ -29,7 +29,10 @@ def check_output_dir(
     if not existing.is_dir():
         raise UsageError(f"{flag} {path}: {existing} is a file, not a folder; choose another {flag}.")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {path}: cannot write to {existing} (permission denied); choose another {flag}.")
+        raise UsageError(
+            f"{flag} {path}: cannot write to {existing} (no write permission, or a read-only file system); "
+            f"choose another {flag}."
+        )
 
 
 @contextmanager

@@ -1,3 +1,5 @@
+import gc
+import subprocess
 from pathlib import Path
 
 import pymupdf
@@ -66,3 +68,32 @@ def recorded_base(tmp_path_factory):
     folder = tmp_path_factory.mktemp("base") / "base"
     build_base_model(["--config", str(REPO / "recipes/tiny.yaml"), "--output_dir", str(folder)])
     return folder
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(size, *options) -> a fresh tmpfs of `size` under tmp_path (options such as "ro"); every one is
+    unmounted afterwards. Mounting needs root (as the tests run here and in CI); elsewhere the test skips."""
+    mounts = []
+
+    def mount(size: str = "2M", *options: str) -> Path:
+        folder = tmp_path / f"disk{len(mounts)}"
+        folder.mkdir()
+        try:
+            result = subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}", *options]), "tmpfs", str(folder)],
+                capture_output=True,
+                text=True,
+            )
+        except FileNotFoundError:
+            pytest.skip("no `mount` command here: the test mounts a tmpfs")
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip()}): the test needs root")
+        mounts.append(folder)
+        return folder
+
+    yield mount
+    gc.collect()  # frames of failed writes may still hold files open on the disk
+    for folder in mounts:
+        if subprocess.run(["umount", str(folder)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "--lazy", str(folder)], check=True)

@@ -187,14 +187,14 @@ def test_evalset_needs_exactly_one_source(capsys, tmp_path):
     assert code == 2 and "has no manifest.json" in err
 
 
-def test_unwritable_output_folder_is_reported_before_any_work(capsys, tmp_path, monkeypatch):
-    # CI runs as root, for whom permission bits do not apply: simulate what os.access says to a user
-    monkeypatch.setattr("common.artifacts.os.access", lambda path, mode: False)
+def test_unwritable_output_folder_is_reported_before_any_work(capsys, tmp_path, tmpfs):
+    # a read-only file system: unwritable for root too (CI runs as root, for whom permission bits do not apply)
+    read_only = tmpfs("1M", "ro")
     (tmp_path / "doc.pdf").write_bytes(b"")
-    argv = ["pages", "--lang", "km", "--input", str(tmp_path / "doc.pdf"), "--output", str(tmp_path / "out")]
+    argv = ["pages", "--lang", "km", "--input", str(tmp_path / "doc.pdf"), "--output", str(read_only / "out")]
     code, err = run(data_prep_cli.main, argv, capsys)
-    assert code == 2 and f"cannot write to {tmp_path} (permission denied)" in err
-    assert not (tmp_path / "out").exists()
+    assert code == 2 and f"cannot write to {read_only} (no write permission, or a read-only file system)" in err
+    assert not (read_only / "out").exists()
 
 
 def test_pretrain_needs_a_max_length(capsys, tiny_model, tmp_path):
@@ -213,4 +213,4 @@ def test_pretrain_needs_a_max_length(capsys, tiny_model, tmp_path):
         "16",
     ]
     code, err = run(pretrain.main, argv, capsys)
-    assert code == 2 and "--max_length must be set, and at least 64 tokens" in err
+    assert code == 2 and "--max_length 16 leaves no room for a page" in err
