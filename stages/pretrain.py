@@ -113,8 +113,6 @@ def validate_run(args: PretrainArguments, training, lang: str) -> None:
     """Checks that need the recipe's language and the trainer settings too."""
     from transformers import AutoProcessor
 
-    from lco.pretrain_data import smallest_max_length
-
     check_reads(args.model_name_or_path, {"image"})  # a supported family, before the weights are loaded
     if training.padding_free:
         check_packs(model_type_in(args.model_name_or_path))
@@ -140,15 +138,22 @@ def validate_run(args: PretrainArguments, training, lang: str) -> None:
         )
     if training.max_length is None:
         raise UsageError("--max_length must be set (tokens per example, image tokens included).")
-    smallest = smallest_max_length(AutoProcessor.from_pretrained(args.model_name_or_path))
-    if training.max_length < smallest:
-        raise UsageError(
-            f"--max_length {training.max_length} leaves no room for a page: this model's prompt, its smallest "
-            f"page image and some text need at least {smallest} tokens; set --max_length {smallest} or more."
-        )
+    if model_type_in(args.model_name_or_path):  # a model folder; a hub id is checked when its processor loads
+        check_max_length(AutoProcessor.from_pretrained(args.model_name_or_path), training.max_length)
     if training.output_dir is None or training.output_dir == "trainer_output":
         raise UsageError("--output_dir is not set (recipe `pretrain.output_dir` or the flag).")
     check_output_dir(training.output_dir, resume=args.resume, overwrite=args.overwrite)
+
+
+def check_max_length(processor, max_length: int) -> None:
+    from lco.pretrain_data import smallest_max_length
+
+    smallest = smallest_max_length(processor)
+    if max_length < smallest:
+        raise UsageError(
+            f"--max_length {max_length} leaves no room for a page: this model's prompt, its smallest page image "
+            f"and some text need at least {smallest} tokens; set --max_length {smallest} or more."
+        )
 
 
 def resume_checkpoint(args: PretrainArguments, training) -> str | None:
@@ -246,12 +251,13 @@ def load_model(args: PretrainArguments, training, checkpoint: str | None):
     # the checkpoint's saved key names; the Trainer's own resume loads them with strict=False under the
     # in-memory names, matches none for Qwen2.5-VL in transformers 5.24, and silently keeps the base weights
     weights = checkpoint if checkpoint and args.tuning == "full" else args.model_name_or_path
+    processor = AutoProcessor.from_pretrained(args.model_name_or_path)
+    check_max_length(processor, training.max_length)  # before the weights load
     model = AutoModelForImageTextToText.from_pretrained(weights, dtype=dtype)
     if is_deepspeed_zero3_enabled():
         # transformers 5.24's ZeRO-3 loader keeps every known key conversion, used or not, and saving reverses
         # them all (model.layers -> model.model.layers); keep the used ones, as its plain loader does
         model._weight_conversions = [c for c in model._weight_conversions if c.was_used()]
-    processor = AutoProcessor.from_pretrained(args.model_name_or_path)
     if args.freeze_vision:
         for tower in towers(model):
             freeze(tower)

@@ -36,14 +36,16 @@ def write_recipe(tmp_path: Path, recipe: dict | str) -> Path:
 STAND_IN_FIELDS = ("output_dir", "model_name_or_path", "datasets", "pages_datasets", "exclude_evalsets")
 
 
-def stage_argv(path: Path, section: str, folder: Path) -> list[str]:
-    """`--config path` and a flag for each STAND_IN_FIELDS value of the section that is under checkpoints/."""
+def stage_argv(path: Path, section: str, folder: Path, processor) -> list[str]:
+    """`--config path` and a flag for each STAND_IN_FIELDS value of the section that is under checkpoints/; the
+    stand-in model has `processor` (pretrain's checks read its prompt and image sizes)."""
     recipe = load_recipe(path)
     model, pages, evalset = folder / "stand-in-model", folder / "stand-in-pages", folder / "stand-in-evalset"
     for stand_in in (model, pages, evalset):
         stand_in.mkdir(parents=True, exist_ok=True)
     # what check_model_source asks of a local model folder, and the stages of its family (lco/families.py)
     (model / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))
+    processor.save_pretrained(model)
     # what pretrain's validate_run reads of a pages dataset: its language
     (pages / "manifest.json").write_text(json.dumps({"lang": normalize_lang(recipe["lang"])}))
     stand_ins = {
@@ -61,9 +63,9 @@ def stage_argv(path: Path, section: str, folder: Path) -> list[str]:
     return argv
 
 
-def validate_section(path: Path, section: str, folder: Path) -> None:
+def validate_section(path: Path, section: str, folder: Path, processor) -> None:
     """Build the section's dataclasses from the recipe as its stage does, which runs each one's validate()."""
-    argv = stage_argv(path, section, folder)
+    argv = stage_argv(path, section, folder, processor)
     if section == "pretrain":
         recipe_args, args, training = parse_stage_arguments(
             section, section_types(section), argv, machine_defaults=stages.pretrain.CPU_DEFAULTS
@@ -85,10 +87,10 @@ def test_every_recipe_parses_and_validates(path):
 
 
 @pytest.mark.parametrize(("path", "section"), RECIPE_SECTIONS, ids=lambda v: getattr(v, "stem", v))
-def test_every_recipe_value_passes_its_stage_checks(path, section, tmp_path, monkeypatch):
+def test_every_recipe_value_passes_its_stage_checks(path, section, tiny_model, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)  # a recipe's relative paths (samples/udhr) start at the repository root, where it runs
     monkeypatch.delenv("WORLD_SIZE", raising=False)  # one process: the launcher, not the recipe, sets more
-    validate_section(path, section, tmp_path)
+    validate_section(path, section, tmp_path, tiny_model[1])
 
 
 def test_every_stage_section_is_in_some_recipe():
@@ -96,13 +98,13 @@ def test_every_stage_section_is_in_some_recipe():
 
 
 @pytest.mark.parametrize("section", ["pretrain", "contrast"])
-def test_a_recipe_value_out_of_range_is_refused(section, tmp_path, monkeypatch):
+def test_a_recipe_value_out_of_range_is_refused(section, tiny_model, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     recipe = load_recipe(REPO / "recipes/tiny.yaml")
-    validate_section(write_recipe(tmp_path, recipe), section, tmp_path)  # the copy passes as shipped
+    validate_section(write_recipe(tmp_path, recipe), section, tmp_path, tiny_model[1])  # the copy passes as shipped
     recipe[section]["eval_fraction"] = 1.5
     with pytest.raises(UsageError, match=r"--eval_fraction must be in \[0, 1\), got 1\.5"):
-        validate_section(write_recipe(tmp_path, recipe), section, tmp_path)
+        validate_section(write_recipe(tmp_path, recipe), section, tmp_path, tiny_model[1])
 
 
 @pytest.mark.parametrize("path", LANGUAGE_RECIPES, ids=lambda p: p.stem)
