@@ -98,8 +98,9 @@ NEEDED_HERE_ONLY = frozenset({"httpx2", "httpcore2", "truststore"})
 
 # Each family's real configuration, as far as stages.base_model's flags say it: its attention is hidden_size wide
 # (head_dim = hidden_size / heads), where Qwen3-VL-4B's is 4096 wide (32 heads of 128) and Gemma 3 4B's 2048 (8 of
-# 256): here 20 heads of 128 and 10 of 256, ~10% fewer parameters. Gemma 3's tower reads 224-px squares here (64
-# tokens; 896 px and 256 tokens in the real one); the Omni thinker's audio encoder takes the vision tower's sizes.
+# 256): here 20 heads of 128 and 10 of 256, the real head size. Gemma 3's tower reads 224-px squares here (64 tokens;
+# 896 px and 256 tokens in the real one); the Omni thinker's audio encoder takes the vision tower's sizes. Built on
+# the meta device here: 3.75B, 4.00B, 4.43B and 4.25B parameters (the real Qwen2.5-VL-3B has 3.75B).
 QWEN2_5_3B = (
     "--hidden_size 2048 --num_hidden_layers 36 --num_attention_heads 16 --num_key_value_heads 2 "
     "--intermediate_size 11008 --embedding_rows 151936 --tie_word_embeddings true --vision_depth 32 "
