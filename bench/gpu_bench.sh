@@ -15,6 +15,10 @@ set -euo pipefail
 out=${1:?usage: bash bench/gpu_bench.sh OUT_DIR [bench.gpu_kit run flags]}
 shift
 mkdir -p "$out"
+if ! compgen -G ".whl/*.whl" >/dev/null; then
+    echo "gpu_bench.sh: no wheels in .whl/: run 'make gpu-kit' where pip works, then carry .whl in the device call" >&2
+    exit 2
+fi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv >"$out/nvidia-smi.txt" || true
