@@ -1,5 +1,5 @@
 # The two commands of the README. Each first runs setup/install.sh, which installs only what is missing.
-.PHONY: demo analyze test setup
+.PHONY: demo analyze test setup gpu-kit
 
 demo: setup
 	.venv/bin/python -m stages.pipeline --config recipes/tiny.yaml
@@ -11,6 +11,10 @@ analyze: setup
 
 test: setup
 	.venv/bin/python -m pytest -q
+
+# the wheels the GPU kit carries to the device machine (bench/gpu_kit.py; then, there: bash bench/gpu_bench.sh "$OUT")
+gpu-kit: setup
+	.venv/bin/python -m bench.gpu_kit prepare
 
 setup:
 	bash setup/install.sh

@@ -8,11 +8,13 @@ interpreter (on a GPU), so peak memory is the case's own; the figures come back 
     python -m bench.harness bench.cases matmul_peak WORK   # what a fresh interpreter runs, from the repository root
 """
 
+import contextlib
 import importlib
 import json
 import multiprocessing
 import os
 import resource
+import signal
 import subprocess
 import sys
 import time
@@ -75,12 +77,18 @@ def launch(registry: str, name: str, work: Path, log: Path, timeout: float, fork
     else:
         command = [sys.executable, "-m", "bench.harness", registry, name, str(work)]
         with open(log, "a") as handle:
+            # a session of its own, killed whole at the limit: a case's children (data loader workers, a launcher's
+            # ranks) would otherwise outlive it and hold the GPU memory the next case needs
+            process = subprocess.Popen(
+                command, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True
+            )
             try:
-                code = subprocess.run(
-                    command, stdout=handle, stderr=subprocess.STDOUT, timeout=timeout, cwd=REPO
-                ).returncode
+                code = process.wait(timeout)
             except subprocess.TimeoutExpired:
                 code = "timeout"
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)  # after a clean exit too: workers left behind
+            process.wait()
     seconds = round(time.monotonic() - started, 1)
     result = work / "results" / f"{name}.json"
     if code == 0 and result.is_file():

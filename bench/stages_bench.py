@@ -18,7 +18,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,10 +44,25 @@ def main(argv: list[str] | None = None) -> None:
         help="Start no case after this many seconds (default 420; with --tiny 300).",
     )
     parser.add_argument(
-        "--cases", nargs="+", choices=MEASURED, default=list(MEASURED), help="Cases to run (the set-up always runs)."
+        "--cases",
+        nargs="+",
+        choices=MEASURED,
+        default=list(MEASURED),
+        help="Cases to run, in this order (the set-up first; contrast_cached takes contrast_plain's batch).",
+    )
+    parser.add_argument(
+        "--base", default=None, help="A base model folder to measure instead of building one (bench/gpu_kit.py's)."
+    )
+    parser.add_argument(
+        "--plain_batches",
+        nargs="+",
+        type=int,
+        default=None,
+        help="contrast_plain's batch sizes to try, largest first (default: the scale's; 16 needs ~90 GiB at 3B).",
     )
     args = parser.parse_args(argv)
 
+    base = str(Path(args.base).resolve()) if args.base else None  # before the chdir below
     out = Path(args.out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     log = out.with_suffix(".log")
@@ -69,12 +84,14 @@ def main(argv: list[str] | None = None) -> None:
         import stages.contrast  # noqa: F401
         import stages.pretrain  # noqa: F401
     scale = TINY if args.tiny else DRY_RUN if args.dry_run else FULL
+    if args.plain_batches:
+        scale = replace(scale, plain_batches=tuple(args.plain_batches))
     work = Path(tempfile.mkdtemp(prefix="stages-bench-"))
     context = {
         "scale": asdict(scale),
         "work": str(work),
         "recipe": write_recipe(scale.recipe, work),
-        "base": str(work / "base"),
+        "base": base or str(work / "base"),
         "pages": [str(work / f"pages-{number}") for number in range(scale.pages_datasets)],
         "queries": str(work / "queries.json"),
     }
@@ -84,7 +101,10 @@ def main(argv: list[str] | None = None) -> None:
         report["wall_time_s"] = round(time.monotonic() - started, 1)
         write_report(report, out)
 
-    chosen = [*SETUP, *(name for name in MEASURED if name in args.cases)]
+    setup = [name for name in SETUP if not (base and name == "base_model")]
+    chosen = [*setup, *dict.fromkeys(args.cases)]
+    if base:
+        report["setup"]["base_model"] = {"given": base}
     # a dry run's set-up and cases take a CPU longer than the GPU's limits
     runs = run_cases(
         "bench.cases", chosen, context, work, log, deadline, fork=args.tiny, limit_factor=10 if args.dry_run else 1

@@ -2,7 +2,6 @@ import gc
 import subprocess
 from pathlib import Path
 
-import pymupdf
 import pytest
 from PIL import Image
 
@@ -30,6 +29,8 @@ def tiny_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def thai_khmer_page() -> Image.Image:
     """A page image with Thai and Khmer text, shaped by MuPDF's HTML layout with Noto fonts."""
+    import pymupdf  # here, not at the top: tests/test_gpu.py collects where it is not installed (bench/gpu_kit.py)
+
     document = pymupdf.open()
     page = document.new_page(width=320, height=220)
     page.insert_htmlbox(
@@ -43,6 +44,8 @@ def thai_khmer_page() -> Image.Image:
 def thai_pages_dataset(folder: Path, documents: int, chars: int, bookmarks: bool = False) -> Path:
     """A text-layer Thai pages dataset of `documents` two-page PDFs (UDHR paragraphs), optionally
     with a bookmark on each document's first page."""
+    import pymupdf
+
     from data_prep.pages import PageSettings, build_pages_dataset
 
     paragraphs = (REPO / "samples/udhr/th.md").read_text(encoding="utf-8").split("\n\n")

@@ -1,5 +1,8 @@
 """What only a GPU can show: bf16 arithmetic and CUDA's random state. Skipped where there is no CUDA device;
-run with `pytest -m gpu` on a GPU machine."""
+run with `pytest -m gpu` on a GPU machine (bench/gpu_kit.py runs it there). Imports nothing the GPU image lacks
+beyond what the kit carries (tests/test_gpu_kit.py collects it so): its page is drawn, not rendered with pymupdf."""
+
+import random
 
 import pytest
 import torch
@@ -53,9 +56,12 @@ def test_cached_loss_equals_the_plain_loss_in_bf16_with_cuda_dropout_replayed(ti
     assert any(g.abs().sum() > 0 for g in plain_grads)
 
 
-def test_embeddings_do_not_depend_on_the_batch_size_in_bf16(tiny_model, thai_khmer_page):
+def test_embeddings_do_not_depend_on_the_batch_size_in_bf16(tiny_model):
+    from bench.cases import page_image
+
     embedder = Embedder(str(tiny_model[2]), device="cuda", dtype="bfloat16", image_max_side=224)
-    items = [Item(text) for text in [*TEXTS, THAI, KHMER]] + [Item(image=thai_khmer_page)] * 2
+    page = page_image(random.Random(0), 320, 220, lines=6)
+    items = [Item(text) for text in [*TEXTS, THAI, KHMER]] + [Item(image=page)] * 2
     one_by_one = embedder.encode(items, batch_size=1)
     together = embedder.encode(items, batch_size=len(items))
     # left padding keeps the last token real; bf16 kernels may still differ slightly between batch shapes
