@@ -5,6 +5,8 @@ import json
 import os
 from pathlib import Path
 
+from common.errors import UsageError
+
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -29,3 +31,69 @@ def deepspeed_stage(config: str | dict | None) -> int | None:
     if isinstance(config, str):
         config = json.loads(Path(config).read_text(encoding="utf-8"))
     return config.get("zero_optimization", {}).get("stage")
+
+
+def process_device():
+    """The device this process computes on: under torchrun, the GPU of its local rank where the process sees every
+    GPU of its node; the one GPU it sees where a launcher gives each process its own (`srun --gpus-per-task`,
+    Kubernetes: LOCAL_RANK 1 and a single visible cuda:0); the CPU without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    visible = torch.cuda.device_count()
+    if local_rank() < visible:
+        return torch.device("cuda", local_rank())
+    if visible == 1:
+        return torch.device("cuda", 0)
+    raise UsageError(
+        f"LOCAL_RANK is {local_rank()} but this process sees {visible} GPUs (cuda:0 to cuda:{visible - 1}); start at "
+        "most one process per visible GPU (torchrun --nproc_per_node), or give each process one GPU of its own."
+    )
+
+
+def join_process_group() -> int:
+    """Under torchrun (WORLD_SIZE > 1), join the process group (NCCL on GPUs, gloo otherwise), bound to this
+    process's device first: NCCL collectives, object ones included, run on the current CUDA device, and with every
+    rank on cuda:0 they fail ("Duplicate GPU detected") or hang. This process's rank."""
+    import torch
+
+    if world_size() > 1 and not torch.distributed.is_initialized():
+        device = process_device()
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            torch.distributed.init_process_group("nccl", device_id=device)
+        else:
+            torch.distributed.init_process_group("gloo")
+    return rank()
+
+
+def main_process_decides(value):
+    """`value` as rank 0 sees it, on every process: they take the same branch (a cache file may appear between
+    one process's look and another's)."""
+    import torch
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    decided = [value]
+    torch.distributed.broadcast_object_list(decided, src=0)
+    return decided[0]
+
+
+def gather_rows(share):
+    """Every process's 2-D `share` (its own number of rows, none included; one width) concatenated in rank
+    order, on the CPU, on every process. Tensors travel as tensors (no pickling): each share is padded to the
+    longest and cut back after the gathering, on the group's device (the current GPU under NCCL)."""
+    import torch
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    shape = torch.tensor([share.shape[0], share[0].numel() if share.shape[0] else 0], device=device)
+    shapes = [torch.empty_like(shape) for _ in range(dist.get_world_size())]
+    dist.all_gather(shapes, shape)
+    longest, width = (max(int(s[i]) for s in shapes) for i in (0, 1))
+    padded = torch.zeros(longest, width, dtype=share.dtype, device=device)
+    padded[: share.shape[0]] = share.reshape(share.shape[0], width).to(device)
+    gathered = [torch.empty_like(padded) for _ in shapes]
+    dist.all_gather(gathered, padded)
+    return torch.cat([rows[: int(s[0])] for rows, s in zip(gathered, shapes)]).cpu()

@@ -330,8 +330,9 @@ class Embedder:
         embeddings come back in the items' order either way."""
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        # under torchrun, each process on its own GPU
-        self.device = device or (f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
+        from .distributed import process_device
+
+        self.device = torch.device(device) if device else process_device()  # under torchrun, each on its own GPU
         model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype)
         self.model = EmbeddingModel(model).to(self.device).eval()
         self.processor = AutoProcessor.from_pretrained(model_dir)
@@ -367,9 +368,9 @@ class Embedder:
         share[torch.tensor(indices, dtype=torch.long) - start] = encoded  # back in the share's order
         if world == 1:
             return share
-        shares = [None] * world
-        torch.distributed.all_gather_object(shares, share)
-        return torch.cat([share for share in shares if share.numel()] or [share])
+        from .distributed import gather_rows
+
+        return gather_rows(share)
 
     def encode_texts(self, texts: list[str], batch_size: int = 16, progress: str | None = None) -> torch.Tensor:
         return self.encode([Item(text=text) for text in texts], batch_size, progress)
