@@ -3,6 +3,7 @@ the launchers set, so that it is known before any process group exists (argument
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 from common.errors import UsageError
@@ -68,12 +69,44 @@ def join_process_group() -> int:
     return rank()
 
 
+def process_group() -> tuple[int, int]:
+    """(world size, rank) of the initialised process group, (1, 0) without one."""
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
+def share(count: int) -> range:
+    """This process's contiguous share of `count` items in the process group (all of them without one); the
+    shares of the ranks, in rank order, are the items in order."""
+    world, rank = process_group()
+    return range(count * rank // world, count * (rank + 1) // world)
+
+
+@contextmanager
+def main_process_first():
+    """Rank 0 runs the block first, alone; the other processes run it once rank 0 is through (and read what it
+    wrote). Without a process group, the block runs as it is."""
+    import torch
+
+    world, rank = process_group()
+    if world > 1 and rank > 0:
+        torch.distributed.barrier()
+    try:
+        yield
+    finally:  # where rank 0 fails, the others go on and fail on what it left undone, rather than wait forever
+        if world > 1 and rank == 0:
+            torch.distributed.barrier()
+
+
 def main_process_decides(value):
     """`value` as rank 0 sees it, on every process: they take the same branch (a cache file may appear between
     one process's look and another's)."""
     import torch
 
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if process_group()[0] == 1:
         return value
     decided = [value]
     torch.distributed.broadcast_object_list(decided, src=0)

@@ -12,11 +12,13 @@ one row without attention across them (lco/packing.py; the Qwen families). Write
 record with the held-out transcription CER and eval loss at the start, at each evaluation and at the end.
 """
 
+import functools
 import json
 import logging
 import os
 import random
 import re
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -157,10 +159,13 @@ def resume_checkpoint(args: PretrainArguments, training) -> str | None:
     return str(finished[-1])
 
 
-def load_examples(args: PretrainArguments, processor, max_length: int, seed: int):
-    """(train, held_out) datasets of prompt/completion examples; held-out pages are whole documents."""
+def load_examples(args: PretrainArguments, processor, max_length: int, seed: int, cache_dir: Path | None = None):
+    """(train, held_out) datasets of prompt/completion examples; held-out pages are whole documents. In a process
+    group, rank 0 alone makes the examples (an image re-encoded per page), into `cache_dir`, and the others read
+    them from there; one process keeps them in memory."""
     import datasets
 
+    from lco.distributed import main_process_first, process_group
     from lco.pretrain_data import continuation_example, evaluated_in, held_out_documents, page_example
 
     pages = datasets.concatenate_datasets([datasets.load_from_disk(path) for path in args.datasets])
@@ -174,10 +179,12 @@ def load_examples(args: PretrainArguments, processor, max_length: int, seed: int
             "train on other documents than the ones you evaluate on."
         )
     held_out = held_out_documents(pages["doc_id"], args.eval_fraction, seed)
-    examples = pages.map(
+    world, rank = process_group()
+    cache = cache_dir and world > 1 and Path(cache_dir) / "examples.arrow"
+    map_pages = functools.partial(
+        pages.map,
         lambda row: page_example(row, processor, max_length=max_length, max_pixels=args.max_pixels, seed=seed),
         remove_columns=pages.column_names,
-        keep_in_memory=True,  # no cache files written into the input datasets' folders
         features=datasets.Features(
             images=datasets.Sequence(datasets.Image()),
             prompt=[
@@ -199,6 +206,15 @@ def load_examples(args: PretrainArguments, processor, max_length: int, seed: int
         ),
         desc="pages to examples",
     )
+    if not cache:
+        examples = map_pages(keep_in_memory=True)  # no cache files written into the input datasets' folders
+    else:
+        with main_process_first():
+            if rank == 0:  # made anew, never an earlier run's file (--resume, other settings)
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                examples = map_pages(cache_file_name=str(cache), load_from_cache_file=False)
+            else:
+                examples = datasets.Dataset.from_file(str(cache))
     is_held_out = [doc_id in held_out for doc_id in examples["doc_id"]]
     train = examples.select([i for i, out in enumerate(is_held_out) if not out])
     evaluation = examples.select([i for i, out in enumerate(is_held_out) if out])
@@ -430,7 +446,10 @@ def train_and_save(args: PretrainArguments, training, recipe_args, checkpoint: s
     transformers.set_seed(training.seed)
     model, processor, peft_config = load_model(args, training, checkpoint)
     checkpointing = set_checkpointing(args, training, model)
-    train, held_out, example_counts = load_examples(args, processor, training.max_length, recipe_args.seed)
+    examples_cache = Path(training.output_dir) / ".examples"  # removed once the run is saved
+    train, held_out, example_counts = load_examples(
+        args, processor, training.max_length, recipe_args.seed, examples_cache
+    )
     cer_sample = sample_across_documents(held_out["doc_id"], args.cer_pages, recipe_args.seed)
     cer = TranscriptionCER(processor, held_out.select(cer_sample))
     if checkpoint and (Path(checkpoint) / RUN_RECORD).is_file():  # the curve so far, for the records to come
@@ -464,6 +483,7 @@ def train_and_save(args: PretrainArguments, training, recipe_args, checkpoint: s
         "loss_history": [entry for entry in trainer.state.log_history if "loss" in entry],
     }
     save_final(trainer, args, processor, Path(training.output_dir), record)
+    shutil.rmtree(examples_cache, ignore_errors=True)  # every process: after the final save's barrier
     return record["results"]
 
 
