@@ -113,6 +113,25 @@ def main_process_decides(value):
     return decided[0]
 
 
+def collective_device():
+    """Where the group's collectives take their tensors: the current GPU under NCCL, else the CPU."""
+    import torch
+
+    nccl = torch.distributed.get_backend() == "nccl"
+    return torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+
+
+def sum_across(values: list[float]) -> list[float]:
+    """`values` summed element-wise over the processes of the group (as they are without one)."""
+    import torch
+
+    if process_group()[0] == 1:
+        return list(values)
+    summed = torch.tensor(values, dtype=torch.float64, device=collective_device())
+    torch.distributed.all_reduce(summed)
+    return summed.tolist()
+
+
 def gather_rows(share):
     """Every process's 2-D `share` (its own number of rows, none included; one width) concatenated in rank
     order, on the CPU, on every process. Tensors travel as tensors (no pickling): each share is padded to the
@@ -120,7 +139,7 @@ def gather_rows(share):
     import torch
     import torch.distributed as dist
 
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    device = collective_device()
     shape = torch.tensor([share.shape[0], share[0].numel() if share.shape[0] else 0], device=device)
     shapes = [torch.empty_like(shape) for _ in range(dist.get_world_size())]
     dist.all_gather(shapes, shape)

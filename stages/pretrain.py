@@ -93,6 +93,14 @@ class PretrainArguments:
     cer_pages: int = field(
         default=16, metadata={"help": "Held-out pages transcribed greedily for the CER (drawn across documents)."}
     )
+    cer_batch_size: int = field(default=8, metadata={"help": "Held-out pages transcribed at once (GPU memory)."})
+    cer_time_budget_s: float = field(
+        default=300.0,
+        metadata={
+            "help": "Seconds one CER measurement may take (0: no bound); pages past it are left out of the CER, and "
+            "the run record counts them."
+        },
+    )
     resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint in --output_dir."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing --output_dir."})
 
@@ -109,6 +117,11 @@ class PretrainArguments:
         for name in ("text_only_fraction", "eval_fraction"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise UsageError(f"--{name} must be in [0, 1), got {getattr(self, name)}.")
+        if self.cer_batch_size < 1 or self.cer_time_budget_s < 0:
+            raise UsageError(
+                f"--cer_batch_size must be at least 1 and --cer_time_budget_s at least 0 (0: no bound); got "
+                f"{self.cer_batch_size} and {self.cer_time_budget_s}."
+            )
 
 
 def validate_run(args: PretrainArguments, training, lang: str) -> None:
@@ -451,7 +464,7 @@ def train_and_save(args: PretrainArguments, training, recipe_args, checkpoint: s
         args, processor, training.max_length, recipe_args.seed, examples_cache
     )
     cer_sample = sample_across_documents(held_out["doc_id"], args.cer_pages, recipe_args.seed)
-    cer = TranscriptionCER(processor, held_out.select(cer_sample))
+    cer = TranscriptionCER(processor, held_out.select(cer_sample), args.cer_batch_size, args.cer_time_budget_s)
     if checkpoint and (Path(checkpoint) / RUN_RECORD).is_file():  # the curve so far, for the records to come
         cer.history = read_run_record(checkpoint, expected_stage="pretrain")["results"]["generation_quality"]
     throughput = Throughput()
@@ -493,8 +506,8 @@ def summary(results: dict, final: Path) -> str:
         first, last = results["generation_quality"][0], results["generation_quality"][-1]
         lines.insert(
             0,
-            f"pretrain: {results['steps']} steps in {results['wall_time_s']}s; held-out CER {first['cer']:.3f} -> "
-            f"{last['cer']:.3f}, eval loss {first['eval_loss']:.3f} -> {last['eval_loss']:.3f}; model in {final}",
+            f"pretrain: {results['steps']} steps in {results['wall_time_s']}s; held-out CER {first['cer']} -> "
+            f"{last['cer']}, eval loss {first['eval_loss']:.3f} -> {last['eval_loss']:.3f}; model in {final}",
         )
     return "\n".join(lines)
 
