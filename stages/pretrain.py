@@ -289,7 +289,17 @@ def set_checkpointing(args: PretrainArguments, training, model) -> dict:
     if args.checkpointing == "auto":
         tokens = training.per_device_train_batch_size * training.max_length  # the longest micro-batch
         lora_r = args.lora_r if args.tuning == "lora" else None
-        estimate = estimate_memory(model, tokens, lora_r, deepspeed_stage(training.deepspeed), world_size())
+        estimate = estimate_memory(
+            model,
+            tokens,
+            lora_r,
+            deepspeed_stage(training.deepspeed),
+            world_size(),
+            sequence=training.max_length,
+            max_pixels=args.max_pixels,
+            deepspeed=training.deepspeed,
+            optim=getattr(training.optim, "value", training.optim),
+        )
         decided = plan(estimate, device_memory_bytes())
     elif args.checkpointing in ("none", "all"):
         decided = {"every_n_layers": 0 if args.checkpointing == "none" else 1}
