@@ -60,6 +60,27 @@ def test_pages_past_the_time_budget_are_left_out_and_said_so(recorded_base, page
     assert "time budget" in caplog.text
 
 
+def test_pages_a_batch_cut_short_by_the_time_budget_are_left_out(recorded_base, pages, caplog):
+    """A generate call stopped by `max_time` (here: 2 tokens, no end of sequence) leaves its pages unfinished: they
+    are left out of the CER rather than scored as truncated transcriptions."""
+    from lco.generation_eval import transcription_cer
+
+    model, processor, examples = held_out_examples(recorded_base, pages)
+    limits = []
+
+    def cut_short(input_ids, max_time=None, **kwargs):
+        limits.append(max_time)
+        return torch.cat([input_ids, torch.full((len(input_ids), 2), 100)], dim=1)
+
+    model.generate = cut_short
+    spent = transcription_cer(model, processor, examples, batch_size=2, time_budget_s=3600)
+    assert 3500 < limits[0] <= 3600 and len(limits) == 3
+    assert spent["cer"] is None and spent["pages"] == 0 and spent["left_out"] == 5 and spent["batches"] == 3
+    assert "5 of 5 pages left out" in caplog.text
+    unbounded = transcription_cer(model, processor, examples, batch_size=2)  # no budget: nothing was cut
+    assert unbounded["pages"] == 5 and unbounded["left_out"] == 0 and limits[-1] is None
+
+
 def _transcribe_in_two_processes(rank, init_file, base, pages, results):
     from lco.generation_eval import transcription_cer
 
