@@ -1,5 +1,7 @@
 """Where this process stands in a `torchrun` / `accelerate launch` / `deepspeed` run, read from the environment
-the launchers set, so that it is known before any process group exists (argument checks, logging)."""
+the launchers set, so that it is known before any process group exists (argument checks, logging); and the
+process group of the stages that start their own (evaluate, index, hard-negative mining): the device each process
+binds, joining the group, and the collectives they share work with (shares, gathering, rank 0 first)."""
 
 import json
 import os
@@ -132,20 +134,20 @@ def sum_across(values: list[float]) -> list[float]:
     return summed.tolist()
 
 
-def gather_rows(share):
-    """Every process's 2-D `share` (its own number of rows, none included; one width) concatenated in rank
-    order, on the CPU, on every process. Tensors travel as tensors (no pickling): each share is padded to the
-    longest and cut back after the gathering, on the group's device (the current GPU under NCCL)."""
+def gather_rows(rows):
+    """Every process's 2-D `rows` (its own number of them, none included; one width) concatenated in rank order,
+    on the CPU, on every process. Tensors travel as tensors (no pickling): each process's rows are padded to the
+    longest share and cut back after the gathering, on the group's device (the current GPU under NCCL)."""
     import torch
     import torch.distributed as dist
 
     device = collective_device()
-    shape = torch.tensor([share.shape[0], share[0].numel() if share.shape[0] else 0], device=device)
+    shape = torch.tensor([rows.shape[0], rows[0].numel() if rows.shape[0] else 0], device=device)
     shapes = [torch.empty_like(shape) for _ in range(dist.get_world_size())]
     dist.all_gather(shapes, shape)
     longest, width = (max(int(s[i]) for s in shapes) for i in (0, 1))
-    padded = torch.zeros(longest, width, dtype=share.dtype, device=device)
-    padded[: share.shape[0]] = share.reshape(share.shape[0], width).to(device)
+    padded = torch.zeros(longest, width, dtype=rows.dtype, device=device)
+    padded[: rows.shape[0]] = rows.reshape(rows.shape[0], width).to(device)
     gathered = [torch.empty_like(padded) for _ in shapes]
     dist.all_gather(gathered, padded)
-    return torch.cat([rows[: int(s[0])] for rows, s in zip(gathered, shapes)]).cpu()
+    return torch.cat([part[: int(s[0])] for part, s in zip(gathered, shapes)]).cpu()
