@@ -303,13 +303,6 @@ def encode_items(
     return torch.cat(chunks) if chunks else torch.empty(0, 0)
 
 
-def _process_group() -> tuple[int, int]:
-    """(world size, rank) of the initialised process group, (1, 0) without one."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size(), torch.distributed.get_rank()
-    return 1, 0
-
-
 class Embedder:
     """Load a model folder and encode texts and page images in batches."""
 
@@ -330,8 +323,9 @@ class Embedder:
         embeddings come back in the items' order either way."""
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        # under torchrun, each process on its own GPU
-        self.device = device or (f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
+        from .distributed import process_device
+
+        self.device = torch.device(device) if device else process_device()  # under torchrun, each on its own GPU
         model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype)
         self.model = EmbeddingModel(model).to(self.device).eval()
         self.processor = AutoProcessor.from_pretrained(model_dir)
@@ -345,11 +339,13 @@ class Embedder:
         share and all of them return the whole, gathered in order: the same as one process encoding all. Each
         process sorts its own share (balanced: shares are cut before sorting) and puts its embeddings back in the
         share's order before the gathering."""
-        world, rank = _process_group()
-        start, end = len(items) * rank // world, len(items) * (rank + 1) // world
+        from .distributed import gather_rows, process_group, share
+
+        world, rank = process_group()
+        mine = share(len(items))
         settings = {"max_text_tokens": self.max_text_tokens, "image_max_side": self.image_max_side}
         settings["max_pixels"] = self.max_pixels
-        indices = list(range(start, end))
+        indices = list(mine)
         counts = token_counts(self.processor, items, indices, **settings) if self.sort_by_size else None
         if counts is not None:
             indices = [indices[i] for i in sorted(range(len(indices)), key=lambda i: -counts[i])]
@@ -363,13 +359,9 @@ class Embedder:
             indices=indices,
             **settings,
         )
-        share = torch.empty_like(encoded)
-        share[torch.tensor(indices, dtype=torch.long) - start] = encoded  # back in the share's order
-        if world == 1:
-            return share
-        shares = [None] * world
-        torch.distributed.all_gather_object(shares, share)
-        return torch.cat([share for share in shares if share.numel()] or [share])
+        ordered = torch.empty_like(encoded)
+        ordered[torch.tensor(indices, dtype=torch.long) - mine.start] = encoded  # back in the share's order
+        return gather_rows(ordered) if world > 1 else ordered
 
     def encode_texts(self, texts: list[str], batch_size: int = 16, progress: str | None = None) -> torch.Tensor:
         return self.encode([Item(text=text) for text in texts], batch_size, progress)

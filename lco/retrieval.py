@@ -239,6 +239,26 @@ def check_evalset(evalset: EvalSet, folder: str) -> None:
         )
 
 
+# 1280*28*28: Qwen2.5-VL's default budget, at which the reference embeds documents for evaluation
+DEFAULT_PIXELS = 1003520
+
+
+def page_size(model: str, args) -> dict:
+    """How `model` gets its pages when evaluated or indexed (`args`: anything with `image_max_side` and
+    `max_pixels`, e.g. `stages.evaluate.EvaluateArguments`): thumbnailed into `image_max_side` when that is set;
+    otherwise fitted to a pixel budget, `max_pixels` if set, else the one its run-record chain was pretrained at
+    (pages pretrained at a large budget and embedded as small thumbnails would hide what pretraining taught), else
+    DEFAULT_PIXELS."""
+    from common.run_record import chain_records
+
+    if args.image_max_side:
+        return {"image_max_side": args.image_max_side, "max_pixels": None}
+    pretrained_at = next(
+        (r["config"]["pretrain"]["max_pixels"] for r in chain_records(model) if r["stage"] == "pretrain"), None
+    )
+    return {"image_max_side": None, "max_pixels": args.max_pixels or pretrained_at or DEFAULT_PIXELS}
+
+
 def search(
     query_embeddings,
     page_embeddings,

@@ -34,7 +34,7 @@ from common.artifacts import (
 from common.errors import UsageError, run_cli
 from common.recipe import parse_stage_arguments
 from common.run_record import RUN_RECORD, parent_run, read_run_record, stage_record, write_run_record
-from lco.distributed import deepspeed_stage, local_rank, rank, world_size
+from lco.distributed import deepspeed_stage, join_process_group, process_device, rank, world_size
 from lco.families import check_reads
 
 logger = logging.getLogger(__name__)
@@ -284,20 +284,24 @@ def deepspeed_plugin(path: str, mini_batch_size: int, accumulation: int, bf16: b
     return DeepSpeedPlugin(hf_ds_config=config, gradient_accumulation_steps=accumulation)
 
 
-def embed(model, processor, sides, args: ContrastArguments):
+def embed(model, processor, sides, args: ContrastArguments, split: bool = False):
     """Embeddings of pair sides (on the CPU), `mini_batch_size` at a time, without a graph; images are opened
-    batch by batch."""
+    batch by batch. `split`: in a process group, each process embeds its contiguous share and all get the whole."""
     from lco.contrast_data import Side
+    from lco.distributed import gather_rows, process_group, share
     from lco.embedder import LazyItems, encode_items
 
-    return encode_items(
+    split = split and process_group()[0] > 1
+    embeddings = encode_items(
         model,
         processor,
         LazyItems(sides, Side.item),
         batch_size=args.mini_batch_size,
         max_text_tokens=args.max_text_tokens,
         image_max_side=args.image_max_side,
+        indices=share(len(sides)) if split else None,
     )
+    return gather_rows(embeddings) if split else embeddings
 
 
 def held_out_accuracy(model, processor, pairs, args: ContrastArguments, seed: int) -> dict | None:
@@ -335,15 +339,16 @@ def held_out_accuracy(model, processor, pairs, args: ContrastArguments, seed: in
 
 def mine_hard_negatives(model, processor, pairs, args: ContrastArguments):
     """Each pair with, as its negative, the positive of another document's pair that the model scores
-    highest for its anchor (other documents only, to keep true positives out)."""
+    highest for its anchor (other documents only, to keep true positives out). In a process group, each process
+    embeds a share of the pairs, and every process chooses from all the embeddings: the same negatives."""
     import torch
 
     names = {name: i for i, name in enumerate(dict.fromkeys(pair.document for pair in pairs))}
     if len(names) < 2:
         raise UsageError("--mine_hard_negatives needs pairs from at least two documents.")
     documents = torch.tensor([names[pair.document] for pair in pairs])
-    anchors = embed(model, processor, [pair.anchor for pair in pairs], args)
-    positives = embed(model, processor, [pair.positive for pair in pairs], args)
+    anchors = embed(model, processor, [pair.anchor for pair in pairs], args, split=True)
+    positives = embed(model, processor, [pair.positive for pair in pairs], args, split=True)
     chosen = []
     for start in range(0, len(pairs), 1024):  # a block of anchors at a time: the full score matrix is pairs x pairs
         scores = anchors[start : start + 1024] @ positives.T
@@ -549,9 +554,9 @@ def train(args: ContrastArguments, train_pairs, held_out, seed: int, output_dir:
 
     model, processor = load_model(args, seed)
     if args.mine_hard_negatives:
-        # every process mines the same negatives from the same pairs: no communication needed
-        device = f"cuda:{local_rank()}" if torch.cuda.is_available() else "cpu"
-        train_pairs = mine_hard_negatives(model.to(device), processor, train_pairs, args)
+        # the processes mine together (each embeds a share), in the group the Accelerator then takes over
+        join_process_group()
+        train_pairs = mine_hard_negatives(model.to(process_device()), processor, train_pairs, args)
         logger.info("mined a hard negative for each of the %d training pairs", len(train_pairs))
     run = ContrastiveTraining(args, model, processor, train_pairs, seed, output_dir)
     if run.accelerator.is_main_process:

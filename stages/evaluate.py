@@ -24,7 +24,6 @@ from common.artifacts import check_model_source, write_bytes_atomic, write_text_
 from common.errors import UsageError, run_cli
 from common.recipe import parse_stage_arguments
 from common.run_record import (
-    chain_records,
     chain_training_documents,
     chain_unsourced_pairs,
     model_fingerprint,
@@ -33,7 +32,7 @@ from common.run_record import (
     stage_record,
     write_run_record,
 )
-from lco.distributed import rank, world_size
+from lco.distributed import join_process_group, main_process_decides, rank
 from lco.families import check_reads
 from lco.retrieval import (
     BEIR_FILES,
@@ -42,6 +41,7 @@ from lco.retrieval import (
     bm25_rankings,
     load_evalset,
     mean_scores,
+    page_size,
     per_query_scores,
     random_rankings,
     read_trec_run,
@@ -145,28 +145,6 @@ def data_fingerprint(evalset, part: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def join_process_group() -> int:
-    """Under torchrun (WORLD_SIZE > 1), join the process group in which each process encodes a share of the pages
-    and queries (`Embedder.encode`); this process's rank."""
-    if world_size() > 1:
-        import torch
-
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return rank()
-
-
-def main_process_decides(value):
-    """`value` as rank 0 sees it, on every process: they take the same branch (a cache file may appear between
-    one process's look and another's)."""
-    if world_size() == 1:
-        return value
-    import torch
-
-    decided = [value]
-    torch.distributed.broadcast_object_list(decided, src=0)
-    return decided[0]
-
-
 def cached_embeddings(key: dict, cache_dir: str, compute):
     """`compute()` once per key; later calls load the saved tensor."""
     import torch
@@ -184,22 +162,6 @@ def cached_embeddings(key: dict, cache_dir: str, compute):
     torch.save(embeddings, buffer)
     write_bytes_atomic(path, buffer.getvalue())
     return embeddings, False
-
-
-# 1280*28*28: Qwen2.5-VL's default budget, at which the reference embeds documents for evaluation
-DEFAULT_PIXELS = 1003520
-
-
-def page_size(model: str, args: EvaluateArguments) -> dict:
-    """How `model` gets its pages: thumbnailed into `image_max_side` when that is set; otherwise fitted to a pixel
-    budget, `max_pixels` if set, else the one its run-record chain was pretrained at (pages pretrained at a large
-    budget and embedded as small thumbnails would hide what pretraining taught), else DEFAULT_PIXELS."""
-    if args.image_max_side:
-        return {"image_max_side": args.image_max_side, "max_pixels": None}
-    pretrained_at = next(
-        (r["config"]["pretrain"]["max_pixels"] for r in chain_records(model) if r["stage"] == "pretrain"), None
-    )
-    return {"image_max_side": None, "max_pixels": args.max_pixels or pretrained_at or DEFAULT_PIXELS}
 
 
 def entry_item(evalset, key: str, part: str, instruction: str = ""):

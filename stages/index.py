@@ -41,9 +41,11 @@ from common.artifacts import (
 from common.errors import UsageError, run_cli
 from common.recipe import parse_stage_arguments
 from common.run_record import RUN_RECORD, chain_records, model_fingerprint, parent_run, sha256_file, write_run_record
+from lco.distributed import join_process_group, main_process_decides
 from lco.index import EXACT_SEARCH_LIMIT
+from lco.retrieval import page_size
 
-from .evaluate import EvaluateArguments, join_process_group, main_process_decides, page_size
+from .evaluate import EvaluateArguments
 
 
 @dataclass

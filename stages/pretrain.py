@@ -12,11 +12,13 @@ one row without attention across them (lco/packing.py; the Qwen families). Write
 record with the held-out transcription CER and eval loss at the start, at each evaluation and at the end.
 """
 
+import functools
 import json
 import logging
 import os
 import random
 import re
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -91,6 +93,14 @@ class PretrainArguments:
     cer_pages: int = field(
         default=16, metadata={"help": "Held-out pages transcribed greedily for the CER (drawn across documents)."}
     )
+    cer_batch_size: int = field(default=8, metadata={"help": "Held-out pages transcribed at once (GPU memory)."})
+    cer_time_budget_s: float = field(
+        default=300.0,
+        metadata={
+            "help": "Seconds one CER measurement may take (0: no bound); pages past it are left out of the CER, and "
+            "the run record counts them."
+        },
+    )
     resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint in --output_dir."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing --output_dir."})
 
@@ -107,6 +117,11 @@ class PretrainArguments:
         for name in ("text_only_fraction", "eval_fraction"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise UsageError(f"--{name} must be in [0, 1), got {getattr(self, name)}.")
+        if self.cer_batch_size < 1 or self.cer_time_budget_s < 0:
+            raise UsageError(
+                f"--cer_batch_size must be at least 1 and --cer_time_budget_s at least 0 (0: no bound); got "
+                f"{self.cer_batch_size} and {self.cer_time_budget_s}."
+            )
 
 
 def validate_run(args: PretrainArguments, training, lang: str) -> None:
@@ -170,10 +185,13 @@ def resume_checkpoint(args: PretrainArguments, training) -> str | None:
     return str(finished[-1])
 
 
-def load_examples(args: PretrainArguments, processor, max_length: int, seed: int):
-    """(train, held_out) datasets of prompt/completion examples; held-out pages are whole documents."""
+def load_examples(args: PretrainArguments, processor, max_length: int, seed: int, cache_dir: Path | None = None):
+    """(train, held_out) datasets of prompt/completion examples; held-out pages are whole documents. In a process
+    group, rank 0 alone makes the examples (an image re-encoded per page), into `cache_dir`, and the others read
+    them from there; one process keeps them in memory."""
     import datasets
 
+    from lco.distributed import main_process_first, process_group
     from lco.pretrain_data import continuation_example, evaluated_in, held_out_documents, page_example
 
     pages = datasets.concatenate_datasets([datasets.load_from_disk(path) for path in args.datasets])
@@ -187,10 +205,12 @@ def load_examples(args: PretrainArguments, processor, max_length: int, seed: int
             "train on other documents than the ones you evaluate on."
         )
     held_out = held_out_documents(pages["doc_id"], args.eval_fraction, seed)
-    examples = pages.map(
+    world, rank = process_group()
+    cache = cache_dir and world > 1 and Path(cache_dir) / "examples.arrow"
+    map_pages = functools.partial(
+        pages.map,
         lambda row: page_example(row, processor, max_length=max_length, max_pixels=args.max_pixels, seed=seed),
         remove_columns=pages.column_names,
-        keep_in_memory=True,  # no cache files written into the input datasets' folders
         features=datasets.Features(
             images=datasets.Sequence(datasets.Image()),
             prompt=[
@@ -212,6 +232,15 @@ def load_examples(args: PretrainArguments, processor, max_length: int, seed: int
         ),
         desc="pages to examples",
     )
+    if not cache:
+        examples = map_pages(keep_in_memory=True)  # no cache files written into the input datasets' folders
+    else:
+        with main_process_first():
+            if rank == 0:  # made anew, never an earlier run's file (--resume, other settings)
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                examples = map_pages(cache_file_name=str(cache), load_from_cache_file=False)
+            else:
+                examples = datasets.Dataset.from_file(str(cache))
     is_held_out = [doc_id in held_out for doc_id in examples["doc_id"]]
     train = examples.select([i for i, out in enumerate(is_held_out) if not out])
     evaluation = examples.select([i for i, out in enumerate(is_held_out) if out])
@@ -274,7 +303,17 @@ def set_checkpointing(args: PretrainArguments, training, model) -> dict:
     if args.checkpointing == "auto":
         tokens = training.per_device_train_batch_size * training.max_length  # the longest micro-batch
         lora_r = args.lora_r if args.tuning == "lora" else None
-        estimate = estimate_memory(model, tokens, lora_r, deepspeed_stage(training.deepspeed), world_size())
+        estimate = estimate_memory(
+            model,
+            tokens,
+            lora_r,
+            deepspeed_stage(training.deepspeed),
+            world_size(),
+            sequence=training.max_length,
+            max_pixels=args.max_pixels,
+            deepspeed=training.deepspeed,
+            optim=getattr(training.optim, "value", training.optim),
+        )
         decided = plan(estimate, device_memory_bytes())
     elif args.checkpointing in ("none", "all"):
         decided = {"every_n_layers": 0 if args.checkpointing == "none" else 1}
@@ -444,9 +483,12 @@ def train_and_save(args: PretrainArguments, training, recipe_args, checkpoint: s
     transformers.set_seed(training.seed)
     model, processor, peft_config = load_model(args, training, checkpoint)
     checkpointing = set_checkpointing(args, training, model)
-    train, held_out, example_counts = load_examples(args, processor, training.max_length, recipe_args.seed)
+    examples_cache = Path(training.output_dir) / ".examples"  # removed once the run is saved
+    train, held_out, example_counts = load_examples(
+        args, processor, training.max_length, recipe_args.seed, examples_cache
+    )
     cer_sample = sample_across_documents(held_out["doc_id"], args.cer_pages, recipe_args.seed)
-    cer = TranscriptionCER(processor, held_out.select(cer_sample))
+    cer = TranscriptionCER(processor, held_out.select(cer_sample), args.cer_batch_size, args.cer_time_budget_s)
     if checkpoint and (Path(checkpoint) / RUN_RECORD).is_file():  # the curve so far, for the records to come
         cer.history = read_run_record(checkpoint, expected_stage="pretrain")["results"]["generation_quality"]
     throughput = Throughput()
@@ -478,6 +520,7 @@ def train_and_save(args: PretrainArguments, training, recipe_args, checkpoint: s
         "loss_history": [entry for entry in trainer.state.log_history if "loss" in entry],
     }
     save_final(trainer, args, processor, Path(training.output_dir), record)
+    shutil.rmtree(examples_cache, ignore_errors=True)  # every process: after the final save's barrier
     return record["results"]
 
 
@@ -487,8 +530,8 @@ def summary(results: dict, final: Path) -> str:
         first, last = results["generation_quality"][0], results["generation_quality"][-1]
         lines.insert(
             0,
-            f"pretrain: {results['steps']} steps in {results['wall_time_s']}s; held-out CER {first['cer']:.3f} -> "
-            f"{last['cer']:.3f}, eval loss {first['eval_loss']:.3f} -> {last['eval_loss']:.3f}; model in {final}",
+            f"pretrain: {results['steps']} steps in {results['wall_time_s']}s; held-out CER {first['cer']} -> "
+            f"{last['cer']}, eval loss {first['eval_loss']:.3f} -> {last['eval_loss']:.3f}; model in {final}",
         )
     return "\n".join(lines)
 

@@ -210,6 +210,21 @@ def sine(path, hz: float, rate: int, seconds: float) -> None:
     soundfile.write(path, 0.3 * np.sin(2 * np.pi * hz * np.arange(int(rate * seconds)) / rate), rate)
 
 
+def test_batched_transcriptions_equal_one_page_at_a_time(family, pages):
+    """The held-out CER's left-padded batches give each page the greedy transcription it gets alone."""
+    from lco.generation_eval import transcription_cer
+
+    model, processor = load(family[1])
+    args = pretrain.PretrainArguments(
+        model_name_or_path=str(family[1]), datasets=[str(pages)], max_pixels=40000, eval_fraction=0.5
+    )
+    examples = pretrain.load_examples(args, processor, 200, 0)[1]
+    alone = transcription_cer(model.eval(), processor, examples, batch_size=1)
+    batched = transcription_cer(model, processor, examples, batch_size=len(examples))
+    assert batched["batches"] == 1 and alone["batches"] == len(examples) == 4
+    assert batched["hypotheses"] == alone["hypotheses"] and batched["cer"] == alone["cer"]
+
+
 def test_audio_files_are_read_mono_at_the_feature_extractors_rate(tmp_path):
     import numpy as np
 

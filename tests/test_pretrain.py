@@ -174,6 +174,10 @@ def test_full_training_lowers_the_loss_moves_trainable_weights_only_and_chains_r
     losses = [entry["loss"] for entry in record["results"]["loss_history"]]
     assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3])
     assert [e["step"] for e in record["results"]["generation_quality"]] == [0, 12]
+    for entry in record["results"]["generation_quality"]:  # what each CER measurement cost (--cer_pages 1)
+        cost = entry["transcription"]
+        assert cost["pages"] == cost["batches"] == 1 and cost["left_out"] == 0 and cost["tokens"] > 0
+        assert 0 < cost["seconds"] < 300
     assert [r["stage"] for r in verify_chain(final)] == ["pretrain", "base_model"]
     throughput = record["results"]["throughput"]
     assert throughput["timed_steps"] == 11 and throughput["tokens_per_second"] > 0
