@@ -114,3 +114,30 @@ def test_two_processes_gather_embedding_tensors_equal_to_one_process(tiny_model,
     for rank in (0, 1):
         assert isinstance(results[rank], torch.Tensor) and results[rank].shape == alone.shape == (5, alone.shape[1])
         torch.testing.assert_close(results[rank], alone, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_each_item_is_encoded_once_by_the_process_whose_contiguous_share_holds_it(tiny_model, monkeypatch, world):
+    import lco.distributed
+    import lco.embedder
+    from lco.embedder import Embedder
+
+    texts = [f"text {i} " * (i % 4 + 1) for i in range(7)]  # 7 items of other lengths: sorted within a share
+    embedder = Embedder(str(tiny_model[2]), device="cpu")
+    alone = embedder.encode_texts(texts, batch_size=2)
+    encoded_by, encode_items = {}, lco.embedder.encode_items
+
+    def recording(*args, indices, **kwargs):
+        encoded_by.setdefault(rank, []).extend(indices)
+        return encode_items(*args, indices=indices, **kwargs)
+
+    monkeypatch.setattr(lco.embedder, "encode_items", recording)
+    monkeypatch.setattr(lco.distributed, "gather_rows", lambda rows: rows)  # each process's own rows, to compare
+    shares = []
+    for rank in range(world):
+        monkeypatch.setattr(lco.distributed, "process_group", lambda: (world, rank))
+        shares.append(embedder.encode_texts(texts, batch_size=2))
+    cuts = [len(texts) * r // world for r in range(world + 1)]
+    assert [sorted(encoded_by[r]) for r in range(world)] == [list(range(cuts[r], cuts[r + 1])) for r in range(world)]
+    assert sorted(i for r in range(world) for i in encoded_by[r]) == list(range(len(texts)))  # once each
+    torch.testing.assert_close(torch.cat(shares), alone, rtol=1e-5, atol=1e-6)  # in order once gathered

@@ -361,6 +361,8 @@ def test_two_processes_encode_shares_and_score_as_one(tiny_model, seadoc, tmp_pa
     one, two = run(1, "one"), run(2, "two")
     assert two["stdout"].count("| system |") == one["stdout"].count("| system |")  # rank 0 alone prints
     assert two["results"] == one["results"]  # rounded to 4 decimals, as written
+    assert two["intervals"] == one["intervals"] and two["comparisons"] == one["comparisons"]
+    assert one["comparisons"] and one["intervals"]
     cached = {name: sorted((tmp_path / f"cache-{name}").glob("*.pt")) for name in ("one", "two")}
     assert [path.name for path in cached["one"]] == [path.name for path in cached["two"]] and len(cached["one"]) == 2
     for a, b in zip(cached["one"], cached["two"]):
