@@ -8,6 +8,7 @@ wrong type are errors that name the file and the key: a typo in a recipe must st
 import argparse
 import dataclasses
 import difflib
+import re
 import reprlib
 import sys
 import types
@@ -94,6 +95,22 @@ def check_recipe(path: str | Path, section_types: dict[str, tuple[type, ...]]) -
     return recipe
 
 
+INTERVAL = re.compile(r"([\[(])(-?[0-9.e+-]+|-inf), (-?[0-9.e+-]+|inf)([\])])")
+
+
+def check_ranges(args) -> None:
+    """Refuse a numeric value outside the interval its dataclass declares for it in `RANGES` (a ClassVar of field
+    name -> "[1, inf)", "(0, 1)", ...), naming the flag: a value no later step could use stops here, in one line,
+    before anything loads."""
+    for name, interval in getattr(args, "RANGES", {}).items():
+        value = getattr(args, name)
+        opening, low, high, closing = INTERVAL.fullmatch(interval).groups()
+        above_low = float(low) <= value if opening == "[" else float(low) < value
+        below_high = value <= float(high) if closing == "]" else value < float(high)
+        if not (above_low and below_high):
+            raise UsageError(f"--{name} must be in {interval}, got {value}.")
+
+
 def parse_stage_arguments(
     stage: str,
     dataclass_types: tuple[type, ...],
@@ -169,6 +186,7 @@ def parse_stage_arguments(
     )
     parsed = [recipe_args, *parsed[1:]]
     for args in parsed:
+        check_ranges(args)
         if hasattr(args, "validate"):
             try:
                 args.validate()

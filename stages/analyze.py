@@ -24,6 +24,7 @@ import random
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from common.artifacts import check_input_paths, finished_checkpoints, write_text_atomic
 from common.errors import UsageError, run_cli
@@ -35,6 +36,13 @@ COMMANDS = ("scaling", "diagnostics")
 
 @dataclass
 class AnalyzeArguments:
+    # the values each numeric field can take (common.recipe.check_ranges, before anything loads)
+    RANGES: ClassVar[dict[str, str]] = {
+        "batch_size": "[1, inf)",
+        "max_text_tokens": "[1, inf)",
+        "image_max_side": "[1, inf)",
+    }
+
     output_dir: str | None = field(default=None, metadata={"help": "Folder for scaling/ and diagnostics/."})
     pretrain_run: str | None = field(
         default=None, metadata={"help": "scaling: a finished stages.pretrain output_dir (checkpoint-* and final/)."}

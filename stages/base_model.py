@@ -14,7 +14,7 @@ with no other files.
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from common.artifacts import atomic_directory, check_output_dir
 from common.errors import UsageError, run_cli
@@ -86,6 +86,23 @@ GEMMA3_IMAGE_SIZE, GEMMA3_PATCH_SIZE, GEMMA3_IMAGE_TOKENS = 224, 14, 64
 
 @dataclass
 class BaseModelArguments:
+    # the values each numeric field can take (common.recipe.check_ranges, before anything loads)
+    RANGES: ClassVar[dict[str, str]] = {
+        "vocab_size": "[1, inf)",
+        "hidden_size": "[1, inf)",
+        "num_hidden_layers": "[1, inf)",
+        "num_attention_heads": "[1, inf)",
+        "num_key_value_heads": "[1, inf)",
+        "intermediate_size": "[1, inf)",
+        "vision_depth": "[1, inf)",
+        "vision_hidden_size": "[1, inf)",
+        "vision_num_heads": "[1, inf)",
+        "vision_intermediate_size": "[1, inf)",
+        "embedding_rows": "[0, inf)",
+        "min_pixels": "[1, inf)",
+        "max_pixels": "[1, inf)",
+    }
+
     output_dir: str = field(default="checkpoints/tiny/base", metadata={"help": "Folder to write the model to."})
     family: Literal["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "gemma3", "qwen2_5_omni"] = field(
         default="qwen2_5_vl", metadata={"help": "Model family (lco/families.py)."}

@@ -21,6 +21,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import ClassVar
 
 from common.artifacts import (
     atomic_directory,
@@ -43,6 +44,25 @@ PROGRESS = "progress.json"  # in a checkpoint: where training was, and the curve
 
 @dataclass
 class ContrastArguments:
+    # the values each numeric field can take (common.recipe.check_ranges, before anything loads)
+    RANGES: ClassVar[dict[str, str]] = {
+        "lora_r": "[1, inf)",
+        "lora_alpha": "[1, inf)",
+        "lora_dropout": "[0, 1)",
+        "temperature": "(0, inf)",
+        "kept_graphs": "[0, inf)",
+        "learning_rate": "(0, inf)",
+        "num_train_epochs": "(0, inf)",
+        "max_steps": "[0, inf)",
+        "weight_decay": "[0, inf)",
+        "max_text_tokens": "[1, inf)",
+        "image_max_side": "[1, inf)",
+        "passage_chars": "[1, inf)",
+        "eval_steps": "[0, inf)",
+        "logging_steps": "[1, inf)",
+        "save_steps": "[0, inf)",
+    }
+
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "A pretrain `final/` folder, or any compatible VLM (the no-CPT baseline)."}
     )

@@ -19,6 +19,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from common.artifacts import check_model_source, write_bytes_atomic, write_text_atomic
 from common.errors import UsageError, run_cli
@@ -56,6 +57,16 @@ COMPARED_METRIC = "ndcg@10"  # the primary metric, the one the paired tests comp
 
 @dataclass
 class EvaluateArguments:
+    # the values each numeric field can take (common.recipe.check_ranges, before anything loads)
+    RANGES: ClassVar[dict[str, str]] = {
+        "batch_size": "[1, inf)",
+        "max_text_tokens": "[1, inf)",
+        "max_pixels": "[0, inf)",
+        "image_max_side": "[0, inf)",
+        "report_queries": "[0, inf)",
+        "encode_workers": "[-1, inf)",
+    }
+
     query_instruction: str = field(default="", metadata={"help": "Prefix added to every query."})
     batch_size: int = field(default=16, metadata={"help": "Inputs encoded at once; the scores do not depend on it."})
     max_text_tokens: int = 650

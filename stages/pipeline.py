@@ -19,6 +19,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from common.artifacts import write_text_atomic
 from common.errors import UsageError, run_cli
@@ -37,6 +38,12 @@ from .pretrain import main as pretrain_main
 
 @dataclass
 class PipelineArguments:
+    # the values each numeric field can take (common.recipe.check_ranges, before anything loads)
+    RANGES: ClassVar[dict[str, str]] = {
+        "eval_sections": "[1, inf)",
+        "pretrain_documents": "[1, inf)",
+    }
+
     languages: list[str] = field(
         default_factory=lambda: ["th", "lo", "km", "my", "vi", "id"],
         metadata={"help": "Sample languages to prepare, each with recipes/<lang>.yaml."},

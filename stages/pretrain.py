@@ -22,7 +22,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -61,6 +61,17 @@ CHECKPOINTING_FIELDS = ("gradient_checkpointing", "activation_checkpointing")
 
 @dataclass
 class PretrainArguments:
+    # the values each numeric field can take (common.recipe.check_ranges, before anything loads)
+    RANGES: ClassVar[dict[str, str]] = {
+        "lora_r": "[1, inf)",
+        "lora_alpha": "[1, inf)",
+        "lora_dropout": "[0, 1)",
+        "max_pixels": "[1, inf)",
+        "cer_pages": "[0, inf)",
+        "cer_batch_size": "[1, inf)",
+        "cer_time_budget_s": "[0, inf)",
+    }
+
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "Base VLM: a local model folder (e.g. checkpoints/tiny/base) or a hub id."}
     )
