@@ -38,6 +38,8 @@ COMMANDS = ("scaling", "diagnostics")
 class AnalyzeArguments:
     # the values each numeric field can take (common.recipe.check_ranges, before anything loads)
     RANGES: ClassVar[dict[str, str]] = {
+        "max_pages": "[3, inf)",
+        "knn": "[1, inf)",
         "batch_size": "[1, inf)",
         "max_text_tokens": "[1, inf)",
         "image_max_side": "[1, inf)",
@@ -69,8 +71,6 @@ class AnalyzeArguments:
     def validate(self) -> None:
         if self.output_dir is None:
             raise UsageError("--output_dir is not set (recipe `analyze.output_dir` or the flag).")
-        if self.max_pages < 3 or self.knn < 1 or self.batch_size < 1:
-            raise UsageError("--max_pages must be at least 3, and --knn and --batch_size at least 1.")
 
 
 @dataclass(frozen=True)

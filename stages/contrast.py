@@ -46,6 +46,11 @@ PROGRESS = "progress.json"  # in a checkpoint: where training was, and the curve
 class ContrastArguments:
     # the values each numeric field can take (common.recipe.check_ranges, before anything loads)
     RANGES: ClassVar[dict[str, str]] = {
+        "multimodal_fraction": "[0, 1]",
+        "contrastive_batch_size": "[2, inf)",
+        "mini_batch_size": "[1, inf)",
+        "warmup_ratio": "[0, 1)",
+        "eval_fraction": "[0, 1)",
         "lora_r": "[1, inf)",
         "lora_alpha": "[1, inf)",
         "lora_dropout": "[0, 1)",
@@ -150,24 +155,11 @@ class ContrastArguments:
             raise UsageError("no training data: give --train_files (JSONL pairs) and/or --pages_datasets.")
         check_input_paths([*self.train_files, *self.pages_datasets], "--train_files/--pages_datasets")
         check_input_paths(self.exclude_evalsets, "--exclude_evalsets")
-        if not 0.0 <= self.multimodal_fraction <= 1.0:
-            raise UsageError(f"--multimodal_fraction must be in [0, 1], got {self.multimodal_fraction}.")
-        if self.temperature <= 0:
-            raise UsageError(f"--temperature must be positive, got {self.temperature}.")
-        if self.contrastive_batch_size < 2 or self.mini_batch_size < 1 or self.kept_graphs < 0:
-            raise UsageError("--contrastive_batch_size must be >= 2, --mini_batch_size >= 1 and --kept_graphs >= 0.")
         if self.contrastive_batch_size % world_size():
             raise UsageError(
                 f"--contrastive_batch_size {self.contrastive_batch_size} does not split evenly over {world_size()} "
                 "processes."
             )
-        if not 0.0 <= self.warmup_ratio < 1.0 or self.weight_decay < 0:
-            raise UsageError(
-                f"--warmup_ratio must be in [0, 1) and --weight_decay >= 0; got {self.warmup_ratio} and "
-                f"{self.weight_decay}."
-            )
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise UsageError(f"--eval_fraction must be in [0, 1), got {self.eval_fraction}.")
         if self.deepspeed and not Path(self.deepspeed).is_file():
             raise UsageError(f"--deepspeed {self.deepspeed} not found; see recipes/deepspeed/.")
         if (

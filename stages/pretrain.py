@@ -67,6 +67,8 @@ class PretrainArguments:
         "lora_alpha": "[1, inf)",
         "lora_dropout": "[0, 1)",
         "max_pixels": "[1, inf)",
+        "text_only_fraction": "[0, 1)",
+        "eval_fraction": "[0, 1)",
         "cer_pages": "[0, inf)",
         "cer_batch_size": "[1, inf)",
         "cer_time_budget_s": "[0, inf)",
@@ -124,14 +126,6 @@ class PretrainArguments:
         if not re.fullmatch(r"auto|none|all|every_[1-9]\d*", self.checkpointing):
             raise UsageError(
                 f"--checkpointing must be auto, none, all or every_N (e.g. every_2); got {self.checkpointing!r}."
-            )
-        for name in ("text_only_fraction", "eval_fraction"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise UsageError(f"--{name} must be in [0, 1), got {getattr(self, name)}.")
-        if self.cer_batch_size < 1 or self.cer_time_budget_s < 0:
-            raise UsageError(
-                f"--cer_batch_size must be at least 1 and --cer_time_budget_s at least 0 (0: no bound); got "
-                f"{self.cer_batch_size} and {self.cer_time_budget_s}."
             )
 
 

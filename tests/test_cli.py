@@ -119,7 +119,7 @@ def test_contrast_bad_values(capsys, tiny_model, tmp_path):
         "--output_dir",
         str(tmp_path / "c"),
     ]
-    assert "--temperature must be positive" in run(contrast.main, [*base, "--temperature", "0"], capsys)[1]
+    assert "--temperature must be in (0, inf), got 0.0" in run(contrast.main, [*base, "--temperature", "0"], capsys)[1]
     assert (
         "--multimodal_fraction must be in [0, 1]"
         in run(contrast.main, [*base, "--multimodal_fraction", "1.5"], capsys)[1]
