@@ -576,3 +576,15 @@ def test_matryoshka_dims_larger_than_the_model_are_refused(tiny_model, tmp_path)
             ["--config", str(REPO / "recipes/tiny.yaml"), "--model_name_or_path", str(tiny_model[2]),
              "--train_files", str(tmp_path), "--output_dir", str(tmp_path / "out"), "--matryoshka_dims", "4096", "64"]
         )  # fmt: skip
+
+
+def test_zero3_sizes_left_at_auto_are_filled_from_the_backbones_hidden_size():
+    """Accelerate fills them from `model.config`, which the embedding wrapper lacks: `prepare` raised under ZeRO-3."""
+    from stages.contrast import deepspeed_config
+
+    config = deepspeed_config(str(REPO / "recipes/deepspeed/zero3.json"), 4, 6, bf16=False, hidden_size=256)
+    zero = config["zero_optimization"]
+    assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 256 * 256)
+    assert zero["stage3_param_persistence_threshold"] == 10 * 256
+    assert "auto" not in json.dumps(config)
+    assert config["train_batch_size"] == 24 and config["bf16"]["enabled"] is False
