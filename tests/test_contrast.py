@@ -1,5 +1,6 @@
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from lco.embedder import Embedder, EmbeddingModel, Item, encode_items, model_inp
 from lco.lora import lora_config
 from stages.contrast import main as contrast
 
-from .conftest import REPO, thai_pages_dataset
+from .conftest import DEEPSPEED_ENV, REPO, thai_pages_dataset
 
 TEXTS = ["สวัสดี", "ข้อ 1 มนุษย์ทั้งหลายเกิดมามีอิสระ", "Article 2", "ข้อ 3", "ทุกคนมีสิทธิในการดำรงชีวิต เสรีภาพ", "x"]
 
@@ -383,11 +384,13 @@ def test_two_process_deepspeed_zero2_with_the_cached_loss_finishes(base, pages, 
             base, pages, tmp_path / "run", "--max_steps", "2", "--deepspeed", str(REPO / "recipes/deepspeed/zero2.json")
         ),
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO)
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=900, cwd=REPO, env={**os.environ, **DEEPSPEED_ENV}
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     record = read_run_record(tmp_path / "run" / "final", expected_stage="contrast")
     assert [e["candidates"] for e in record["results"]["loss_history"]] == [8, 8]  # 4 per process, gathered
-    assert "4 per process x 2" in result.stdout
+    assert "4 per process x 2" in result.stdout and "contrast: engine deepspeed-zero2" in result.stdout
 
 
 def test_mix_and_homogeneous_batches():

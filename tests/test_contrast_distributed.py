@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,14 +13,9 @@ from safetensors.torch import load_file
 
 from common.run_record import read_run_record
 
-from .conftest import REPO, thai_pages_dataset
+from .conftest import DEEPSPEED_ENV, REPO, thai_pages_dataset
 from .test_contrast import contrast_argv
 
-# DeepSpeed's CPU ops compile on first use (about 35 s): one cache for every test run and every test
-DEEPSPEED_ENV = {
-    "OMP_NUM_THREADS": "1",
-    "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions")),
-}
 # no dropout: its masks are drawn per process, so they could not match one process's draws
 SCHEDULE = ["--max_steps", "6", "--warmup_ratio", "0.3333", "--learning_rate", "1.0e-3", "--lora_dropout", "0.0"]
 
