@@ -453,6 +453,7 @@ def main(argv: list[str] | None = None) -> None:
         results = train_and_save(args, training, recipe_args, checkpoint, record)
     if training.process_index == 0:
         print(summary(results, Path(output_dir) / "final"))
+    training.distributed_state.destroy_process_group()  # as in stages.contrast: no group alive at exit
 
 
 def train_and_save(args: PretrainArguments, training, recipe_args, checkpoint: str | None, record: dict) -> dict:
