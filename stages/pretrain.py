@@ -61,10 +61,10 @@ def deepspeed_requested(argv: list[str] | None) -> bool:
 
 
 def cpu_deepspeed_defaults() -> dict:
-    """Machine defaults for DeepSpeed without a GPU, with Accelerate's state set up first. Not `use_cpu`: it drops
-    DeepSpeed silently (no engine, plain DDP). And Accelerate finds no process-group backend on the CPU, so it would
-    report one process on every rank (each training on all the data); with gloo named it reads rank and world size
-    from torch.distributed, and the Trainer is told to use that state."""
+    """Machine defaults for DeepSpeed without a GPU, with Accelerate's state set up first. Not `use_cpu`: it sets up
+    Accelerate for plain CPU training (an `Accelerator(cpu=True)` drops a DeepSpeed plugin). And Accelerate finds no
+    process-group backend on the CPU, so it would report one process on every rank; with gloo named it reads rank and
+    world size from torch.distributed, and the Trainer is told to use that state."""
     from accelerate import PartialState
     from accelerate.state import AcceleratorState
 
@@ -417,7 +417,9 @@ def main(argv: list[str] | None = None) -> None:
         replaced={name: "checkpointing" for name in CHECKPOINTING_FIELDS},
     )
     if training.deepspeed and training.use_cpu:
-        raise UsageError("--deepspeed with use_cpu: the Trainer would drop DeepSpeed silently; remove use_cpu.")
+        raise UsageError(
+            "--deepspeed with use_cpu: DeepSpeed runs on the CPU through its own CPU accelerator; remove use_cpu."
+        )
     if not training.deepspeed:
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
