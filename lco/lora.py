@@ -15,9 +15,13 @@ def lora_config(model_config, r: int, alpha: int, dropout: float):
 
 def save_merged(base_model: str, adapter: Path, folder: Path) -> None:
     """Merge the saved `adapter` into freshly loaded base weights in their own dtype (never into
-    dequantised weights that are then thrown away) and save the result to `folder`."""
+    dequantised weights that are then thrown away) and save the result to `folder`. Called on one process after
+    training: a ZeRO-3 config still registered would make the load partition the weights, a collective that waits
+    for the other processes forever, so it is unregistered first."""
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
+    unset_hf_deepspeed_config()
     base = AutoModelForImageTextToText.from_pretrained(base_model, dtype="auto")
     PeftModel.from_pretrained(base, adapter).merge_and_unload().save_pretrained(folder)

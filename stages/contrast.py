@@ -36,6 +36,7 @@ from common.errors import UsageError, run_cli
 from common.recipe import parse_stage_arguments
 from common.run_record import RUN_RECORD, parent_run, read_run_record, stage_record, write_run_record
 from lco.distributed import deepspeed_stage, join_process_group, process_device, rank, world_size
+from lco.engine import check_engine, describe_engine, engine_record, prepare_deepspeed
 from lco.families import check_reads
 
 logger = logging.getLogger(__name__)
@@ -273,10 +274,10 @@ def load_pairs(args: ContrastArguments, seed: int):
     return train, evaluation, counts
 
 
-def deepspeed_plugin(path: str, mini_batch_size: int, accumulation: int, bf16: bool):
-    """Accelerate's DeepSpeed plugin with the config's "auto" values filled in (no dataloader to infer them)."""
-    from accelerate.utils import DeepSpeedPlugin
-
+def deepspeed_config(path: str, mini_batch_size: int, accumulation: int, bf16: bool, hidden_size: int) -> dict:
+    """The DeepSpeed config at `path` with its "auto" values filled in: no dataloader to infer the batch ones from,
+    and no `model.config` on the embedding wrapper for Accelerate to fill ZeRO-3's sizes from (Accelerate would
+    raise), so they come from the backbone's text `hidden_size` by Accelerate's own rule."""
     config = json.loads(Path(path).read_text(encoding="utf-8"))
     resolved = {
         "train_micro_batch_size_per_gpu": mini_batch_size,
@@ -291,9 +292,15 @@ def deepspeed_plugin(path: str, mini_batch_size: int, accumulation: int, bf16: b
         if key in config and config[key].get("enabled") == "auto":
             config[key]["enabled"] = enabled
     zero = config.get("zero_optimization", {})
-    if zero.get("reduce_bucket_size") == "auto":
-        zero["reduce_bucket_size"] = 5e8
-    return DeepSpeedPlugin(hf_ds_config=config, gradient_accumulation_steps=accumulation)
+    sizes = {
+        "reduce_bucket_size": 5e8,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+        "stage3_param_persistence_threshold": 10 * hidden_size,
+    }
+    for key, value in sizes.items():
+        if zero.get(key) == "auto":
+            zero[key] = value
+    return config
 
 
 def embed(model, processor, sides, args: ContrastArguments, split: bool = False):
@@ -414,6 +421,7 @@ class ContrastiveTraining:
     ):
         import torch
         from accelerate import Accelerator
+        from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
         from transformers import get_scheduler
 
         self.args, self.processor, self.train_pairs, self.seed = args, processor, train_pairs, seed
@@ -424,11 +432,20 @@ class ContrastiveTraining:
         # one backward per mini-batch of each role
         self.accumulation = len(self.roles) * math.ceil(self.local_batch / args.mini_batch_size)
         bf16 = uses_bf16(args)
-        plugin = (
-            deepspeed_plugin(args.deepspeed, args.mini_batch_size, self.accumulation, bf16) if args.deepspeed else None
-        )
+        plugin, handlers = None, []
+        if args.deepspeed:
+            hidden_size = model.model.config.get_text_config().hidden_size  # the backbone's
+            config = deepspeed_config(args.deepspeed, args.mini_batch_size, self.accumulation, bf16, hidden_size)
+            plugin = DeepSpeedPlugin(hf_ds_config=config, gradient_accumulation_steps=self.accumulation)
+            if not torch.cuda.is_available():
+                # Accelerate finds no process-group backend on the CPU and would report 1 process on every rank
+                # (process_index 0 everywhere); with gloo named it reads rank and world size from torch.distributed
+                handlers.append(InitProcessGroupKwargs(backend="gloo"))
         self.accelerator = Accelerator(
-            cpu=not torch.cuda.is_available(),
+            # `cpu=True` (which several CPU processes need to form a gloo group for DDP) drops a DeepSpeed plugin
+            # silently: no engine, plain DDP. DeepSpeed runs on the CPU through its CPU accelerator (lco/engine.py)
+            cpu=not torch.cuda.is_available() and plugin is None,
+            kwargs_handlers=handlers,
             gradient_accumulation_steps=self.accumulation,
             deepspeed_plugin=plugin,
             mixed_precision="bf16" if bf16 else "no",
@@ -463,7 +480,7 @@ class ContrastiveTraining:
         return (
             f"{self.total_steps} steps of {args.contrastive_batch_size} anchors ({self.local_batch} per process x "
             f"{world_size()}), mini-batches of {args.mini_batch_size}; "
-            f"{sum(p.numel() for p in self.trainable):,} trainable (LoRA) parameters"
+            f"{sum(getattr(p, 'ds_numel', p.numel()) for p in self.trainable):,} trainable (LoRA) parameters"
         )
 
     def encode(self, inputs):
@@ -571,8 +588,11 @@ def train(args: ContrastArguments, train_pairs, held_out, seed: int, output_dir:
         train_pairs = mine_hard_negatives(model.to(process_device()), processor, train_pairs, args)
         logger.info("mined a hard negative for each of the %d training pairs", len(train_pairs))
     run = ContrastiveTraining(args, model, processor, train_pairs, seed, output_dir)
+    engine = engine_record(run.model, run.optimizer, run.accelerator.mixed_precision == "bf16")
+    check_engine(engine, args.deepspeed)
     if run.accelerator.is_main_process:
         print(f"contrast: {run.describe()}")
+        print(f"contrast: {describe_engine(engine)}")
 
     started, step_seconds = time.monotonic(), []
     if args.resume:
@@ -607,6 +627,7 @@ def train(args: ContrastArguments, train_pairs, held_out, seed: int, output_dir:
     on_gpu = torch.cuda.is_available()
     results = {
         "steps": state.step,
+        "engine": engine,
         "wall_time_s": round(time.monotonic() - started, 1),
         "candidates_per_anchor": state.loss_history[-1]["candidates"],
         "mined_negatives": args.mine_hard_negatives,
@@ -664,6 +685,8 @@ def main(argv: list[str] | None = None) -> None:
 
     recipe_args, args = parse_stage_arguments("contrast", (ContrastArguments,), argv)
     logging.basicConfig(level=logging.INFO if rank() == 0 else logging.WARNING, format="%(message)s")
+    if args.deepspeed:
+        prepare_deepspeed()
     announce_base(args.model_name_or_path, recipe_args.lang)
     train_pairs, held_out, counts = load_pairs(args, recipe_args.seed)
     check_reads(args.model_name_or_path, input_kinds([*train_pairs, *held_out]))
@@ -677,6 +700,9 @@ def main(argv: list[str] | None = None) -> None:
         save(run, args, {**record, "results": {"pairs": counts, "training_documents": trained, **results}})
     if run.accelerator.is_main_process:
         print(summary(results, Path(args.output_dir) / "final"))
+    # a process that exits with its process group alive can abort in teardown ("terminate called without an active
+    # exception": seen once in four 2-process ZeRO-3 runs on the CPU)
+    run.accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,12 +41,39 @@ from common.recipe import parse_stage_arguments
 from common.run_record import RUN_RECORD, parent_run, read_run_record, stage_record, write_run_record
 from data_prep.pages import read_pages_manifest
 from lco.distributed import deepspeed_stage, local_world_size, world_size
+from lco.engine import check_engine, describe_engine, engine_record, prepare_deepspeed
 from lco.families import check_packs, check_reads, model_type_in, towers
 from lco.lora import lora_config, save_merged
 
 logger = logging.getLogger(__name__)
 # on the CPU: no bf16, and without use_cpu several processes may silently not synchronise
 CPU_DEFAULTS = {"use_cpu": True, "bf16": False}
+
+
+def deepspeed_requested(argv: list[str] | None) -> bool:
+    """Whether the flags or the recipe's `pretrain` section name a DeepSpeed config: known before the arguments are
+    parsed, since parsing them sets up the devices and the process group."""
+    from common.recipe import _find_recipe, load_recipe
+
+    given = argv if argv is not None else sys.argv[1:]
+    if any(arg == "--deepspeed" or arg.startswith("--deepspeed=") for arg in given):
+        return True
+    recipe = _find_recipe(argv)
+    return recipe is not None and bool((load_recipe(recipe).get("pretrain") or {}).get("deepspeed"))
+
+
+def cpu_deepspeed_defaults() -> dict:
+    """Machine defaults for DeepSpeed without a GPU, with Accelerate's state set up first. Not `use_cpu`: it sets up
+    Accelerate for plain CPU training (an `Accelerator(cpu=True)` drops a DeepSpeed plugin). And Accelerate finds no
+    process-group backend on the CPU, so it would report one process on every rank; with gloo named it reads rank and
+    world size from torch.distributed, and the Trainer is told to use that state."""
+    from accelerate import PartialState
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # as the Trainer does: an earlier run's state goes
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # what the Trainer sets while it sets up its state
+    PartialState(backend="gloo")
+    return {"bf16": False, "accelerator_config": {"use_configured_state": True}}
 
 
 def gpu_defaults() -> dict:
@@ -280,7 +308,10 @@ def load_model(args: PretrainArguments, training, checkpoint: str | None):
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    dtype = torch.bfloat16 if training.bf16 else torch.float32
+    # Trained weights stay fp32 (master weights) under bf16: bf16 autocast computes in bf16, DeepSpeed's bf16 mode
+    # keeps its own fp32 copies; an AdamW step on bf16 weights loses every update under 2^-8 of a weight (lr 1e-5
+    # full fine-tuning would learn almost nothing). LoRA's frozen base stays bf16 (PEFT keeps the adapters fp32).
+    dtype = torch.bfloat16 if training.bf16 and args.tuning == "lora" else torch.float32
     # Resuming full fine-tuning: the weights come from the checkpoint through from_pretrained, which maps
     # the checkpoint's saved key names; the Trainer's own resume loads them with strict=False under the
     # in-memory names, matches none for Qwen2.5-VL in transformers 5.24, and silently keeps the base weights
@@ -385,9 +416,11 @@ class CheckpointRecords(TrainerCallback):
 
 
 def save_final(trainer, args: PretrainArguments, processor, output_dir: Path, record: dict) -> Path:
-    """`final/`: a complete model folder (LoRA merged into the base weights; the adapter kept beside it)."""
+    """`final/`: a complete model folder in the base model's dtype (LoRA merged into the base weights; the adapter
+    kept beside it)."""
     import contextlib
 
+    from transformers import AutoConfig
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     final = output_dir / "final"
@@ -401,6 +434,10 @@ def save_final(trainer, args: PretrainArguments, processor, output_dir: Path, re
             import deepspeed
 
             gathered = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+        else:
+            # final/ in the base model's dtype (a bf16 checkpoint stays bf16, the size users expect): the fp32
+            # master weights rounded once, at the end (ZeRO-3's gathered weights are in DeepSpeed's compute dtype)
+            model.to(AutoConfig.from_pretrained(args.model_name_or_path).dtype or model.dtype)
         with gathered:
             if trainer.accelerator.is_main_process:
                 model.save_pretrained(output_dir / ".final-weights")
@@ -425,13 +462,22 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from trl import SFTConfig
 
+    machine_defaults = gpu_defaults() if torch.cuda.is_available() else CPU_DEFAULTS
+    if deepspeed_requested(argv):
+        prepare_deepspeed()
+        if not torch.cuda.is_available():
+            machine_defaults = cpu_deepspeed_defaults()
     recipe_args, args, training = parse_stage_arguments(
         "pretrain",
         (PretrainArguments, SFTConfig),
         argv,
-        machine_defaults=gpu_defaults() if torch.cuda.is_available() else CPU_DEFAULTS,
+        machine_defaults=machine_defaults,
         replaced={name: "checkpointing" for name in CHECKPOINTING_FIELDS},
     )
+    if training.deepspeed and training.use_cpu:
+        raise UsageError(
+            "--deepspeed with use_cpu: DeepSpeed runs on the CPU through its own CPU accelerator; remove use_cpu."
+        )
     if not training.deepspeed:
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
@@ -451,12 +497,6 @@ def main(argv: list[str] | None = None) -> None:
     # (on --resume, the curve so far comes from the checkpoint's run record)
     training.eval_on_start = (training.eval_on_start or args.eval_fraction > 0) and not args.resume
     checkpoint = resume_checkpoint(args, training)
-    if training.deepspeed and not torch.cuda.is_available():
-        import deepspeed
-
-        # ZeRO-3 partitions the weights while they load, so DeepSpeed's process group must exist first;
-        # on the CPU the Trainer would not set it up before then
-        deepspeed.init_distributed(dist_backend="gloo")
     record = stage_record(
         "pretrain",
         recipe_args,
@@ -473,6 +513,7 @@ def main(argv: list[str] | None = None) -> None:
         results = train_and_save(args, training, recipe_args, checkpoint, record)
     if training.process_index == 0:
         print(summary(results, Path(output_dir) / "final"))
+    training.distributed_state.destroy_process_group()  # as in stages.contrast: no group alive at exit
 
 
 def train_and_save(args: PretrainArguments, training, recipe_args, checkpoint: str | None, record: dict) -> dict:
@@ -508,8 +549,14 @@ def train_and_save(args: PretrainArguments, training, recipe_args, checkpoint: s
         callbacks=[cer, throughput, CheckpointRecords(record, parent_run(args.model_name_or_path), cer)],
     )
 
+    if training.deepspeed and not trainer.is_deepspeed_enabled:
+        raise RuntimeError(f"--deepspeed {training.deepspeed} was given but the Trainer set up no DeepSpeed.")
     started = time.monotonic()
     result = trainer.train(resume_from_checkpoint=checkpoint)
+    engine = engine_record(trainer.model_wrapped, trainer.optimizer, trainer.accelerator.mixed_precision == "bf16")
+    check_engine(engine, training.deepspeed)
+    if trainer.accelerator.is_main_process:
+        print(f"pretrain: {describe_engine(engine)}")
     if len(held_out) and (not cer.history or cer.history[-1]["step"] != trainer.state.global_step):
         trainer.evaluate()
     record["results"] = {
@@ -518,6 +565,7 @@ def train_and_save(args: PretrainArguments, training, recipe_args, checkpoint: s
         "training_documents": document_sha256(args.datasets, set(train["doc_id"])),
         "train_loss": result.training_loss,
         "steps": result.global_step,
+        "engine": engine,
         "wall_time_s": round(time.monotonic() - started, 1),
         "throughput": throughput.summary(),
         "checkpointing": checkpointing,

@@ -1,4 +1,5 @@
 import gc
+import os
 import subprocess
 from pathlib import Path
 
@@ -8,6 +9,11 @@ from PIL import Image
 from stages.base_model import BaseModelArguments, build_tiny_base_model
 
 REPO = Path(__file__).resolve().parents[1]
+# DeepSpeed's CPU ops compile on first use (about 35 s): one cache for every test and every test run
+DEEPSPEED_ENV = {
+    "OMP_NUM_THREADS": "1",
+    "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions")),
+}
 THAI = "มนุษย์ทั้งหลายเกิดมามีอิสระและเสมอภาคกันในเกียรติศักดิ์และสิทธิ"
 KHMER = "មនុស្សទាំងអស់ កើតមកមានសេរីភាព និងសមភាព ក្នុងសេចក្ដីថ្លៃថ្នូរ និងសិទ្ធិ"
 

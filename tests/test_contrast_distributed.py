@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from common.run_record import read_run_record
 
-from .conftest import REPO, thai_pages_dataset
+from .conftest import DEEPSPEED_ENV, REPO, thai_pages_dataset
 from .test_contrast import contrast_argv
 
 # no dropout: its masks are drawn per process, so they could not match one process's draws
@@ -30,7 +30,7 @@ def run_contrast(processes: int, base, pages, output, *extra, timeout: int = 900
     argv = contrast_argv(base, pages, output, *SCHEDULE, *extra)
     result = subprocess.run(
         [sys.executable, *launcher, "-m", "stages.contrast", *argv],
-        capture_output=True, text=True, timeout=timeout, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=timeout, cwd=REPO, env={**os.environ, **DEEPSPEED_ENV},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -110,3 +110,55 @@ def test_two_process_zero3_finishes_and_its_model_embeds_like_the_zero2_ones(rec
         embeddings[stage] = Embedder(str(tmp_path / f"zero{stage}" / "final")).encode_texts(TEXTS)
     # the same training, partitioned differently: the sums of gradients differ in order only
     torch.testing.assert_close(embeddings[3], embeddings[2], rtol=0, atol=1e-4)
+
+
+# ZeRO-3 needs each step all text or all images; the plain reference batches alike
+HOMOGENEOUS = ["--homogeneous_batches", "true"]
+ZERO = {stage: REPO / f"recipes/deepspeed/zero{stage}.json" for stage in (2, 3)}
+
+
+@pytest.fixture(scope="module")
+def plain_reference(recorded_base, pages, tmp_path_factory):
+    """The plain one-process run that every DeepSpeed run must equal at the same global batch and seed."""
+    output = tmp_path_factory.mktemp("plain") / "run"
+    result = run_contrast(1, recorded_base, pages, output, *HOMOGENEOUS)
+    assert "contrast: engine single-process, fp32 master weights, fp32 compute" in result.stdout
+    return output
+
+
+def assert_deepspeed_trained_as_the_plain_run(result, output, reference, stage: int) -> None:
+    """The live engine was DeepSpeed's at `stage` (ZeRO-3: with its parameters partitioned), not a silent fallback,
+    and it trained as the plain run did: the same learning rates and losses, the same LoRA weights."""
+    engine = read_run_record(output / "final")["results"]["engine"]
+    assert engine["engine"] == f"deepspeed-zero{stage}", engine
+    assert f"contrast: engine deepspeed-zero{stage}, fp32 master weights" in result.stdout
+    if stage == 3:
+        assert 0 < engine["partitioned_parameters"] <= engine["parameters"], engine
+
+    one, other = (read_run_record(folder / "final")["results"] for folder in (reference, output))
+    assert [entry["lr"] for entry in other["loss_history"]] == [entry["lr"] for entry in one["loss_history"]]
+    for a, b in zip(one["loss_history"], other["loss_history"], strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], abs=2e-4)
+    weights_one = load_file(reference / "adapter" / "adapter_model.safetensors")
+    weights_other = load_file(output / "adapter" / "adapter_model.safetensors")
+    assert weights_one.keys() == weights_other.keys()
+    for name, weight in weights_one.items():
+        torch.testing.assert_close(weights_other[name], weight, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_zero3_in_one_process_runs_deepspeeds_engine_and_trains_as_the_plain_run(
+    recorded_base, pages, plain_reference, tmp_path
+):
+    output = tmp_path / "zero3"
+    result = run_contrast(1, recorded_base, pages, output, "--deepspeed", str(ZERO[3]), *HOMOGENEOUS)
+    assert_deepspeed_trained_as_the_plain_run(result, output, plain_reference, stage=3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("processes", "stage"), [(1, 2), (2, 2), (2, 3)])
+def test_deepspeed_runs_its_engine_and_trains_as_the_plain_run(
+    processes, stage, recorded_base, pages, plain_reference, tmp_path
+):
+    output = tmp_path / f"zero{stage}"
+    result = run_contrast(processes, recorded_base, pages, output, "--deepspeed", str(ZERO[stage]), *HOMOGENEOUS)
+    assert_deepspeed_trained_as_the_plain_run(result, output, plain_reference, stage)
