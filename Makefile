@@ -4,7 +4,7 @@
 demo: setup
 	.venv/bin/python -m stages.pipeline --config recipes/tiny.yaml
 
-# the method in miniature (issue 29, recipes/toy.yaml): pages of random digits that a tiny model learns to read,
+# the method in miniature (issue 29, recipes/toy.yaml): pages of random letters that a tiny model learns to read,
 # text-only and multimodal refinement of it and of the random base, and the scaling analysis over 4 checkpoints
 TOY = .venv/bin/python
 toy: setup
