@@ -3,6 +3,8 @@
 
 demo: setup
 	.venv/bin/python -m stages.pipeline --config recipes/tiny.yaml
+	@echo "make demo checks the plumbing: its tiny model does not learn to read the UDHR pages (README, Quick start)."
+	@echo "The method in miniature, a model that reads unseen pages and the refinements of it: make toy"
 
 # the method in miniature (issue 29, recipes/toy.yaml): pages of random letters that a tiny model learns to read,
 # text-only and multimodal refinement of it and of the random base, and the scaling analysis over 4 checkpoints
