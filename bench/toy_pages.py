@@ -1,12 +1,13 @@
 """The toy world's documents (issue 29): PDFs whose pages each hold one line of random letters, one glyph per
 28-pt cell, each page bookmarked with its own text (the eval set's outline queries: passage -> page).
 
-    python -m bench.toy_pages --output checkpoints/toy/pdfs [--documents 400] [--pages 10] [--length 5]
+    python -m bench.toy_pages --output checkpoints/toy/pdfs [--documents 200] [--pages 10] [--length 5]
 
 Random strings over 10 consonants (no words; the toy tokenizer splits them into single letters) so that no text-only
 prior lowers the loss below ln 10 a letter: a model's loss under that comes from reading the page. Not digits: the
-contrastive stage drops lines that are only a number (page numbers), which left it no pairs. At `data_prep pages --dpi 72` one point is one pixel, so a glyph fills one merged
-visual token of the Qwen families (14-px patches merged 2 x 2).
+contrastive stage drops lines that are only a number (page numbers), which left it no pairs. At `data_prep pages
+--dpi 72` one point is one pixel, so a glyph fills one merged visual token of the Qwen families (14-px patches
+merged 2 x 2).
 """
 
 import argparse
@@ -45,7 +46,7 @@ def write_documents(output: Path, documents: int, pages: int, length: int, seed:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", required=True)
-    parser.add_argument("--documents", type=int, default=400)
+    parser.add_argument("--documents", type=int, default=200)
     parser.add_argument("--pages", type=int, default=10)
     parser.add_argument("--length", type=int, default=5, help="Letters per page.")
     parser.add_argument("--seed", type=int, default=42)
