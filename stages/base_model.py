@@ -121,6 +121,15 @@ class BaseModelArguments:
     vision_hidden_size: int = 32
     vision_num_heads: int = 2
     vision_intermediate_size: int = 64
+    rope_theta: float = field(
+        default=0.0,
+        metadata={
+            "help": "Base of the language model's rotary embedding (0: the family's, 1e6 for Qwen2-VL/Qwen2.5-VL, 5e6 "
+            "for Qwen3-VL). Qwen2.5-VL gives an image's columns the lowest frequencies of each head: at 1e6 and "
+            "head_dim 64 the next column turns a key by under 2e-4 rad, so a tiny model cannot tell which glyph "
+            "of a line comes first; 10 lets it (bench/results/toy_search_cpu2.md)."
+        },
+    )
     embedding_rows: int = field(
         default=0,
         metadata={
@@ -166,6 +175,11 @@ class BaseModelArguments:
         if self.embedding_rows and self.embedding_rows < self.vocab_size:
             raise UsageError(
                 f"embedding_rows ({self.embedding_rows}) must be 0 or at least vocab_size ({self.vocab_size})."
+            )
+        if self.rope_theta and (self.rope_theta <= 1 or self.family == "gemma3"):
+            raise UsageError(
+                f"rope_theta ({self.rope_theta}) must be 0 (the family's) or above 1, and is set for the Qwen "
+                "families only."
             )
         if not 0 < self.min_pixels <= self.max_pixels:
             raise UsageError(f"need 0 < min_pixels ({self.min_pixels}) <= max_pixels ({self.max_pixels}).")
@@ -366,6 +380,7 @@ def qwen_config(tokenizer, text_config: dict, args: BaseModelArguments):
             "rope_theta": 5_000_000.0,
             "mrope_section": [half - 2 * spatial, spatial, spatial],
         }
+        rope["rope_theta"] = args.rope_theta or rope["rope_theta"]
         text_config.update(head_dim=head_dim, rope_parameters={**rope, "mrope_interleaved": True})
         vision_config.update(
             num_position_embeddings=256,  # a 16 x 16 grid of learned positions, interpolated (48 x 48 in Qwen3-VL)
@@ -376,7 +391,11 @@ def qwen_config(tokenizer, text_config: dict, args: BaseModelArguments):
     else:
         # temporal / height / width sections of the multimodal rotary embedding; Qwen2.5-VL-3B uses 16/24/24 of 64
         mrope_section = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
-        text_config["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope_section}
+        text_config["rope_parameters"] = {
+            "rope_type": "default",
+            "rope_theta": args.rope_theta or 1e6,
+            "mrope_section": mrope_section,
+        }
         if args.family == "qwen2_vl":  # Qwen2-VL's tower names its sizes otherwise
             vision_config = dict(
                 depth=args.vision_depth,

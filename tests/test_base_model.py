@@ -167,6 +167,7 @@ def test_recipe_sets_size_and_shape(tmp_path):
         "intermediate_size": 160,
         "vision_hidden_size": 48,
         "vision_num_heads": 3,
+        "rope_theta": 10.0,
     }
     recipe = tmp_path / "recipe.yaml"
     corpus = [str(REPO / "samples" / "udhr")]
@@ -188,6 +189,10 @@ def test_recipe_sets_size_and_shape(tmp_path):
     assert model.model.language_model.embed_tokens.weight.shape == model.lm_head.weight.shape == (1000, 96)
     # the multimodal rotary embedding's temporal/height/width sections cover half of each head
     assert sum(text.rope_parameters["mrope_section"]) == head_dim // 2
+    assert text.rope_parameters["rope_theta"] == 10.0
+    rotary = model.model.language_model.rotary_emb
+    # the weights use it, not only the config
+    assert rotary.inv_freq[1].item() == pytest.approx(10.0 ** (-2 / head_dim))
     assert model.config.vision_config.hidden_size == 48
     assert model.config.vision_config.out_hidden_size == 96  # the merger feeds the language model's width
 
