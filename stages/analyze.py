@@ -30,6 +30,7 @@ from common.artifacts import check_input_paths, finished_checkpoints, write_text
 from common.errors import UsageError, run_cli
 from common.recipe import parse_stage_arguments
 from common.run_record import RUN_RECORD, read_run_record, run_is_up_to_date, write_run_record
+from lco.significance import ALPHA
 
 COMMANDS = ("scaling", "diagnostics")
 
@@ -224,12 +225,22 @@ def pretraining_points(run: Path) -> list[Point]:
 
 
 def spearman(x: list[float], y: list[float]) -> dict:
-    from scipy.stats import spearmanr
+    """Spearman's rho, its p-value and its 95% interval: Fisher's z with the variance of a rank correlation's z,
+    1.06 / (n - 3) (Fieller, Hartley and Pearson, Biometrika 1957); None with fewer than 4 points or at |rho| = 1,
+    where z is infinite and the interval would claim a certainty that 4 or 5 checkpoints cannot give."""
+    import math
+
+    from scipy.stats import norm, spearmanr
 
     if len(set(x)) < 2 or len(set(y)) < 2:  # a rank correlation with a constant is undefined
-        return {"rho": None, "p_value": None, "points": len(x)}
+        return {"rho": None, "p_value": None, "interval": None, "points": len(x)}
     result = spearmanr(x, y)
-    return {"rho": round(float(result.statistic), 4), "p_value": round(float(result.pvalue), 4), "points": len(x)}
+    rho, n = float(result.statistic), len(x)
+    interval = None
+    if n >= 4 and abs(rho) < 1:
+        half = norm.ppf(1 - ALPHA / 2) * math.sqrt(1.06 / (n - 3))
+        interval = [round(math.tanh(math.atanh(rho) + sign * half), 4) for sign in (-1, 1)]
+    return {"rho": round(rho, 4), "p_value": round(float(result.pvalue), 4), "interval": interval, "points": n}
 
 
 def scaling_table(rows: list[dict], baselines: dict, correlations: dict) -> str:
@@ -250,7 +261,8 @@ def scaling_table(rows: list[dict], baselines: dict, correlations: dict) -> str:
         value = (
             "undefined (constant input)"
             if found["rho"] is None
-            else f"{found['rho']:+.3f} (p = {found['p_value']:.3f})"
+            else f"{found['rho']:+.3f} (p = {found['p_value']:.3f}; 95% interval "
+            f"{'undefined' if found['interval'] is None else '[{:+.2f}, {:+.2f}]'.format(*found['interval'])})"
         )
         lines.append(f"Spearman rank correlation of {label} with nDCG@10 over {found['points']} points: {value}")
     lines.append("(the scaling law predicts a negative one: lower CER and loss, better retrieval after refinement)")
