@@ -260,7 +260,8 @@ def model_rankings(model: str, evalset, tasks: dict, args: EvaluateArguments) ->
 def significance(per_query: dict, contenders: list[str], seed: int) -> tuple[dict, list[dict]]:
     """({system: {task: {metric: [low, high] or None}}}, the paired tests): a 95% bootstrap interval of each
     INTERVAL_METRICS for every system and task, and COMPARED_METRIC on all pages compared between each
-    contender (a model or --run) and BM25 and between every two contenders, Holm-adjusted as one family."""
+    contender (a model or --run) and random and BM25 and between every two contenders, Holm-adjusted as one
+    family."""
 
     def interval(values: dict, metric: str) -> list[float] | None:
         found = bootstrap_interval([scores[metric] for scores in values.values()], seed)
@@ -276,8 +277,9 @@ def significance(per_query: dict, contenders: list[str], seed: int) -> tuple[dic
         system: [scores[COMPARED_METRIC] for scores in per_task["all"].values()]
         for system, per_task in per_query.items()
     }
-    against_bm25 = [(system, BASELINES[1]) for system in contenders if BASELINES[1] in per_query]
-    pairs = against_bm25 + list(itertools.combinations(contenders, 2))
+    # against random too: a model that learned nothing from refinement is still told apart from chance
+    against_baselines = [(system, baseline) for baseline in BASELINES if baseline in per_query for system in contenders]
+    pairs = against_baselines + list(itertools.combinations(contenders, 2))
     return intervals, compare_systems(compared, pairs, seed)
 
 
@@ -414,7 +416,7 @@ def main(argv: list[str] | None = None) -> None:
         "significance": {
             "intervals": f"percentile bootstrap over queries, {RESAMPLES} resamples, {CONFIDENCE:.0%}, seeded",
             "comparisons": f"{COMPARED_METRIC} on all pages: paired two-sided randomization test ({RESAMPLES} "
-            "sign flips, exact when fewer), each model (and --run) against BM25 and every other one, "
+            "sign flips, exact when fewer), each model (and --run) against random, BM25 and every other one, "
             f"Holm-adjusted as one family; significant when p_holm < {ALPHA}",
         },
         "intervals": intervals,

@@ -245,9 +245,10 @@ def test_evaluate_reports_intervals_and_paired_tests_in_json_table_and_report(ti
         low, high = results["intervals"][system]["all"]["ndcg@10"]
         assert low <= results["results"][system]["all"]["ndcg@10"] <= high
         assert set(results["intervals"][system]) == {"all", "th", "lo"}
-    # the two contenders each against BM25, then against each other: one Holm family of three
+    # the two contenders each against random and BM25, then against each other: one Holm family of five
     pairs = [(c["system"], c["baseline"]) for c in results["comparisons"]]
-    assert pairs == [(run, "bm25 (page text)"), (model, "bm25 (page text)"), (run, model)]
+    bm25 = "bm25 (page text)"
+    assert pairs == [(run, "random"), (model, "random"), (run, bm25), (model, bm25), (run, model)]
     for comparison in results["comparisons"]:
         assert 0 < comparison["p_value"] <= comparison["p_holm"] <= 1
         a, b = (results["results"][name]["all"]["ndcg@10"] for name in (comparison["system"], comparison["baseline"]))
@@ -256,7 +257,7 @@ def test_evaluate_reports_intervals_and_paired_tests_in_json_table_and_report(ti
     assert f"| {results['results']['random']['all']['ndcg@10']:.3f} [{low:.3f}, {high:.3f}] |" in out
     assert "| system | against | nDCG@10 difference | p | p (Holm) |" in out and f"| {run} | {model} |" in out
     html = (tmp_path / "report" / "index.html").read_text()
-    assert "<th>p (Holm)</th>" in html and html.count("<tr") == 1 + 4 + 1 + 3  # headers, 4 systems, 3 tests
+    assert "<th>p (Holm)</th>" in html and html.count("<tr") == 1 + 4 + 1 + 5  # headers, 4 systems, 5 tests
 
 
 def test_pages_are_decoded_batch_by_batch_not_all_before_encoding(tiny_model, seadoc, tmp_path, monkeypatch):
