@@ -91,6 +91,54 @@ def test_plain_multi_process_training_all_reduces_once_per_step_whatever_the_min
     assert counts[(1, 0)] == counts[(4, 0)] == counts[(1, 1)] == counts[(4, 1)] > 0
 
 
+def _gradient_before_clipping(rank, world, base, pages, output, port, grads):
+    """The trainable gradients of one training step of `world` processes as they reach the clipping (DDP's
+    all-reduce done, before clipping and the optimizer), on every rank; with one process, also the gradient of the
+    plain InfoNCE loss of the same global batch, encoded whole by the same model."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank))
+    os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
+    from common.recipe import parse_stage_arguments
+    from lco.contrastive_loss import info_nce
+    from lco.embedder import model_inputs
+    from stages.contrast import ContrastArguments, ContrastiveTraining, load_model, load_pairs
+
+    argv = contrast_argv(base, pages, output, "--mini_batch_size", "2", "--lora_dropout", "0.0")
+    recipe_args, args = parse_stage_arguments("contrast", (ContrastArguments,), argv)
+    train_pairs, _, _ = load_pairs(args, recipe_args.seed)
+    run = ContrastiveTraining(args, *load_model(args, recipe_args.seed), train_pairs, recipe_args.seed)
+    batch = run.epoch_batches(0)[0]
+
+    def capture(parameters, max_norm):
+        grads[(world, rank)] = [parameter.grad.detach().clone() for parameter in parameters]
+        return torch.tensor(0.0)
+
+    run.accelerator.clip_grad_norm_ = capture
+    run.step(batch)
+    if world == 1:
+        model = run.accelerator.unwrap_model(run.model)
+        model.zero_grad()
+        sides = [model(**model_inputs(run.processor, [getattr(pair, role).item() for pair in batch],
+                                      args.max_text_tokens, args.image_max_side)) for role in run.roles]  # fmt: skip
+        info_nce(*sides, temperature=args.temperature)[0].backward()
+        grads["plain"] = [parameter.grad.detach().clone() for parameter in run.trainable]
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+def test_the_gradient_before_clipping_is_the_plain_losss_gradient_of_the_global_batch(recorded_base, pages, tmp_path):
+    """AdamW and clipping to norm 1 hide a constant factor in the gradient, so the training tests cannot see a
+    factor of N in DDP's averaging, the gathered loss or the accumulation: this checks the gradient itself. 8
+    anchors, mini-batches of 2: 4 backward passes per role in one process, 2 in each of two."""
+    grads = mp.Manager().dict()
+    mp.spawn(_gradient_before_clipping, args=(1, recorded_base, pages, tmp_path / "one", 29541, grads), nprocs=1)
+    mp.spawn(_gradient_before_clipping, args=(2, recorded_base, pages, tmp_path / "two", 29542, grads), nprocs=2)
+    plain = grads["plain"]
+    assert len(plain) > 10 and sum(bool(g.any()) for g in plain) > 10
+    for key in [(1, 0), (2, 0), (2, 1)]:
+        for got, expected in zip(grads[key], plain, strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6, msg=str(key))
+
+
 @pytest.mark.slow
 def test_two_process_zero3_finishes_and_its_model_embeds_like_the_zero2_ones(recorded_base, pages, tmp_path):
     from lco.embedder import Embedder
