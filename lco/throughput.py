@@ -22,6 +22,7 @@ class Throughput(TrainerCallback):
         self.timed_seconds = 0.0
         self.timed_tokens = 0
         self.timed_steps = 0
+        self.steps = 0  # every step this process trained, the first (untimed) one included
         self.warmed_up = False
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -47,6 +48,7 @@ class Throughput(TrainerCallback):
         tokens = state.num_input_tokens_seen - self.tokens_before
         self.tokens_before = state.num_input_tokens_seen
         self.step_ended = time.perf_counter()
+        self.steps += 1
         if not self.warmed_up:
             self.warmed_up = True
         else:

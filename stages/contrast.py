@@ -595,8 +595,11 @@ def train(args: ContrastArguments, train_pairs, held_out, seed: int, output_dir:
         print(f"contrast: {describe_engine(engine)}")
 
     started, step_seconds = time.monotonic(), []
+    resumed_from = None
     if args.resume:
-        state = run.restore(last_checkpoint(run.output_dir))
+        checkpoint = last_checkpoint(run.output_dir)
+        state = run.restore(checkpoint)
+        resumed_from = {"checkpoint": checkpoint.name, "step": state.step}
     else:
         state = TrainState(accuracy_history=[run.held_out_accuracy(held_out, 0)])
     while state.step < run.total_steps:
@@ -627,6 +630,10 @@ def train(args: ContrastArguments, train_pairs, held_out, seed: int, output_dir:
     on_gpu = torch.cuda.is_available()
     results = {
         "steps": state.step,
+        # where this run started and how many steps it trained itself: a resume that retrained from step 0 would
+        # log the same losses
+        "resumed_from": resumed_from,
+        "steps_this_run": len(step_seconds),
         "engine": engine,
         "wall_time_s": round(time.monotonic() - started, 1),
         "candidates_per_anchor": state.loss_history[-1]["candidates"],

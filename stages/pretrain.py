@@ -565,6 +565,10 @@ def train_and_save(args: PretrainArguments, training, recipe_args, checkpoint: s
         "training_documents": document_sha256(args.datasets, set(train["doc_id"])),
         "train_loss": result.training_loss,
         "steps": result.global_step,
+        # where this run started and how many steps it trained itself: a resume that retrained from step 0 would
+        # log the same losses
+        "resumed_from": resumed_from(checkpoint),
+        "steps_this_run": throughput.steps,
         "engine": engine,
         "wall_time_s": round(time.monotonic() - started, 1),
         "throughput": throughput.summary(),
@@ -575,6 +579,13 @@ def train_and_save(args: PretrainArguments, training, recipe_args, checkpoint: s
     save_final(trainer, args, processor, Path(training.output_dir), record)
     shutil.rmtree(examples_cache, ignore_errors=True)  # every process: after the final save's barrier
     return record["results"]
+
+
+def resumed_from(checkpoint: str | None) -> dict | None:
+    if checkpoint is None:
+        return None
+    name = Path(checkpoint).name
+    return {"checkpoint": name, "step": int(name.removeprefix(f"{PREFIX_CHECKPOINT_DIR}-"))}
 
 
 def summary(results: dict, final: Path) -> str:

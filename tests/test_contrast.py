@@ -375,6 +375,9 @@ def test_resume_after_a_kill_gives_the_losses_and_weights_of_an_uninterrupted_ru
     )
     assert [e["step"] for e in resumed["held_out_accuracy"]] == [0, 2, 4]
     assert resumed["held_out_accuracy"] == straight["held_out_accuracy"]
+    # it continued from the checkpoint: two steps trained here, not four again (a restart gives the same losses)
+    assert (straight["resumed_from"], straight["steps_this_run"]) == (None, 4)
+    assert (resumed["resumed_from"], resumed["steps_this_run"]) == ({"checkpoint": "checkpoint-2", "step": 2}, 2)
     for name, tensor in load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors").items():
         torch.testing.assert_close(tensor, weights[name], rtol=1e-5, atol=1e-6)
 

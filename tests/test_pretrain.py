@@ -285,6 +285,7 @@ def test_resume_after_a_kill_gives_the_losses_of_an_uninterrupted_run(base, page
     )
     pretrain(argv)
     straight = read_run_record(tmp_path / "run" / "final")["results"]
+    straight_weights = load_file(tmp_path / "run" / "final" / "model.safetensors")
     checkpoint = read_run_record(tmp_path / "run" / "checkpoint-2", expected_stage="pretrain")
     assert checkpoint["results"] == {"steps": 2, "generation_quality": straight["generation_quality"][:2]}
     assert [r["stage"] for r in verify_chain(tmp_path / "run" / "checkpoint-2")] == ["pretrain", "base_model"]
@@ -299,9 +300,15 @@ def test_resume_after_a_kill_gives_the_losses_of_an_uninterrupted_run(base, page
         [e["loss"] for e in straight["loss_history"]], rel=1e-4
     )
     assert [e["step"] for e in resumed["generation_quality"]] == [0, 2, 4]
-    assert [e["eval_loss"] for e in resumed["generation_quality"]] == pytest.approx(
-        [e["eval_loss"] for e in straight["generation_quality"]], rel=1e-3
-    )
+    for quality in ("eval_loss", "cer"):
+        assert [e[quality] for e in resumed["generation_quality"]] == pytest.approx(
+            [e[quality] for e in straight["generation_quality"]], rel=1e-3
+        )
+    # it continued from the checkpoint: two steps trained here, not four again (a restart gives the same losses)
+    assert (straight["resumed_from"], straight["steps_this_run"]) == (None, 4)
+    assert (resumed["resumed_from"], resumed["steps_this_run"]) == ({"checkpoint": "checkpoint-2", "step": 2}, 2)
+    for name, tensor in load_file(tmp_path / "run" / "final" / "model.safetensors").items():
+        torch.testing.assert_close(tensor, straight_weights[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 def run_pretrain(processes: int, base, pages, output, *extra) -> subprocess.CompletedProcess:
