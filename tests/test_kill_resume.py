@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+import torch
 
 from common.errors import UsageError
 from common.run_record import read_run_record
@@ -88,11 +89,12 @@ def kill_points(seed: int, duration: float) -> list[float]:
 
 def training_kill_points(seed: int, checkpoint_steps: list[int], step_seconds: float) -> list[tuple[int | None, float]]:
     """(checkpoint step, delay): kill a seeded moment after that checkpoint is finished (during a later step
-    or the saving of the next checkpoint), or, with None, during start-up."""
+    or the saving of the next checkpoint), the first of them so; last, with None, during start-up."""
     rng = random.Random(seed)
-    return [(None, rng.uniform(1.0, 5.0))] + [
+    after_checkpoints = [
         (step, rng.uniform(0.0, 3.0) * step_seconds) for step in sorted(rng.sample(checkpoint_steps, KILLS - 1))
     ]
+    return after_checkpoints + [(None, rng.uniform(1.0, 5.0))]
 
 
 def step_of(checkpoint_name: str) -> int:
@@ -313,17 +315,32 @@ def test_killed_training_resumes_with_the_losses_of_an_uninterrupted_run(stage, 
         finished = sorted((p.name for p in output.glob("checkpoint-*") if (p / marker).is_file()), key=step_of)
         how = resume_or_restart(command, output, bool(finished))
         resumed = read_run_record(output / "final", expected_stage=stage)["results"]
+        # it continued from the newest finished checkpoint and trained only the steps after it
+        start = step_of(finished[-1]) if finished else 0
+        assert resumed["resumed_from"] == ({"checkpoint": finished[-1], "step": start} if finished else None)
+        assert resumed["steps_this_run"] == straight["steps"] - start > 0
         assert [e["loss"] for e in resumed["loss_history"]] == pytest.approx(
             [e["loss"] for e in straight["loss_history"]], rel=tolerance
         )
         if stage == "pretrain":
-            assert [e["step"] for e in resumed["generation_quality"]] == [
-                e["step"] for e in straight["generation_quality"]
-            ]
+            for quality in ("step", "eval_loss", "cer"):
+                assert [e[quality] for e in resumed["generation_quality"]] == pytest.approx(
+                    [e[quality] for e in straight["generation_quality"]], rel=1e-3
+                ), quality
         else:
             assert resumed["held_out_accuracy"] == straight["held_out_accuracy"]
+        assert_same_weights(output / "final", tmp_path / "straight" / "final")
         outcomes.append(f"{moment}: {finished[-1] if finished else 'no checkpoint'}, {how}, identical losses")
     report(f"stages.{stage}", outcomes)
+
+
+def assert_same_weights(final: Path, expected: Path) -> None:
+    from safetensors.torch import load_file
+
+    (weights,) = final.glob("*.safetensors")
+    reference = load_file(expected / weights.name)
+    for name, tensor in load_file(weights).items():
+        torch.testing.assert_close(tensor, reference[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_a_killed_evaluation_reuses_the_embeddings_it_finished(base, pages, tmp_path):
