@@ -518,7 +518,7 @@ CRASHED_BEFORE = {
     "zero attention heads": (
         "base_model",
         "lang: km\nbase_model: {num_attention_heads: 0}\n",
-        "base_model: a value of BaseModelArguments cannot be used (ZeroDivisionError",
+        "--num_attention_heads must be in [1, inf), got 0.",
     ),
     "a NUL in a path": (
         "base_model",
