@@ -543,10 +543,13 @@ def rows(report: dict) -> list[tuple[str, str, str, str]]:
                 detail += f", estimate / measured {fmt(figures.get('estimate_over_measured'), '', 3)}"
         elif name.startswith("zero"):
             losses = [round(entry["loss"], 3) for entry in figures.get("loss_history", [])]
-            engine = {k: v for k, v in figures.items() if "engine" in k or "precision" in k}
+            from lco.engine import describe_engine
+
+            engine = figures.get("engine", {})
             detail = f"{figures.get('steps')} steps; {fmt(figures.get('pairs_per_second'))} pairs/s; "
-            detail += f"peak {fmt(figures.get('peak_gpu_memory_gib'))} GiB; losses {losses}; "
-            detail += str(engine or "engine not recorded")
+            if figures.get("peak_gpu_memory_gib"):
+                detail += f"peak {fmt(figures['peak_gpu_memory_gib'])} GiB; "
+            detail += f"losses {losses}; " + (describe_engine(engine) if engine else "engine not recorded")
         else:
             detail = json.dumps(figures)[:200]
         table.append((name, status, detail, seconds))
