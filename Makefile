@@ -8,21 +8,21 @@ demo: setup
 
 # the method in miniature (issue 29, recipes/toy.yaml): pages of random letters that a tiny model learns to read,
 # text-only and multimodal refinement of it and of the random base, and the scaling analysis over 4 checkpoints
-TOY = .venv/bin/python
+PYTHON = .venv/bin/python
 toy: setup
-	$(TOY) -m bench.toy_pages --output checkpoints/toy/pdfs --documents 200 --seed 42
-	$(TOY) -m bench.toy_pages --output checkpoints/toy/eval-pdfs --documents 10 --seed 7
-	$(TOY) -m data_prep pages --config recipes/toy.yaml --input checkpoints/toy/pdfs --output checkpoints/toy/pages
-	$(TOY) -m data_prep pages --config recipes/toy.yaml --input checkpoints/toy/eval-pdfs --output checkpoints/toy/eval-pages
-	$(TOY) -m data_prep evalset --config recipes/toy.yaml --pages checkpoints/toy/eval-pages --output checkpoints/toy/evalset
-	$(TOY) -m stages.base_model --config recipes/toy.yaml
-	$(TOY) -m stages.pretrain --config recipes/toy.yaml
-	$(TOY) -m stages.contrast --config recipes/toy.yaml
-	$(TOY) -m stages.contrast --config recipes/toy.yaml --model_name_or_path checkpoints/toy/base --output_dir checkpoints/toy/contrast-only
-	$(TOY) -m stages.contrast --config recipes/toy.yaml --multimodal_fraction 0.2 --output_dir checkpoints/toy/contrast-mm
-	$(TOY) -m stages.contrast --config recipes/toy.yaml --multimodal_fraction 0.2 --model_name_or_path checkpoints/toy/base --output_dir checkpoints/toy/contrast-only-mm
-	$(TOY) -m stages.evaluate --config recipes/toy.yaml --data checkpoints/toy/evalset --output checkpoints/toy/eval.json --model checkpoints/toy/contrast/final checkpoints/toy/contrast-only/final checkpoints/toy/contrast-mm/final checkpoints/toy/contrast-only-mm/final
-	$(TOY) -m stages.analyze scaling --config recipes/toy.yaml
+	$(PYTHON) -m bench.toy_pages --output checkpoints/toy/pdfs --documents 200 --seed 42
+	$(PYTHON) -m bench.toy_pages --output checkpoints/toy/eval-pdfs --documents 10 --seed 7
+	$(PYTHON) -m data_prep pages --config recipes/toy.yaml --input checkpoints/toy/pdfs --output checkpoints/toy/pages
+	$(PYTHON) -m data_prep pages --config recipes/toy.yaml --input checkpoints/toy/eval-pdfs --output checkpoints/toy/eval-pages
+	$(PYTHON) -m data_prep evalset --config recipes/toy.yaml --pages checkpoints/toy/eval-pages --output checkpoints/toy/evalset
+	$(PYTHON) -m stages.base_model --config recipes/toy.yaml
+	$(PYTHON) -m stages.pretrain --config recipes/toy.yaml
+	$(PYTHON) -m stages.contrast --config recipes/toy.yaml
+	$(PYTHON) -m stages.contrast --config recipes/toy.yaml --model_name_or_path checkpoints/toy/base --output_dir checkpoints/toy/contrast-only
+	$(PYTHON) -m stages.contrast --config recipes/toy.yaml --multimodal_fraction 0.2 --output_dir checkpoints/toy/contrast-mm
+	$(PYTHON) -m stages.contrast --config recipes/toy.yaml --multimodal_fraction 0.2 --model_name_or_path checkpoints/toy/base --output_dir checkpoints/toy/contrast-only-mm
+	$(PYTHON) -m stages.evaluate --config recipes/toy.yaml --data checkpoints/toy/evalset --output checkpoints/toy/eval.json --model checkpoints/toy/contrast/final checkpoints/toy/contrast-only/final checkpoints/toy/contrast-mm/final checkpoints/toy/contrast-only-mm/final
+	$(PYTHON) -m stages.analyze scaling --config recipes/toy.yaml
 
 # the paper's analyses on the embedded default, after `make demo`
 analyze: setup

@@ -389,11 +389,11 @@ def test_resume_without_a_finished_checkpoint_is_refused(base, pages, tmp_path, 
     assert "holds no finished checkpoint-* folder to continue from" in capsys.readouterr().err
 
 
-def test_mined_hard_negatives_come_from_other_documents_and_join_the_candidates(base, pages, tmp_path, capsys):
-    from lco.embedder import Embedder
-    from stages.contrast import ContrastArguments, load_pairs, mine_hard_negatives
+def mining_arguments(base, pages):
+    """The settings of the hard-negative mining tests (here and tests/test_rank_work.py)."""
+    from stages.contrast import ContrastArguments
 
-    args = ContrastArguments(
+    return ContrastArguments(
         model_name_or_path=str(base),
         pages_datasets=[str(pages)],
         passage_chars=40,
@@ -401,6 +401,13 @@ def test_mined_hard_negatives_come_from_other_documents_and_join_the_candidates(
         mini_batch_size=4,
         eval_fraction=0.3,
     )
+
+
+def test_mined_hard_negatives_come_from_other_documents_and_join_the_candidates(base, pages, tmp_path, capsys):
+    from lco.embedder import Embedder
+    from stages.contrast import load_pairs, mine_hard_negatives
+
+    args = mining_arguments(base, pages)
     train_pairs = load_pairs(args, seed=0)[0]
     embedder = Embedder(str(base))
     mined = mine_hard_negatives(embedder.model, embedder.processor, train_pairs, args)

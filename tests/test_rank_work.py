@@ -56,16 +56,11 @@ def in_two_processes(rank, init_file, work, base, pages, results):
 def mine(base, pages):
     """The negatives `stages.contrast --mine_hard_negatives` gives the training pairs (as positions)."""
     from lco.embedder import Embedder
-    from stages.contrast import ContrastArguments, load_pairs, mine_hard_negatives
+    from stages.contrast import load_pairs, mine_hard_negatives
 
-    args = ContrastArguments(
-        model_name_or_path=str(base),
-        pages_datasets=[str(pages)],
-        passage_chars=40,
-        contrastive_batch_size=8,
-        mini_batch_size=4,
-        eval_fraction=0.3,
-    )
+    from .test_contrast import mining_arguments
+
+    args = mining_arguments(base, pages)
     train_pairs = load_pairs(args, seed=0)[0]
     embedder = Embedder(str(base), device="cpu")
     mined = mine_hard_negatives(embedder.model, embedder.processor, train_pairs, args)
