@@ -1,5 +1,5 @@
 # The two commands of the README. Each first runs setup/install.sh, which installs only what is missing.
-.PHONY: demo toy analyze test setup gpu-kit
+.PHONY: demo toy analyze test docs setup gpu-kit
 
 demo: setup
 	.venv/bin/python -m stages.pipeline --config recipes/tiny.yaml
@@ -31,6 +31,11 @@ analyze: setup
 
 test: setup
 	.venv/bin/python -m pytest -q
+
+# the documentation site (mkdocs.yml, docs/) into site/; --strict: a broken link or a missing page fails the build.
+# `python -m mkdocs` so that docs/hooks.py documents this checkout's code
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(PYTHON) -m mkdocs build --strict --quiet
 
 # the wheels the GPU kit carries to the device machine (bench/gpu_kit.py; then, there: bash bench/gpu_bench.sh "$OUT")
 gpu-kit: setup
