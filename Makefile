@@ -3,7 +3,7 @@
 
 demo: setup
 	.venv/bin/python -m stages.pipeline --config recipes/tiny.yaml
-	@echo "make demo checks the plumbing: its tiny model does not learn to read the UDHR pages (README, Quick start)."
+	@echo "make demo checks the plumbing: its tiny model does not learn to read the UDHR pages (README, Demo; docs/demo.md)."
 	@echo "The method in miniature, a model that reads unseen pages and the refinements of it: make toy"
 
 # the method in miniature (issue 29, recipes/toy.yaml): pages of random letters that a tiny model learns to read,
@@ -33,9 +33,9 @@ test: setup
 	.venv/bin/python -m pytest -q
 
 # the documentation site (mkdocs.yml, docs/) into site/; --strict: a broken link or a missing page fails the build.
-# `python -m mkdocs` so that docs/hooks.py documents this checkout's code
+# `python -m mkdocs` so that docs/hooks.py documents this checkout's code; no --quiet: it hides the warnings --strict counts
 docs: setup
-	NO_MKDOCS_2_WARNING=1 $(PYTHON) -m mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(PYTHON) -m mkdocs build --strict
 
 # the wheels the GPU kit carries to the device machine (bench/gpu_kit.py; then, there: bash bench/gpu_bench.sh "$OUT")
 gpu-kit: setup
