@@ -126,7 +126,14 @@ def _field_default(f: dataclasses.Field):
 
 
 def _options(parser: argparse.ArgumentParser, dest: str) -> list[str]:
-    return [option for action in parser._actions if action.dest == dest for option in action.option_strings]
+    """The option strings that set `dest`, less the dashed spelling HfArgumentParser adds beside an underscored
+    one (`--max-steps` beside `--max_steps`), which each page mentions once."""
+    options = [option for action in parser._actions if action.dest == dest for option in action.option_strings]
+    return [option for option in options if option == _underscored(option) or _underscored(option) not in options]
+
+
+def _underscored(option: str) -> str:
+    return "--" + option[2:].replace("-", "_")
 
 
 def _table(rows: list[tuple[str, str, str, str]]) -> str:
@@ -162,7 +169,10 @@ def flags_markdown(command: str) -> str:
     """Every flag `command` takes, as Markdown: one table per arguments dataclass (or one for a plain parser)."""
     parser = command_parser(command)
     dataclass_types = getattr(parser, "dataclass_types", None)
-    parts = [f"`python -m {command} --help` prints the same flags."]
+    parts = [
+        f"`python -m {command} --help` prints the same flags. A flag can be written with dashes for its underscores "
+        "(`--max-steps` for `--max_steps`)."
+    ]
     if not dataclass_types:
         rows = []
         for action in parser._actions:
