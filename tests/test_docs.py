@@ -91,9 +91,12 @@ def test_errors_are_harvested_from_the_code():
     assert "### `stages/contrast.py`" in markdown and "### `data_prep/cli.py`" in markdown
 
 
-def test_readme_is_short():
-    lines = (REPO / "README.md").read_text(encoding="utf-8").splitlines()
-    assert len(lines) < 150
+def test_readme_is_short_and_its_links_resolve():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert len(readme.splitlines()) < 150
+    links = re.findall(r"\]\(([^)#]+)[^)]*\)", readme)
+    missing = [link for link in links if not (REPO / link).is_file()]
+    assert links and not missing, missing
 
 
 def test_site_builds_strict(tmp_path):
