@@ -93,8 +93,10 @@ GPU_IMAGE = frozenset(
     tqdm transformers treescope triton typer typing-extensions typing-inspect urllib3 uvloop wadler-lindig werkzeug
     wheel wrapt xarray xxhash yarl zipp""".split()
 )
-# needed here by huggingface_hub 2.4 (the lock's); the image's 1.33 uses httpx, which it has: a dry run keeps them
-NEEDED_HERE_ONLY = frozenset({"httpx2", "httpcore2", "truststore"})
+# needed here by huggingface_hub 2.4 (the lock's); the image's 1.33 uses httpx, which it has: a dry run keeps them.
+# platformdirs (mkdocs's, for `make docs`) registers a pytest plugin that pytest here loads from the venv's metadata
+# even with the module blocked; the image has neither, so the stand-in leaves it importable
+NEEDED_HERE_ONLY = frozenset({"httpx2", "httpcore2", "truststore", "platformdirs"})
 
 # Each family's real configuration, as far as stages.base_model's flags say it: its attention is hidden_size wide
 # (head_dim = hidden_size / heads), where Qwen3-VL-4B's is 4096 wide (32 heads of 128) and Gemma 3 4B's 2048 (8 of
