@@ -10,7 +10,7 @@ demo: setup
 # text-only and multimodal refinement of it and of the random base, and the scaling analysis over 4 checkpoints
 PYTHON = .venv/bin/python
 toy: setup
-	$(PYTHON) -m bench.toy_pages --output checkpoints/toy/pdfs --documents 200 --seed 42
+	$(PYTHON) -m bench.toy_pages --output checkpoints/toy/pdfs --documents 2000 --pages 1 --seed 42
 	$(PYTHON) -m bench.toy_pages --output checkpoints/toy/eval-pdfs --documents 10 --seed 7
 	$(PYTHON) -m data_prep pages --config recipes/toy.yaml --input checkpoints/toy/pdfs --output checkpoints/toy/pages
 	$(PYTHON) -m data_prep pages --config recipes/toy.yaml --input checkpoints/toy/eval-pdfs --output checkpoints/toy/eval-pages

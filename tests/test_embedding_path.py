@@ -58,8 +58,9 @@ def test_a_model_that_reads_its_pages_embeds_them_apart(tmp_path):
     Not asserted, as measured (bench/results/toy_search_cpu2.md): under the embedding prompt ("Summarize the above
     image in one word:"), never seen in pretraining, this model ignores the page (it writes "1" for all six; page
     cosines 0.998-0.9999): a tiny model reads only when asked as it was trained. Nor that a page is nearest its own
-    text: before refinement the two prompts' last states are unrelated (1 of 12 pages in DESIGN.md section 6, chance
-    on 64 unseen pages of a model that reads); that is what the contrastive stage is for."""
+    text: a model that has only ever read pages leaves a text's last state unrelated to its page's (chance on 64
+    unseen pages); a model that also learned to read texts (`make toy`'s text continuations) lines them up somewhat
+    before any refinement (page -> own text top-1 0.083 among 48, chance 0.021)."""
     from stages.base_model import BaseModelArguments, build_tiny_base_model
     from tests.conftest import REPO
 
