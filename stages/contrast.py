@@ -33,6 +33,7 @@ from common.artifacts import (
     write_text_atomic,
 )
 from common.errors import UsageError, run_cli
+from common.output import set_up_output
 from common.recipe import parse_stage_arguments
 from common.run_record import RUN_RECORD, parent_run, read_run_record, stage_record, write_run_record
 from lco.distributed import deepspeed_stage, join_process_group, process_device, rank, world_size
@@ -691,7 +692,7 @@ def main(argv: list[str] | None = None) -> None:
     from lco.pretrain_data import document_sha256
 
     recipe_args, args = parse_stage_arguments("contrast", (ContrastArguments,), argv)
-    logging.basicConfig(level=logging.INFO if rank() == 0 else logging.WARNING, format="%(message)s")
+    set_up_output(recipe_args.verbose)
     if args.deepspeed:
         prepare_deepspeed()
     announce_base(args.model_name_or_path, recipe_args.lang)

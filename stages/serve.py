@@ -14,6 +14,7 @@ from pathlib import Path
 
 from common.errors import UsageError, run_cli
 from common.languages import normalize_lang
+from common.output import set_up_output
 
 from .search import MAX_K, index_parser, query_encoder
 
@@ -211,6 +212,7 @@ def main(argv: list[str] | None = None) -> None:
         raise UsageError(f"{error}; run with --help to list the flags.") from None
     if not 0 <= args.port < 65536:
         raise UsageError(f"--port must be in [0, 65535], got {args.port}.")
+    set_up_output(args.verbose)
     index = load_index(args.index)
     check_model_unchanged(index)
     app = create_app(index)
