@@ -27,7 +27,8 @@ PAGE = """<!doctype html>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>Search the index</title>
 <style>
-body { font-family: "Noto Sans", sans-serif; margin: 1.5rem; color: #222; }
+/* a word longer than a phone's width (a pasted query, a document id) breaks rather than widen the page */
+body { font-family: "Noto Sans", sans-serif; margin: 1.5rem; color: #222; overflow-wrap: anywhere; }
 form { display: flex; gap: .5rem; flex-wrap: wrap; }
 #q { flex: 1 1 24rem; font-size: 1.1rem; padding: .4rem; }
 #status { color: #555; }
