@@ -199,9 +199,10 @@ def last_checkpoint(output_dir: str) -> Path | None:
 
 
 def announce_base(model: str, lang: str) -> str | None:
-    """The base model's run record, if it has one: checked against the recipe's language and announced."""
+    """The base model's run record, if it has one: checked against the recipe's language and announced (by rank 0)."""
     if not (Path(model) / RUN_RECORD).is_file():
-        print(f"contrast: base {model} has no run record (a plain VLM: the no-CPT baseline)")
+        if rank() == 0:
+            print(f"contrast: base {model} has no run record (a plain VLM: the no-CPT baseline)")
         return None
     record = read_run_record(model)
     base_lang = record["config"].get("recipe", {}).get("lang")
@@ -209,7 +210,8 @@ def announce_base(model: str, lang: str) -> str | None:
         raise UsageError(f"--model_name_or_path {model} was trained for `{base_lang}` but this recipe is for `{lang}`.")
     history = record.get("results", {}).get("generation_quality") or []
     cer = f", held-out CER {history[0]['cer']} -> {history[-1]['cer']}" if history else ""
-    print(f"contrast: base {model}: a {record['stage']} run of {record['created']} for `{base_lang}`{cer}")
+    if rank() == 0:
+        print(f"contrast: base {model}: a {record['stage']} run of {record['created']} for `{base_lang}`{cer}")
     return model
 
 
@@ -248,10 +250,11 @@ def load_pairs(args: ContrastArguments, seed: int):
     evaluation = [pair for pair in pairs if pair.document in held_out]
     with_negative = sum(pair.negative is not None for pair in train)
     if 0 < with_negative < len(train):
-        print(
-            f"contrast: only {with_negative} of {len(train)} training pairs have a hard negative; negatives are not "
-            "used"
-        )
+        if rank() == 0:
+            print(
+                f"contrast: only {with_negative} of {len(train)} training pairs have a hard negative; negatives are "
+                "not used"
+            )
         train = [replace(pair, negative=None) for pair in train]
     if len(train) < args.contrastive_batch_size:
         raise UsageError(
