@@ -34,7 +34,7 @@ def set_up_output(verbose: bool = False) -> None:
     libraries' at WARNING (their INFO too with `verbose`); and, unless `verbose`, the libraries' chatter off: their
     progress bars for steps the command reports itself (loading and saving weights, datasets' splits and shards),
     their debug and info lines (bm25s's "Building index from tokens", faiss's "Loading faiss with AVX2 support"),
-    and warnings the user can do nothing about."""
+    and warnings the user can do nothing about (DeepSpeed's choice of its CPU accelerator where there is no GPU)."""
     import datasets
     import transformers
 
@@ -65,6 +65,13 @@ def set_up_output(verbose: bool = False) -> None:
     if not main_process():
         warnings.simplefilter("ignore")
     warnings.filterwarnings("ignore", message=UNACTIONABLE, category=FutureWarning)
+    # without CUDA, DeepSpeed (imported by transformers and accelerate) chooses its CPU accelerator and warns at
+    # every command that it "was unable to detect" a GPU; naming its own choice leaves it nothing to warn of. A GPU
+    # that torch cannot reach is still reported, by torch, when it is asked here.
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 @contextmanager

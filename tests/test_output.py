@@ -13,8 +13,10 @@ from .test_contrast import contrast_argv
 from .test_evaluate import TINY, seadoc  # noqa: F401 (a fixture)
 
 # what the libraries print at every run of `make demo` (issue 31): bm25s's debug line at each BM25 index, the bars of
-# every weights load and save and of datasets' steps, and a deprecation inside peft and trl
+# every weights load and save and of datasets' steps, a deprecation inside peft and trl, and DeepSpeed's "Setting
+# accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it" where there is no GPU
 NOISE = (
+    "we were unable to detect it",
     "Building index from tokens",
     "Loading weights",
     "Writing model shards",
