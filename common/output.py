@@ -36,6 +36,7 @@ def set_up_output(verbose: bool = False) -> None:
     their debug and info lines (bm25s's "Building index from tokens", faiss's "Loading faiss with AVX2 support"),
     and warnings the user can do nothing about (DeepSpeed's choice of its CPU accelerator where there is no GPU)."""
     import datasets
+    import torch
     import transformers
 
     # bm25s sets its own logger to DEBUG when imported ("Building index from tokens" at every index): the handler's
@@ -68,8 +69,6 @@ def set_up_output(verbose: bool = False) -> None:
     # without CUDA, DeepSpeed (imported by transformers and accelerate) chooses its CPU accelerator and warns at
     # every command that it "was unable to detect" a GPU; naming its own choice leaves it nothing to warn of. A GPU
     # that torch cannot reach is still reported, by torch, when it is asked here.
-    import torch
-
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
