@@ -1,5 +1,5 @@
 # The two commands of the README. Each first runs setup/install.sh, which installs only what is missing.
-.PHONY: demo toy analyze test docs setup gpu-kit
+.PHONY: demo toy analyze screenshots test docs setup gpu-kit
 
 demo: setup
 	.venv/bin/python -m stages.pipeline --config recipes/tiny.yaml
@@ -28,6 +28,13 @@ toy: setup
 analyze: setup
 	.venv/bin/python -m stages.analyze scaling --config recipes/tiny.yaml
 	.venv/bin/python -m stages.analyze diagnostics --config recipes/tiny.yaml
+
+# the report and the search page of `make demo` in headless Chromium at a phone's and a desktop's width, saved as
+# docs/img/{report,search}-{phone,desktop}.png (bench/screenshots.py); the search page needs an index of the demo's pages
+screenshots: setup
+	test -f checkpoints/tiny/contrast-index/run_record.json || $(PYTHON) -m stages.index \
+		--model checkpoints/tiny/contrast/final --input $(wildcard checkpoints/tiny/pages/*) --output checkpoints/tiny/contrast-index
+	$(PYTHON) -m bench.screenshots
 
 test: setup
 	.venv/bin/python -m pytest -q

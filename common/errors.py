@@ -3,17 +3,27 @@ model folder that brings code; each reported as one line by `run_cli`."""
 
 import errno
 import sys
+import time
 from collections.abc import Callable
+
+from .output import main_process
 
 # a full disk and an exhausted quota are the same to the person running a stage: no room for the output
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # the same in words, where a library drops the errno: pyarrow, datasets' own free-space check, and the Rust
 # writers (safetensors' SafetensorError, tokenizers' plain Exception) that quote the OS
 DISK_FULL_WORDS = ("No space left on device", "Disk quota exceeded", "Not enough disk space")
+# how long a process other than rank 0, refused as every process is, waits for rank 0 to say it before it exits
+QUIET_RANK_WAIT_S = 30
 
 
 class UsageError(Exception):
     """Bad input from the user (a recipe, a flag, a path): reported as one line, exit code 2."""
+
+
+class ProcessUsageError(UsageError):
+    """Bad input that only this process of a torchrun may meet (its LOCAL_RANK against its node's GPUs): said by
+    every process that meets it, where another `UsageError`, the same in every process, is said by rank 0 alone."""
 
 
 class RunFailed(Exception):
@@ -26,10 +36,16 @@ def run_cli(main: Callable[[list[str] | None], None], argv: list[str] | None = N
 
     A full disk (anywhere in the exception's chain, in whatever type the writing library raises) and transformers'
     refusal to run a model folder's own code are reported the same way: the person can act on both, and a
-    traceback would only hide the one line that says what to do."""
-    code = 2
+    traceback would only hide the one line that says what to do.
+
+    Under torchrun every process checks the same flags and meets the same refusal: rank 0 alone says it, and every
+    process exits with its code. A full disk (each node has its own) and a `ProcessUsageError` are said by every
+    process that meets them."""
+    code, said_once = 2, True
     try:
         main(argv)
+    except ProcessUsageError as error:
+        message, said_once = str(error), False
     except UsageError as error:
         message = str(error)
     except RunFailed as error:
@@ -38,8 +54,14 @@ def run_cli(main: Callable[[list[str] | None], None], argv: list[str] | None = N
         message = _message_for(error)
         if message is None:
             raise
+        said_once = disk_full_error(error) is None
     else:
         return
+    if said_once and not main_process():
+        # torchrun stops every process once one has failed: rank 0, which says it, is given the time to (this wait
+        # ends as soon as rank 0 has exited)
+        time.sleep(QUIET_RANK_WAIT_S)
+        sys.exit(code)
     # exit outside the `except` blocks: the SystemExit then holds no reference to the error, whose frames may
     # keep files open (a pyarrow writer on a full disk keeps its deleted file, and the disk space, until freed)
     _exit_with(message, code)

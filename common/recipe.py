@@ -13,6 +13,7 @@ import reprlib
 import sys
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -23,6 +24,7 @@ import yaml
 from .artifacts import refuse_remote_code
 from .errors import UsageError
 from .languages import normalize_lang
+from .output import VERBOSE_HELP
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 MAX_KNOWN_KEYS = 20  # an unknown-key error lists at most this many known keys
@@ -41,6 +43,7 @@ class RecipeArguments:
     )
     lang: str | None = field(default=None, metadata={"help": "Language code (ISO 639-1, or 639-3 alias)."})
     seed: int = field(default=42, metadata={"help": "Seed for everything random in the stage."})
+    verbose: bool = field(default=False, metadata={"help": VERBOSE_HELP})
 
     def validate(self) -> None:
         if self.lang is None:
@@ -170,7 +173,11 @@ def parse_stage_arguments(
     parser = HfArgumentParser(all_types, **{"exit_on_error": False, **parser_kwargs})
     parser.set_defaults(**defaults)
     try:
-        parsed = parser.parse_args_into_dataclasses(args=argv)
+        with warnings.catch_warnings():
+            # TRL's SFTConfig defaults `gradient_checkpointing`, the name transformers 5 deprecates, and transformers
+            # warns of it at every parse: a default of the library's, which stages.pretrain sets itself (`replaced`)
+            warnings.filterwarnings("ignore", message=r"`gradient_checkpointing` is deprecated", category=FutureWarning)
+            parsed = parser.parse_args_into_dataclasses(args=argv)
     except argparse.ArgumentError as error:
         source = f" (from recipe {recipe_path} or the flags)" if recipe_path else ""
         raise UsageError(f"{_shorten(str(error), 400)}{source}; run with --help to list the flags.") from None

@@ -24,6 +24,7 @@ from typing import Literal
 from common.artifacts import check_input_paths, check_output_dir, usable_path, write_text_atomic
 from common.errors import UsageError
 from common.languages import normalize_lang
+from common.output import set_up_output
 from common.recipe import parse_stage_arguments
 from lco.queries import QueriesSettings, check_generator, check_pages
 
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
             f"no recipe for {lang} (recipes/{lang}.yaml); write one with python -m data_prep recipe --lang {lang} "
             f"--output recipes/{lang}.yaml, or pass --config."
         )
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    set_up_output(recipe_args.verbose)
     if command == "render":
         manifest = render_documents(
             args.input,
@@ -282,7 +283,7 @@ def make_queries(argv: list[str]) -> None:
     check_engine(settings.engine)
     if settings.consistency_model:
         check_model_source(settings.consistency_model, "--consistency_model")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    set_up_output(recipe_args.verbose)
     local = Path(args.generator).exists()
     generator = {"path": args.generator, "fingerprint": model_fingerprint(args.generator) if local else args.generator}
     engine = (vllm_engine if settings.engine == "vllm" else transformers_engine)(args.generator, settings)

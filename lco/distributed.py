@@ -8,7 +8,7 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
-from common.errors import UsageError
+from common.errors import ProcessUsageError
 
 
 def world_size() -> int:
@@ -49,7 +49,7 @@ def process_device():
         return torch.device("cuda", local_rank())
     if visible == 1:
         return torch.device("cuda", 0)
-    raise UsageError(
+    raise ProcessUsageError(
         f"LOCAL_RANK is {local_rank()} but this process sees {visible} GPUs (cuda:0 to cuda:{visible - 1}); start at "
         "most one process per visible GPU (torchrun --nproc_per_node), or give each process one GPU of its own."
     )

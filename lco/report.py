@@ -57,7 +57,7 @@ def _significance(scores: dict, comparisons: list[dict]) -> str:
     parts = []
     if scores:
         rows = "".join(
-            f"<tr><td>{html.escape(system)}</td><td>{value:.3f}</td>"
+            f'<tr><td class="name">{html.escape(system)}</td><td>{value:.3f}</td>'
             f"<td>{f'[{found[0]:.3f}, {found[1]:.3f}]' if found else 'n/a'}</td></tr>"
             for system, (value, found) in scores.items()
         )
@@ -65,7 +65,8 @@ def _significance(scores: dict, comparisons: list[dict]) -> str:
     if comparisons:
         rows = "".join(
             ('<tr class="significant">' if c["significant"] else "<tr>")
-            + f"<td>{html.escape(c['system'])}</td><td>{html.escape(c['baseline'])}</td><td>{c['difference']:+.3f}</td>"
+            + f'<td class="name">{html.escape(c["system"])}</td><td class="name">{html.escape(c["baseline"])}</td>'
+            f"<td>{c['difference']:+.3f}</td>"
             f"<td>{c['p_value']:.4f}</td><td>{c['p_holm']:.4f}{' *' if c['significant'] else ''}</td></tr>"
             for c in comparisons
         )
@@ -105,15 +106,19 @@ def _thumbnail(evalset, page_id: str, folder: Path, shown: set[str]) -> str:
 
 PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>Retrieval report</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
 <style>
-body {{ font-family: sans-serif; margin: 1em; }}
+/* a model path or a page id longer than a phone's width breaks rather than widen the page (issue 31) */
+body {{ font-family: sans-serif; margin: 1em; overflow-wrap: break-word; }}
 .query {{ border-top: 1px solid #ccc; padding: .5em 0; }}
 .query.missed > p {{ color: #a00; }}
 figure {{ display: inline-block; margin: 4px; border: 3px solid transparent; text-align: center; }}
 figure.relevant {{ border-color: #0a0; }}
 figcaption {{ font-size: 11px; max-width: 220px; overflow-wrap: anywhere; }}
 table {{ border-collapse: collapse; margin: .5em 0; }}
-td, th {{ border: 1px solid #ccc; padding: 2px 8px; text-align: left; }}
+td, th {{ border: 1px solid #ccc; padding: 2px 6px; text-align: left; }}
+/* in a table only the names may break anywhere: the numbers keep whole, and the table fits a phone */
+td.name {{ overflow-wrap: anywhere; }}
 tr.significant {{ font-weight: bold; }}
 </style></head><body>
 <h1>Top-5 pages per query</h1>

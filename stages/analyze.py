@@ -28,6 +28,7 @@ from typing import ClassVar
 
 from common.artifacts import check_input_paths, finished_checkpoints, write_text_atomic
 from common.errors import UsageError, run_cli
+from common.output import set_up_output
 from common.recipe import parse_stage_arguments
 from common.run_record import RUN_RECORD, read_run_record, run_is_up_to_date, write_run_record
 from lco.significance import ALPHA
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     recipe_args, args = parse_stage_arguments(
         "analyze", (AnalyzeArguments,), rest, prog=f"python -m stages.analyze {command}"
     )
+    set_up_output(recipe_args.verbose)
     if command == "scaling":
         scaling(recipe_args, args)
     else:

@@ -18,6 +18,7 @@ from typing import ClassVar, Literal
 
 from common.artifacts import atomic_directory, check_output_dir
 from common.errors import UsageError, run_cli
+from common.output import set_up_output
 from common.recipe import parse_stage_arguments
 from common.run_record import write_run_record
 
@@ -477,6 +478,7 @@ def build_tiny_base_model(args: BaseModelArguments, seed: int):
 
 def main(argv: list[str] | None = None) -> None:
     recipe_args, args = parse_stage_arguments("base_model", (BaseModelArguments,), argv)
+    set_up_output(recipe_args.verbose)
     model, processor = build_tiny_base_model(args, recipe_args.seed)
     n_parameters = sum(p.numel() for p in model.parameters())
     with atomic_directory(args.output_dir) as tmp:

@@ -33,6 +33,7 @@ from common.artifacts import (
     write_text_atomic,
 )
 from common.errors import UsageError, run_cli
+from common.output import set_up_output
 from common.recipe import parse_stage_arguments
 from common.run_record import RUN_RECORD, parent_run, read_run_record, stage_record, write_run_record
 from lco.distributed import deepspeed_stage, join_process_group, process_device, rank, world_size
@@ -198,9 +199,10 @@ def last_checkpoint(output_dir: str) -> Path | None:
 
 
 def announce_base(model: str, lang: str) -> str | None:
-    """The base model's run record, if it has one: checked against the recipe's language and announced."""
+    """The base model's run record, if it has one: checked against the recipe's language and announced (by rank 0)."""
     if not (Path(model) / RUN_RECORD).is_file():
-        print(f"contrast: base {model} has no run record (a plain VLM: the no-CPT baseline)")
+        if rank() == 0:
+            print(f"contrast: base {model} has no run record (a plain VLM: the no-CPT baseline)")
         return None
     record = read_run_record(model)
     base_lang = record["config"].get("recipe", {}).get("lang")
@@ -208,7 +210,8 @@ def announce_base(model: str, lang: str) -> str | None:
         raise UsageError(f"--model_name_or_path {model} was trained for `{base_lang}` but this recipe is for `{lang}`.")
     history = record.get("results", {}).get("generation_quality") or []
     cer = f", held-out CER {history[0]['cer']} -> {history[-1]['cer']}" if history else ""
-    print(f"contrast: base {model}: a {record['stage']} run of {record['created']} for `{base_lang}`{cer}")
+    if rank() == 0:
+        print(f"contrast: base {model}: a {record['stage']} run of {record['created']} for `{base_lang}`{cer}")
     return model
 
 
@@ -247,10 +250,11 @@ def load_pairs(args: ContrastArguments, seed: int):
     evaluation = [pair for pair in pairs if pair.document in held_out]
     with_negative = sum(pair.negative is not None for pair in train)
     if 0 < with_negative < len(train):
-        print(
-            f"contrast: only {with_negative} of {len(train)} training pairs have a hard negative; negatives are not "
-            "used"
-        )
+        if rank() == 0:
+            print(
+                f"contrast: only {with_negative} of {len(train)} training pairs have a hard negative; negatives are "
+                "not used"
+            )
         train = [replace(pair, negative=None) for pair in train]
     if len(train) < args.contrastive_batch_size:
         raise UsageError(
@@ -691,7 +695,7 @@ def main(argv: list[str] | None = None) -> None:
     from lco.pretrain_data import document_sha256
 
     recipe_args, args = parse_stage_arguments("contrast", (ContrastArguments,), argv)
-    logging.basicConfig(level=logging.INFO if rank() == 0 else logging.WARNING, format="%(message)s")
+    set_up_output(recipe_args.verbose)
     if args.deepspeed:
         prepare_deepspeed()
     announce_base(args.model_name_or_path, recipe_args.lang)

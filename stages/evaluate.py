@@ -23,6 +23,7 @@ from typing import ClassVar
 
 from common.artifacts import check_model_source, write_bytes_atomic, write_text_atomic
 from common.errors import UsageError, run_cli
+from common.output import set_up_output
 from common.recipe import parse_stage_arguments
 from common.run_record import (
     chain_training_documents,
@@ -365,6 +366,7 @@ def main(argv: list[str] | None = None) -> None:
     recipe_args, args, inputs = parse_stage_arguments(
         "evaluate", (EvaluateArguments,), argv, cli_only_types=(EvaluateInputs,)
     )
+    set_up_output(recipe_args.verbose)
     evalset = load_evalset(inputs.data)
     entries = [*evalset.queries.values(), *evalset.pages.values()]
     media = {kind for entry in entries for kind in MEDIA if kind in entry}

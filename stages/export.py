@@ -25,6 +25,7 @@ import torch
 
 from common.artifacts import atomic_directory, check_model_source, check_output_dir
 from common.errors import UsageError, run_cli
+from common.output import VERBOSE_HELP, set_up_output
 from common.run_record import model_fingerprint, parent_run, write_run_record
 from lco.embedder import IMAGE_PROMPT, IMAGE_TEXT_PROMPT, TEXT_PROMPT, Embedder, Item, item_messages
 
@@ -71,6 +72,7 @@ class ExportArguments:
     model: str | None = field(default=None, metadata={"help": "Model folder, e.g. a contrast `final/`."})
     output: str | None = field(default=None, metadata={"help": "Folder for the sentence-transformers model."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing --output."})
+    verbose: bool = field(default=False, metadata={"help": VERBOSE_HELP})
 
     def validate(self) -> None:
         check_model_source(self.model, "--model")
@@ -198,6 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as error:  # HfArgumentParser's way of reporting unknown flags
         raise UsageError(f"{error}; run with --help to list the flags.") from None
     args.validate()
+    set_up_output(args.verbose)
     model = sentence_transformer(args.model)
     dimension = model.get_embedding_dimension()
     with atomic_directory(args.output) as tmp:

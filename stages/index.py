@@ -39,6 +39,7 @@ from common.artifacts import (
     write_bytes_atomic,
 )
 from common.errors import UsageError, run_cli
+from common.output import set_up_output
 from common.recipe import parse_stage_arguments
 from common.run_record import RUN_RECORD, chain_records, model_fingerprint, parent_run, sha256_file, write_run_record
 from lco.distributed import join_process_group, main_process_decides
@@ -368,6 +369,7 @@ def main(argv: list[str] | None = None) -> None:
     recipe_args, args, inputs = parse_stage_arguments(
         "evaluate", (EvaluateArguments,), argv, cli_only_types=(IndexInputs,), prog="python -m stages.index"
     )
+    set_up_output(recipe_args.verbose)
     started = time.monotonic()
     existing = load_index(inputs.output, "--output") if inputs.add else None
     settings = index_settings(inputs.model, args, inputs)

@@ -23,6 +23,7 @@ from typing import ClassVar
 
 from common.artifacts import write_text_atomic
 from common.errors import UsageError, run_cli
+from common.output import set_up_output
 from common.recipe import parse_stage_arguments
 from common.run_record import read_run_record, run_is_up_to_date, sha256_file
 from data_prep.cli import main as data_prep_main
@@ -68,11 +69,13 @@ def main(argv: list[str] | None = None) -> None:
     if recipe_args.config is None:
         raise UsageError("give a recipe: python -m stages.pipeline --config recipes/tiny.yaml")
     started = time.monotonic()
-    recipe = ["--config", recipe_args.config, "--seed", str(recipe_args.seed)]
+    set_up_output(recipe_args.verbose)
+    verbose = ["--verbose"] if recipe_args.verbose else []
+    recipe = ["--config", recipe_args.config, "--seed", str(recipe_args.seed), *verbose]
 
     base = base_model_step(recipe, args.rebuild)
     print(f"[2/5] data_prep: render, pages and evalset for {', '.join(args.languages)} -> {args.data_dir}")
-    pages = prepare_data(recipe_args.seed, args)
+    pages = prepare_data(recipe_args.seed, args, verbose)
     evalset = str(Path(args.data_dir) / "evalset")
     # the eval set's documents are kept out of every training stage
     pretrained = pretrain_step(recipe_args, recipe, [*pages, "--exclude_evalsets", evalset], base, args.rebuild)
@@ -170,15 +173,16 @@ def evaluate_step(recipe: list[str], models: list[str], evalset: str, data_dir: 
     return evaluation
 
 
-def prepare_data(seed: int, args: PipelineArguments) -> list[str]:
-    """Render, read back and build the eval set for the sample languages; return the pretraining pages datasets."""
+def prepare_data(seed: int, args: PipelineArguments, verbose: list[str]) -> list[str]:
+    """Render, read back and build the eval set for the sample languages; return the pretraining pages datasets
+    (`verbose`: the flag passed on, or nothing)."""
     root = Path(args.data_dir)
 
     def step(argv: list[str], output: Path, done_file: str) -> None:
         if not args.rebuild and (output / done_file).is_file():
             print(f"      {output}: complete; reusing it")
         else:
-            data_prep_main([*argv, "--output", str(output), "--overwrite", "--seed", str(seed)])
+            data_prep_main([*argv, "--output", str(output), "--overwrite", "--seed", str(seed), *verbose])
 
     for lang in args.languages:
         train_text, eval_text = split_sample(Path(args.samples) / f"{lang}.md", root / "texts", args.eval_sections)

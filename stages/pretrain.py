@@ -37,6 +37,7 @@ from common.artifacts import (
     staged_output,
 )
 from common.errors import UsageError, run_cli
+from common.output import dataset_progress, set_up_output
 from common.recipe import parse_stage_arguments
 from common.run_record import RUN_RECORD, parent_run, read_run_record, stage_record, write_run_record
 from data_prep.pages import read_pages_manifest
@@ -486,7 +487,7 @@ def main(argv: list[str] | None = None) -> None:
         unset_hf_deepspeed_config()
     validate_run(args, training, recipe_args.lang)
 
-    logging.basicConfig(level=logging.INFO if training.process_index == 0 else logging.WARNING, format="%(message)s")
+    set_up_output(recipe_args.verbose)
     training.remove_unused_columns = False  # the collator needs `images`, `prompt`, `completion`
     if training.dataloader_num_workers:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the collating workers are forked after tokenising
@@ -530,9 +531,10 @@ def train_and_save(args: PretrainArguments, training, recipe_args, checkpoint: s
     model, processor, peft_config = load_model(args, training, checkpoint)
     checkpointing = set_checkpointing(args, training, model)
     examples_cache = Path(training.output_dir) / ".examples"  # removed once the run is saved
-    train, held_out, example_counts = load_examples(
-        args, processor, training.max_length, recipe_args.seed, examples_cache
-    )
+    with dataset_progress():  # the stage's own step: pages tokenised into examples
+        train, held_out, example_counts = load_examples(
+            args, processor, training.max_length, recipe_args.seed, examples_cache
+        )
     cer_sample = sample_across_documents(held_out["doc_id"], args.cer_pages, recipe_args.seed)
     cer = TranscriptionCER(processor, held_out.select(cer_sample), args.cer_batch_size, args.cer_time_budget_s)
     if checkpoint and (Path(checkpoint) / RUN_RECORD).is_file():  # the curve so far, for the records to come

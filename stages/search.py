@@ -14,6 +14,7 @@ import sys
 
 from common.errors import UsageError, run_cli
 from common.languages import normalize_lang
+from common.output import VERBOSE_HELP, set_up_output
 
 MAX_K = 1000
 
@@ -22,6 +23,7 @@ def index_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """The flags search and serve share."""
     parser = argparse.ArgumentParser(prog=prog, description=description, exit_on_error=False)
     parser.add_argument("--index", required=True, help="An index folder written by `python -m stages.index`.")
+    parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     return parser
 
 
@@ -62,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.query.strip():
         raise UsageError("the query is empty; give the question to search for.")
     k, lang = checked_k(args.k), normalize_lang(args.lang) if args.lang else None
+    set_up_output(args.verbose)
     index = load_index(args.index)
     results = index.search(query_encoder(index)([args.query]), k, lang)[0]
     for rank, (score, page) in enumerate(results, start=1):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from common.errors import UsageError, run_cli
 from common.languages import normalize_lang
+from common.output import set_up_output
 
 from .search import MAX_K, index_parser, query_encoder
 
@@ -26,7 +27,8 @@ PAGE = """<!doctype html>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>Search the index</title>
 <style>
-body { font-family: "Noto Sans", sans-serif; margin: 1.5rem; color: #222; }
+/* a word longer than a phone's width (a pasted query, a document id) breaks rather than widen the page */
+body { font-family: "Noto Sans", sans-serif; margin: 1.5rem; color: #222; overflow-wrap: anywhere; }
 form { display: flex; gap: .5rem; flex-wrap: wrap; }
 #q { flex: 1 1 24rem; font-size: 1.1rem; padding: .4rem; }
 #status { color: #555; }
@@ -211,6 +213,7 @@ def main(argv: list[str] | None = None) -> None:
         raise UsageError(f"{error}; run with --help to list the flags.") from None
     if not 0 <= args.port < 65536:
         raise UsageError(f"--port must be in [0, 65535], got {args.port}.")
+    set_up_output(args.verbose)
     index = load_index(args.index)
     check_model_unchanged(index)
     app = create_app(index)

@@ -38,7 +38,8 @@ def run_contrast(processes: int, base, pages, output, *extra, timeout: int = 900
 
 def test_two_processes_train_as_one_at_the_same_global_batch_and_seed(recorded_base, pages, tmp_path):
     run_contrast(1, recorded_base, pages, tmp_path / "one")
-    run_contrast(2, recorded_base, pages, tmp_path / "two")
+    printed = run_contrast(2, recorded_base, pages, tmp_path / "two").stdout.splitlines()
+    assert len(printed) == len(set(printed)) and any("contrast: base" in line for line in printed)  # rank 0 alone
 
     one, two = (read_run_record(tmp_path / name / "final")["results"] for name in ("one", "two"))
     # warm-up over 2 steps, then linear decay to 0 at step 6: a schedule stepped once per optimizer step

@@ -185,3 +185,15 @@ def test_the_page_in_headless_chromium_shows_result_thumbnails(server, tmp_path)
             thumbnails.first.click()
         assert popup.value.url.startswith(f"{url}page/")
         browser.close()
+
+
+@pytest.mark.parametrize("width", ["phone", "desktop"])
+def test_the_page_with_results_fits_a_phone_and_a_desktop(server, width):
+    from bench.screenshots import browser, layout_problems, open_page, search
+
+    with browser() as chromium:
+        page = open_page(chromium, f"http://127.0.0.1:{server.port}/", width)
+        # the status line repeats the query: one pasted without a space in it must still fit a phone
+        search(page, "สิทธิมนุษยชน " + "0123456789" * 8)
+        assert page.locator(".hit img").count() == 6
+        assert layout_problems(page) == []
