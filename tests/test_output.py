@@ -83,7 +83,7 @@ def test_under_torchrun_a_refusal_is_said_once_and_every_process_fails(tmp_path)
     assert result.returncode != 0 and "rank      : 1 (local_rank: 1)" in output and "exitcode  : 2" in output
 
 
-def test_the_pretrain_flags_parse_without_a_warning_about_a_library_default(pages):
+def test_the_pretrain_flags_parse_without_a_warning_about_a_library_default(pages, tiny_model):
     from trl import SFTConfig
 
     from common.recipe import parse_stage_arguments
@@ -91,6 +91,6 @@ def test_the_pretrain_flags_parse_without_a_warning_about_a_library_default(page
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        argv = ["--config", TINY, "--datasets", str(pages)]
+        argv = ["--config", TINY, "--datasets", str(pages), "--model_name_or_path", str(tiny_model[2])]
         parse_stage_arguments("pretrain", (PretrainArguments, SFTConfig), argv, machine_defaults=CPU_DEFAULTS)
     assert [str(warning.message) for warning in caught if "checkpointing" in str(warning.message)] == []
