@@ -47,7 +47,10 @@ def write_documents(output: Path, documents: int, pages: int, length: int, seed:
             outline.append([1, text, number])
         pdf.set_toc(outline)
         pdf.subset_fonts()  # one small font per document, not the whole face
-        pdf.save(output / f"toy{doc:04d}.pdf")
+        # no time stamps and no random file id: a document's id is its file's hash, and the held-out documents are
+        # drawn from the ids, so the same seed must give the same bytes
+        pdf.set_metadata({**pdf.metadata, "creationDate": "", "modDate": ""})
+        pdf.save(output / f"toy{doc:04d}.pdf", garbage=3, deflate=True, no_new_id=True)
 
 
 def main() -> None:

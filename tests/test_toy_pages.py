@@ -15,3 +15,12 @@ def test_toy_pages_read_back_as_one_word_with_one_cell_a_glyph(tmp_path):
             assert titles == texts
             assert all(len(text) == 10 and text.isalpha() and text[:5] == text[5:] for text in texts)
             assert (pdf[0].rect.width, pdf[0].rect.height) == (10 * CELL_PT, CELL_PT)
+
+
+def test_toy_pages_are_the_same_bytes_for_the_same_seed(tmp_path):
+    """A document's id is its file's hash (`data_prep pages`), and the held-out documents are drawn from the ids: a PDF
+    stamped with the time or a random id gives `make toy` other held-out pages, so another model, each run."""
+    for run in ("a", "b"):
+        write_documents(tmp_path / run, documents=2, pages=3, length=5, seed=0)
+    for path in sorted((tmp_path / "a").glob("*.pdf")):
+        assert path.read_bytes() == (tmp_path / "b" / path.name).read_bytes(), path.name
