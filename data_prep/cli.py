@@ -70,7 +70,7 @@ class RenderArguments:
         default=False,
         metadata={"help": "Start every `## ` section on a page of its own (eval sets: few relevant pages per query)."},
     )
-    overwrite: bool = False
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing --output."})
 
     def validate(self) -> None:
         _check_io(self.input, self.output, resume=self.resume, overwrite=self.overwrite)
@@ -87,7 +87,7 @@ class EvalsetArguments:
     )
     parallel_lang: str = field(default="en", metadata={"help": "Language of --parallel_source."})
     outline_level: int = field(default=2, metadata={"help": "Bookmark level that --parallel_source's sections match."})
-    overwrite: bool = False
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing --output."})
 
     def validate(self) -> None:
         if bool(self.pages) == bool(self.parquet):
@@ -103,7 +103,7 @@ class SpeakArguments:
     evalset: str | None = field(default=None, metadata={"help": "An eval set whose text queries are to be spoken."})
     output: str | None = field(default=None, metadata={"help": "Folder for the eval set with spoken queries."})
     rate: int = field(default=150, metadata={"help": "espeak-ng's speaking rate, in words per minute."})
-    overwrite: bool = False
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing --output."})
 
     def validate(self) -> None:
         _check_io([self.evalset] if self.evalset else [], self.output, overwrite=self.overwrite, input_flag="--evalset")
@@ -119,7 +119,7 @@ class QueriesArguments:
     )
     output: str | None = field(default=None, metadata={"help": "Folder for evalset/, train_pairs.jsonl, manifest."})
     resume: bool = field(default=False, metadata={"help": "Keep the pages an interrupted run finished."})
-    overwrite: bool = False
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing --output."})
 
     def validate(self) -> None:
         if not self.pages:

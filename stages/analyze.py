@@ -63,9 +63,9 @@ class AnalyzeArguments:
     )
     max_pages: int = field(default=128, metadata={"help": "diagnostics: pages drawn (seeded) from --pages."})
     knn: int = field(default=10, metadata={"help": "diagnostics: neighbours compared by the mutual k-NN alignment."})
-    batch_size: int = 8
-    max_text_tokens: int = 650
-    image_max_side: int = 700
+    batch_size: int = field(default=8, metadata={"help": "Inputs encoded at once; the results do not depend on it."})
+    max_text_tokens: int = field(default=650, metadata={"help": "Texts are cut to this many tokens before encoding."})
+    image_max_side: int = field(default=700, metadata={"help": "Images are thumbnailed to fit this square, in pixels."})
     rebuild: bool = field(
         default=False, metadata={"help": "scaling: refine every checkpoint again, even those already done."}
     )

@@ -113,15 +113,17 @@ class BaseModelArguments:
         metadata={"help": "Text files (.md, .txt) or folders of them to train the tokenizer on."},
     )
     vocab_size: int = field(default=4096, metadata={"help": "BPE vocabulary size, special tokens included."})
-    hidden_size: int = 64
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    intermediate_size: int = 128
-    vision_depth: int = 2
-    vision_hidden_size: int = 32
-    vision_num_heads: int = 2
-    vision_intermediate_size: int = 64
+    hidden_size: int = field(default=64, metadata={"help": "Language model width (a multiple of its heads)."})
+    num_hidden_layers: int = field(default=2, metadata={"help": "Language model layers."})
+    num_attention_heads: int = field(default=4, metadata={"help": "Language model attention heads."})
+    num_key_value_heads: int = field(
+        default=2, metadata={"help": "Language model key/value heads (grouped-query attention; divides the heads)."}
+    )
+    intermediate_size: int = field(default=128, metadata={"help": "Language model MLP width."})
+    vision_depth: int = field(default=2, metadata={"help": "Vision tower layers."})
+    vision_hidden_size: int = field(default=32, metadata={"help": "Vision tower width (a multiple of its heads)."})
+    vision_num_heads: int = field(default=2, metadata={"help": "Vision tower attention heads."})
+    vision_intermediate_size: int = field(default=64, metadata={"help": "Vision tower MLP width."})
     rope_theta: float = field(
         default=0.0,
         metadata={

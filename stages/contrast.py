@@ -83,11 +83,13 @@ class ContrastArguments:
         default_factory=list,
         metadata={"help": "Eval sets (`data_prep evalset` folders) whose documents no pair is built from."},
     )
-    output_dir: str | None = None
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Folder of the run: checkpoints, adapter/, final/ (required; no default)."}
+    )
     multimodal_fraction: float = field(default=0.2, metadata={"help": "Share of page-image pairs; the rest is text."})
-    lora_r: int = 64
+    lora_r: int = field(default=64, metadata={"help": "LoRA rank of the adapters on the language model."})
     lora_alpha: int = field(default=128, metadata={"help": "The reference uses 16 for text-only training."})
-    lora_dropout: float = 0.05
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA adapters' input."})
     temperature: float = field(default=0.03, metadata={"help": "InfoNCE temperature."})
     matryoshka_dims: list[int] = field(
         default_factory=list,
@@ -107,19 +109,23 @@ class ContrastArguments:
             "them again: each saves a forward and holds a mini-batch's activations (1 costs no extra memory)."
         },
     )
-    learning_rate: float = 4.0e-4
-    num_train_epochs: float = 2.0
+    learning_rate: float = field(
+        default=4.0e-4, metadata={"help": "Peak AdamW learning rate (linear decay after warm-up)."}
+    )
+    num_train_epochs: float = field(
+        default=2.0, metadata={"help": "Passes over the training pairs (unless --max_steps)."}
+    )
     max_steps: int = field(default=0, metadata={"help": "Optimizer steps; 0 = num_train_epochs over the pairs."})
     warmup_ratio: float = field(
         default=0.1, metadata={"help": "Share of the steps over which the learning rate rises linearly from 0."}
     )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (the reference uses none)."})
-    max_text_tokens: int = 650
+    max_text_tokens: int = field(default=650, metadata={"help": "Texts are cut to this many tokens before encoding."})
     image_max_side: int = field(default=700, metadata={"help": "Images are thumbnailed to fit this square, in pixels."})
     passage_chars: int = field(default=400, metadata={"help": "Length of the passages cut from page text for pairs."})
     eval_fraction: float = field(default=0.05, metadata={"help": "Share of documents whose pairs are held out."})
     eval_steps: int = field(default=0, metadata={"help": "Held-out accuracy every N steps (0: at start and end only)."})
-    logging_steps: int = 10
+    logging_steps: int = field(default=10, metadata={"help": "Print the training loss every N steps."})
     save_steps: int = field(
         default=0,
         metadata={
@@ -139,7 +145,7 @@ class ContrastArguments:
     deepspeed: str | None = field(default=None, metadata={"help": "DeepSpeed JSON, e.g. recipes/deepspeed/zero2.json."})
     bf16: bool = field(default=True, metadata={"help": "bf16 weights and compute on a GPU (the CPU always uses fp32)."})
     resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint in --output_dir."})
-    overwrite: bool = False
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing --output_dir."})
 
     def validate(self) -> None:
         check_model_source(self.model_name_or_path, "--model_name_or_path")

@@ -70,7 +70,7 @@ class EvaluateArguments:
 
     query_instruction: str = field(default="", metadata={"help": "Prefix added to every query."})
     batch_size: int = field(default=16, metadata={"help": "Inputs encoded at once; the scores do not depend on it."})
-    max_text_tokens: int = 650
+    max_text_tokens: int = field(default=650, metadata={"help": "Texts are cut to this many tokens before encoding."})
     max_pixels: int = field(
         default=0,
         metadata={

@@ -113,9 +113,9 @@ class PretrainArguments:
     freeze_vision: bool = field(
         default=True, metadata={"help": "Freeze the modules that read images (the family's, lco/families.py)."}
     )
-    lora_r: int = 64
-    lora_alpha: int = 128
-    lora_dropout: float = 0.05
+    lora_r: int = field(default=64, metadata={"help": "--tuning lora: rank of the adapters."})
+    lora_alpha: int = field(default=128, metadata={"help": "--tuning lora: scale of the adapters (alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "--tuning lora: dropout on the adapters' input."})
     max_pixels: int = field(default=1003520, metadata={"help": "Image pixel budget per page (1280*28*28)."})
     text_only_fraction: float = field(
         default=0.0, metadata={"help": "Share of training examples that are text-only continuations of page text."}

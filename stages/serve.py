@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = index_parser("python -m stages.serve", __doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1", help="Address to bind; the default is reachable from here only.")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="Port to listen on (http://HOST:PORT/).")
     try:
         args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     except argparse.ArgumentError as error:

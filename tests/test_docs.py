@@ -51,12 +51,14 @@ def test_every_command_has_a_flags_page():
 @pytest.mark.parametrize("command", sorted(hooks.COMMANDS))
 def test_every_flag_is_documented(command):
     """Each flag the command's own parser accepts (what --help lists) has a row with its type, default and help;
-    for the dataclass-based commands, each field of each arguments dataclass does."""
+    for the dataclass-based commands, each field of each arguments dataclass does. A flag without a help text would
+    be shown as a name alone: each has one."""
     parser = hooks.command_parser(command)
     markdown = hooks.flags_markdown(command)
     for action in parser._actions:
         if isinstance(action, argparse._HelpAction):
             continue
+        assert action.help and action.help.strip(), f"{command}: {action.option_strings or action.dest} has no help"
         if action.option_strings:
             for option in action.option_strings:  # `--max-steps` is said once, as the dashed `--max_steps`
                 assert f"`{option}`" in markdown or f"`{hooks._underscored(option)}`" in markdown, option
@@ -70,7 +72,8 @@ def test_every_flag_is_documented(command):
             row = row_of(markdown, f"--{field.name}")
             assert f"| {hooks._cell(hooks.type_name(hints[field.name]))} |" in row, f"{command}: --{field.name}'s type"
             assert hooks._default(hooks._field_default(field)) in row, f"{command}: --{field.name}'s default"
-            assert hooks._cell(field.metadata.get("help")) in row, f"{command}: --{field.name}'s help"
+            assert field.metadata.get("help"), f"{command}: --{field.name} has no help"
+            assert hooks._cell(field.metadata["help"]) in row, f"{command}: --{field.name}'s help"
 
 
 def test_every_recipe_key_is_documented():
