@@ -49,15 +49,20 @@ def write_report(
                     f"{html.escape(evalset.queries[query_id]['text'])}"
                     f"<br><small>relevant: {html.escape(', '.join(sorted(relevant)))}</small></p>{''.join(cells)}</div>"
                 )
-            sections.append(f"<h2>{html.escape(model)}</h2>{''.join(rows)}")
+            sections.append(f"<h2>{_name(model)}</h2>{''.join(rows)}")
         (tmp / "index.html").write_text(PAGE.format(body="".join(sections)), encoding="utf-8")
+
+
+def _name(system: str) -> str:
+    """A model's path, escaped, that wraps between its folders before it wraps within one."""
+    return html.escape(system).replace("/", "/<wbr>")
 
 
 def _significance(scores: dict, comparisons: list[dict]) -> str:
     parts = []
     if scores:
         rows = "".join(
-            f'<tr><td class="name">{html.escape(system)}</td><td>{value:.3f}</td>'
+            f'<tr><td class="name">{_name(system)}</td><td>{value:.3f}</td>'
             f"<td>{f'[{found[0]:.3f}, {found[1]:.3f}]' if found else 'n/a'}</td></tr>"
             for system, (value, found) in scores.items()
         )
@@ -65,13 +70,14 @@ def _significance(scores: dict, comparisons: list[dict]) -> str:
     if comparisons:
         rows = "".join(
             ('<tr class="significant">' if c["significant"] else "<tr>")
-            + f'<td class="name">{html.escape(c["system"])}</td><td class="name">{html.escape(c["baseline"])}</td>'
+            + f'<td class="name">{_name(c["system"])}</td><td class="name">{_name(c["baseline"])}</td>'
             f"<td>{c['difference']:+.3f}</td>"
             f"<td>{c['p_value']:.4f}</td><td>{c['p_holm']:.4f}{' *' if c['significant'] else ''}</td></tr>"
             for c in comparisons
         )
         parts.append(
-            "<table><tr><th>system</th><th>against</th><th>nDCG@10 difference</th><th>p</th><th>p (Holm)</th></tr>"
+            '<table class="comparisons"><tr><th>system</th><th>against</th><th>nDCG@10 difference</th><th>p</th>'
+            "<th>p (Holm)</th></tr>"
             f"{rows}</table><p><small>Paired randomization test over queries; * Holm-adjusted p &lt; {ALPHA} over the "
             f"{len(comparisons)} tests. Intervals: percentile bootstrap over queries.</small></p>"
         )
@@ -117,8 +123,10 @@ figure.relevant {{ border-color: #0a0; }}
 figcaption {{ font-size: 11px; max-width: 220px; overflow-wrap: anywhere; }}
 table {{ border-collapse: collapse; margin: .5em 0; }}
 td, th {{ border: 1px solid #ccc; padding: 2px 6px; text-align: left; }}
-/* in a table only the names may break anywhere: the numbers keep whole, and the table fits a phone */
-td.name {{ overflow-wrap: anywhere; }}
+/* in a table only the names break, between their folders (<wbr>), and the numbers keep whole; the comparisons' two
+   name columns fit a phone only if they may break within a folder too */
+td.name {{ overflow-wrap: break-word; }}
+table.comparisons td.name {{ overflow-wrap: anywhere; }}
 tr.significant {{ font-weight: bold; }}
 </style></head><body>
 <h1>Top-5 pages per query</h1>

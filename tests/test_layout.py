@@ -36,3 +36,33 @@ def test_the_report_fits_the_window(report, width):
         page = open_page(chromium, report, width)
         assert page.locator("figure img").count() == 5 * 3 * 3  # every thumbnail is there
         assert layout_problems(page) == []
+
+
+# each rendered line of each model-name cell: the characters of its text grouped by their top edge
+NAME_LINES = """() => [...document.querySelectorAll("table:not(.comparisons) td.name")].map((cell) => {
+  const lines = new Map();
+  const range = document.createRange();
+  const walker = document.createTreeWalker(cell, NodeFilter.SHOW_TEXT);
+  for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+    for (let i = 0; i < node.length; i++) {
+      range.setStart(node, i);
+      range.setEnd(node, i + 1);
+      const top = Math.round(range.getBoundingClientRect().top);
+      lines.set(top, (lines.get(top) || "") + node.data[i]);
+    }
+  }
+  return [...lines.values()];
+})"""
+
+
+def test_model_names_break_at_their_slashes_on_a_phone(report):
+    """A model's path in the report's scores table wraps between its folders ("checkpoints/tiny/" "contrast/final"),
+    not within a folder's name ("checkp" "oints/ti" "ny/bas" "e"). (The comparisons' two name columns fit a phone only
+    if they may break anywhere.)"""
+    with browser() as chromium:
+        page = open_page(chromium, report, "phone")
+        cells = page.evaluate(NAME_LINES)
+    wrapped = [lines for lines in cells if len(lines) > 1 and "/" in "".join(lines)]
+    assert wrapped  # the phone's width does wrap some names
+    for lines in wrapped:
+        assert all(line.endswith("/") for line in lines[:-1]), lines
