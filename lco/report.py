@@ -123,10 +123,10 @@ figure.relevant {{ border-color: #0a0; }}
 figcaption {{ font-size: 11px; max-width: 220px; overflow-wrap: anywhere; }}
 table {{ border-collapse: collapse; margin: .5em 0; }}
 td, th {{ border: 1px solid #ccc; padding: 2px 6px; text-align: left; }}
-/* in a table only the names break, between their folders (<wbr>), and the numbers keep whole; the comparisons' two
-   name columns fit a phone only if they may break within a folder too */
+/* in a table only the names break, between their folders (<wbr>), and the numbers keep whole; on a phone the
+   comparisons' two name columns fit in a smaller type */
 td.name {{ overflow-wrap: break-word; }}
-table.comparisons td.name {{ overflow-wrap: anywhere; }}
+@media (max-width: 480px) {{ table.comparisons {{ font-size: 12px; }} }}
 tr.significant {{ font-weight: bold; }}
 </style></head><body>
 <h1>Top-5 pages per query</h1>

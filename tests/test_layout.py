@@ -39,7 +39,7 @@ def test_the_report_fits_the_window(report, width):
 
 
 # each rendered line of each model-name cell: the characters of its text grouped by their top edge
-NAME_LINES = """() => [...document.querySelectorAll("table:not(.comparisons) td.name")].map((cell) => {
+NAME_LINES = """() => [...document.querySelectorAll("td.name")].map((cell) => {
   const lines = new Map();
   const range = document.createRange();
   const walker = document.createTreeWalker(cell, NodeFilter.SHOW_TEXT);
@@ -56,13 +56,12 @@ NAME_LINES = """() => [...document.querySelectorAll("table:not(.comparisons) td.
 
 
 def test_model_names_break_at_their_slashes_on_a_phone(report):
-    """A model's path in the report's scores table wraps between its folders ("checkpoints/tiny/" "contrast/final"),
-    not within a folder's name ("checkp" "oints/ti" "ny/bas" "e"). (The comparisons' two name columns fit a phone only
-    if they may break anywhere.)"""
+    """A model's path in the report's tables wraps between its folders ("checkpoints/tiny/" "contrast/final") or at a
+    hyphen, not within a word ("checkp" "oints/ti" "ny/bas" "e")."""
     with browser() as chromium:
         page = open_page(chromium, report, "phone")
         cells = page.evaluate(NAME_LINES)
     wrapped = [lines for lines in cells if len(lines) > 1 and "/" in "".join(lines)]
     assert wrapped  # the phone's width does wrap some names
     for lines in wrapped:
-        assert all(line.endswith("/") for line in lines[:-1]), lines
+        assert all(line.endswith(("/", "-")) for line in lines[:-1]), lines
