@@ -7,7 +7,8 @@ demo: setup
 	@echo "The method in miniature, a model that reads unseen pages and the refinements of it: make toy"
 
 # the method in miniature (issue 29, recipes/toy.yaml): pages of random letters that a tiny model learns to read,
-# text-only and multimodal refinement of it and of the random base, and the scaling analysis over its 8 checkpoints and the base
+# text-only and multimodal refinement of it and of the random base, and the scaling analysis over the base and its
+# 8 pretraining checkpoints
 PYTHON = .venv/bin/python
 toy: setup
 	$(PYTHON) -m bench.toy_pages --output checkpoints/toy/pdfs --documents 2000 --pages 1 --seed 42

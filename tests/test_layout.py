@@ -55,7 +55,7 @@ NAME_LINES = """() => [...document.querySelectorAll("td.name")].map((cell) => {
 })"""
 
 
-def test_model_names_break_at_their_slashes_on_a_phone(report):
+def test_model_names_wrap_between_folders_on_a_phone(report):
     """A model's path in the report's tables wraps between its folders ("checkpoints/tiny/" "contrast/final") or at a
     hyphen, not within a word ("checkp" "oints/ti" "ny/bas" "e")."""
     with browser() as chromium:

@@ -22,5 +22,7 @@ def test_toy_pages_are_the_same_bytes_for_the_same_seed(tmp_path):
     stamped with the time or a random id gives `make toy` other held-out pages, so another model, each run."""
     for run in ("a", "b"):
         write_documents(tmp_path / run, documents=2, pages=3, length=5, seed=0)
-    for path in sorted((tmp_path / "a").glob("*.pdf")):
+    paths = sorted((tmp_path / "a").glob("*.pdf"))
+    assert len(paths) == 2
+    for path in paths:
         assert path.read_bytes() == (tmp_path / "b" / path.name).read_bytes(), path.name
