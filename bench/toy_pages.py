@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pymupdf
 
+from data_prep.render import save_pdf_reproducibly
+
 CELL_PT, FONT_PT = 28, 26
 ALPHABET = "BDFGJKPQVX"
 FONT_FILE = "/usr/share/fonts/truetype/dejavu/DejaVuSansMono.ttf"  # Debian fonts-dejavu-core
@@ -47,10 +49,8 @@ def write_documents(output: Path, documents: int, pages: int, length: int, seed:
             outline.append([1, text, number])
         pdf.set_toc(outline)
         pdf.subset_fonts()  # one small font per document, not the whole face
-        # no time stamps and no random file id: a document's id is its file's hash, and the held-out documents are
-        # drawn from the ids, so the same seed must give the same bytes
-        pdf.set_metadata({**pdf.metadata, "creationDate": "", "modDate": ""})
-        pdf.save(output / f"toy{doc:04d}.pdf", garbage=3, deflate=True, no_new_id=True)
+        # the held-out documents are drawn from the documents' ids: the same seed must give the same ids
+        save_pdf_reproducibly(pdf, output / f"toy{doc:04d}.pdf")
 
 
 def main() -> None:

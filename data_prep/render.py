@@ -157,10 +157,16 @@ def print_pdf(chromium: str, html_text: str, pdf_path: Path) -> None:
         result = subprocess.run(command, capture_output=True, text=True, timeout=CHROMIUM_TIMEOUT_S)
         if result.returncode != 0 or not printed.is_file():
             raise RuntimeError(f"chromium exited with {result.returncode}: {result.stderr.strip()[-300:]}")
-        # Chromium stamps the time into the PDF: drop it, so the same text gives the same document id downstream
+        # Chromium stamps the time into the PDF
         with pymupdf.open(printed) as document:
-            document.set_metadata({**document.metadata, "creationDate": "", "modDate": ""})
-            document.save(pdf_path, garbage=3, deflate=True, no_new_id=True)
+            save_pdf_reproducibly(document, pdf_path)
+
+
+def save_pdf_reproducibly(document, path: Path) -> None:
+    """Save a pymupdf document without time stamps or a random file id: the same content gives the same bytes, so the
+    same document id downstream (`data_prep pages` names a document by its file's hash)."""
+    document.set_metadata({**document.metadata, "creationDate": "", "modDate": ""})
+    document.save(path, garbage=3, deflate=True, no_new_id=True)
 
 
 def render_documents(
